@@ -1,0 +1,16 @@
+"""keras_wt: deep learning without weight transport, as drop-in Keras 3 layers.
+
+Backprop (`bp`), feedback alignment (`fa`), sign symmetry (`ss`), the weight mirror (`wm`) and
+the Kolen–Pollack circuit (`kp`) of Akrout et al., "Deep Learning without Weight Transport"
+(NeurIPS 2019). See DESIGN.md for the math and the README for a tour.
+"""
+
+from keras_wt._backend import check_backend
+
+check_backend()
+
+from keras_wt import algorithms  # noqa: E402
+from keras_wt import layers  # noqa: E402
+from keras_wt.algorithms import ALGORITHMS  # noqa: E402
+
+__version__ = "0.1.0"

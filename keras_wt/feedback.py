@@ -1,0 +1,118 @@
+"""The one substitution: a linear op whose input gradient uses the feedback kernel `B`.
+
+`linear_with_feedback(op, x, W, B)` computes `op(x, W)` in the forward pass. In the backward
+pass the gradient with respect to `x` is the vector-Jacobian product of `op(·, B)` and the
+gradient with respect to `W` is the stock one, the vector-Jacobian product of `op(x, ·)`. `op` is
+bilinear (a matmul or a convolution, with any padding, stride, dilation or grouping), so both
+products come from TensorFlow's own gradients of `op` and no layer type needs code of its own:
+for Dense this is `dx = dy·Bᵀ`, `dW = xᵀ·dy`; for a convolution it is
+`conv_backprop_input(dy, B)` and `conv_backprop_filter(x, dy)`.
+"""
+
+import contextlib
+import threading
+
+import tensorflow as tf
+
+_state = threading.local()
+
+
+def _get(name, default):
+    return getattr(_state, name, default)
+
+
+@contextlib.contextmanager
+def _set(name, value):
+    previous = _get(name, None)
+    setattr(_state, name, value)
+    try:
+        yield value
+    finally:
+        setattr(_state, name, previous)
+
+
+def force_backprop():
+    """Context manager: inside it every feedback layer sends the exact backprop gradient.
+
+    Used by `keras_wt.alignment` to compute the true backprop deltas of a model in place.
+    """
+    return _set("force_backprop", True)
+
+
+def backprop_forced():
+    return bool(_get("force_backprop", False))
+
+
+def skip_kp_check():
+    """Context manager: allows gradients through Kolen–Pollack layers whose kernels are not
+    (yet) managed by a `keras_wt.optimizers.KolenPollack` optimizer.
+
+    Use it to compute gradients of a KP model for analysis; never needed with `model.fit`.
+    """
+    return _set("skip_kp_check", True)
+
+
+def kp_check_skipped():
+    return bool(_get("skip_kp_check", False))
+
+
+class _LinearTap:
+    """Collects the linear outputs (before bias and activation) of feedback layers."""
+
+    def __init__(self):
+        self.outputs = {}
+
+    def __call__(self, layer, y):
+        self.outputs[layer] = y
+        return y
+
+
+def tap_linear_outputs():
+    """Context manager yielding a dict-like tap: `tap.outputs[layer]` is the linear output of
+    each feedback layer called inside it (eagerly), so that a `tf.GradientTape` can take the
+    gradient of a loss with respect to it (the layer's *delta*)."""
+    return _set("tap", _LinearTap())
+
+
+def linear_tap():
+    return _get("tap", None)
+
+
+def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
+    """`op(x, kernel)` whose gradient wrt `x` flows through `feedback` instead of `kernel`.
+
+    Args:
+        op: a function `(x, kernel) -> y`, linear in each argument.
+        x: the input tensor.
+        kernel: the forward kernel `W` (a tensor).
+        feedback: a tensor of `kernel`'s shape and dtype, or `None` for exact backprop (then
+            the stock op and its stock gradients are used, bit for bit).
+        on_backward: optional callable run (at trace time) when the gradient is built; layers
+            use it to refuse an invalid training setup.
+
+    Returns:
+        `op(x, kernel)`.
+    """
+    if feedback is None:
+        return op(x, kernel)
+
+    @tf.custom_gradient
+    def _linear(x, kernel, feedback):
+        def grad(dy):
+            if on_backward is not None:
+                on_backward()
+            # Two independent vector-Jacobian products of the same bilinear op. Their forward
+            # values are never used and are pruned from the compiled graph.
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(x)
+                tape.watch(kernel)
+                y_x = op(x, tf.stop_gradient(feedback))
+                y_w = op(tf.stop_gradient(x), kernel)
+            dx = tape.gradient(y_x, x, output_gradients=dy)
+            dw = tape.gradient(y_w, kernel, output_gradients=dy)
+            del tape
+            return dx, dw, None
+
+        return op(x, kernel), grad
+
+    return _linear(x, kernel, feedback)
