@@ -43,17 +43,13 @@ def backprop_forced():
     return bool(_get("force_backprop", False))
 
 
-def skip_kp_check():
-    """Context manager: allows gradients through Kolen–Pollack layers whose kernels are not
-    (yet) managed by a `keras_wt.optimizers.KolenPollack` optimizer.
-
-    Use it to compute gradients of a KP model for analysis; never needed with `model.fit`.
-    """
-    return _set("skip_kp_check", True)
+def kolen_pollack_update():
+    """Context manager the KolenPollack optimizer holds while the wrapped optimizer updates."""
+    return _set("kolen_pollack_update", True)
 
 
-def kp_check_skipped():
-    return bool(_get("skip_kp_check", False))
+def in_kolen_pollack_update():
+    return bool(_get("kolen_pollack_update", False))
 
 
 class _LinearTap:
@@ -78,7 +74,7 @@ def linear_tap():
     return _get("tap", None)
 
 
-def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
+def linear_with_feedback(op, x, kernel, feedback):
     """`op(x, kernel)` whose gradient wrt `x` flows through `feedback` instead of `kernel`.
 
     Args:
@@ -87,8 +83,6 @@ def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
         kernel: the forward kernel `W` (a tensor).
         feedback: a tensor of `kernel`'s shape and dtype, or `None` for exact backprop (then
             the stock op and its stock gradients are used, bit for bit).
-        on_backward: optional callable run (at trace time) when the gradient is built; layers
-            use it to refuse an invalid training setup.
 
     Returns:
         `op(x, kernel)`.
@@ -99,8 +93,6 @@ def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
     @tf.custom_gradient
     def _linear(x, kernel, feedback):
         def grad(dy):
-            if on_backward is not None:
-                on_backward()
             # Two independent vector-Jacobian products of the same bilinear op. Their forward
             # values are never used and are pruned from the compiled graph.
             with tf.GradientTape(persistent=True) as tape:

@@ -22,7 +22,27 @@ from keras.src.layers.convolutional.base_conv import BaseConv
 from keras_wt import algorithms
 from keras_wt import feedback as feedback_lib
 
-skip_kp_check = feedback_lib.skip_kp_check
+
+
+class _KolenPollackGuard:
+    """Kernel constraint of a `kp` layer: every Keras optimizer applies a variable's constraint
+    after updating it, so an optimizer other than KolenPollack is caught the first time it
+    updates the kernel (when the train step is traced), before B could silently stay fixed."""
+
+    def __init__(self, layer, constraint):
+        self.layer_name = layer.name
+        self.constraint = constraint
+
+    def __call__(self, kernel):
+        if not feedback_lib.in_kolen_pollack_update():
+            raise ValueError(
+                f"Layer {self.layer_name!r} uses feedback='kp', but its kernel is being updated "
+                "by an optimizer other than keras_wt.optimizers.KolenPollack, so its feedback "
+                "kernel would never learn (silently degrading to feedback alignment). Compile "
+                "the model with optimizer=keras_wt.optimizers.KolenPollack(<your optimizer>, "
+                "weight_decay=...)."
+            )
+        return kernel if self.constraint is None else self.constraint(kernel)
 
 
 def _independent_initializer(kernel_initializer):
@@ -64,6 +84,8 @@ class FeedbackLayer:
         self.feedback_input_shape = tuple(input_shape)
         # The optimizer finds the layer of a kernel through this link (see KolenPollack).
         self._kernel._keras_wt_layer = weakref.ref(self)
+        if self.algorithm.learns_feedback == "optimizer":
+            self._kernel.constraint = _KolenPollackGuard(self, self._kernel.constraint)
         if self.algorithm.stores_feedback:
             initializer = self.feedback_initializer or _independent_initializer(
                 self.kernel_initializer
@@ -84,20 +106,6 @@ class FeedbackLayer:
             return None
         return self.algorithm.feedback(self, kernel)
 
-    def _check_kolen_pollack(self):
-        if self.algorithm.learns_feedback != "optimizer" or feedback_lib.kp_check_skipped():
-            return
-        if getattr(self._kernel, "_keras_wt_kp_optimizer", None) is None:
-            raise ValueError(
-                f"Layer {self.name!r} uses feedback='kp', but its kernel is not updated by a "
-                "keras_wt.optimizers.KolenPollack optimizer, so its feedback kernel would never "
-                "learn (silently degrading to feedback alignment). Compile the model with "
-                "optimizer=keras_wt.optimizers.KolenPollack(<your optimizer>, weight_decay=...). "
-                "In a custom training loop, call optimizer.build(model.trainable_variables) "
-                "before taking gradients; to take gradients for analysis only, wrap them in "
-                "keras_wt.layers.skip_kp_check()."
-            )
-
     def linear_with_feedback(self, inputs, kernel):
         """`self.linear(inputs, kernel)` with the algorithm's input gradient."""
         kernel = tf.convert_to_tensor(kernel)
@@ -106,7 +114,6 @@ class FeedbackLayer:
             inputs,
             kernel,
             self.feedback_tensor(kernel),
-            on_backward=self._check_kolen_pollack,
         )
         tap = feedback_lib.linear_tap()
         if tap is not None:

@@ -1,0 +1,151 @@
+"""Callbacks: mirror steps for the weight mirror, alignment angles into `logs`."""
+
+import keras
+import numpy as np
+
+from keras_wt import alignment
+from keras_wt import mirror as mirror_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class MirrorCallback(keras.callbacks.Callback):
+    """Runs weight-mirror steps on every `wm` layer between training steps.
+
+    `steps` mirror steps run after every `every` training batches, and `warmup_steps` before
+    training begins (only when the optimizer has not taken a step yet, so a resumed run does
+    not warm up twice). Each step draws noise of every layer's real input shape and applies
+    `ΔB = η·∇_W(½‖f_W(x)‖²)/n − η·λ·B` (see `keras_wt.mirror`). The noise is seeded by the
+    optimizer's step count, so a run resumed from a checkpoint continues exactly.
+
+    Args:
+        learning_rate: `η`.
+        noise_std: `σ` of the noise.
+        decay: `λ`, the mirror decay of `B` (`B → (σ²/λ)·W` when `λ > 0`).
+        every: mirror after every `every` training batches.
+        steps: mirror steps each time.
+        batch_size: noise samples per layer and step.
+        warmup_steps: mirror steps before the first training step.
+        noise_distribution: `"normal"` or `"uniform"` (same variance `σ²`).
+        seed: seed of the noise.
+        jit_compile: compile the mirror computation with XLA.
+
+    With `steps_per_execution > 1` Keras calls callbacks once per execution; the mirror steps
+    owed for the batches of that execution then run together.
+    """
+
+    def __init__(
+        self,
+        learning_rate,
+        noise_std,
+        decay=0.0,
+        every=1,
+        steps=1,
+        batch_size=128,
+        warmup_steps=0,
+        noise_distribution="normal",
+        seed=0,
+        jit_compile=False,
+    ):
+        super().__init__()
+        if every < 1 or warmup_steps < 0:
+            raise ValueError(f"every={every} must be >= 1 and warmup_steps={warmup_steps} >= 0")
+        self.learning_rate = learning_rate
+        self.noise_std = noise_std
+        self.decay = decay
+        self.every = int(every)
+        self.steps = int(steps)
+        self.batch_size = int(batch_size)
+        self.warmup_steps = int(warmup_steps)
+        self.noise_distribution = noise_distribution
+        self.seed = seed
+        self.jit_compile = jit_compile
+        self.mirror = None
+        self._iterations = 0
+
+    def _build(self):
+        self.mirror = mirror_lib.WeightMirror(
+            self.model,
+            learning_rate=self.learning_rate,
+            noise_std=self.noise_std,
+            decay=self.decay,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            noise_distribution=self.noise_distribution,
+            seed=self.seed,
+            jit_compile=self.jit_compile,
+            strategy=self.model.distribute_strategy,
+        )
+
+    def on_train_begin(self, logs=None):
+        if self.mirror is None:
+            self._build()
+        self._iterations = int(self.model.optimizer.iterations.numpy())
+        if self._iterations == 0 and self.warmup_steps:
+            warmup = mirror_lib.WeightMirror(
+                self.mirror.layers,
+                learning_rate=self.learning_rate,
+                noise_std=self.noise_std,
+                decay=self.decay,
+                batch_size=self.batch_size,
+                steps=1,
+                noise_distribution=self.noise_distribution,
+                seed=self.seed + 1,
+                jit_compile=self.jit_compile,
+                strategy=self.model.distribute_strategy,
+            )
+            for counter in range(self.warmup_steps):
+                warmup(counter)
+
+    def on_train_batch_end(self, batch, logs=None):
+        iterations = int(self.model.optimizer.iterations.numpy())
+        for event in range(self._iterations // self.every, iterations // self.every):
+            self.mirror(event)
+        self._iterations = iterations
+
+    def get_config(self):
+        return {
+            "learning_rate": self.learning_rate,
+            "noise_std": self.noise_std,
+            "decay": self.decay,
+            "every": self.every,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "warmup_steps": self.warmup_steps,
+            "noise_distribution": self.noise_distribution,
+            "seed": self.seed,
+            "jit_compile": self.jit_compile,
+        }
+
+
+class AlignmentCallback(keras.callbacks.Callback):
+    """Writes alignment measurements into `logs` at the end of epochs.
+
+    Keys: `weight_angle/<layer>`, `delta_angle/<layer>`, `gradient_angle/<layer>` (degrees) and
+    `norm_ratio/<layer>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them. They are
+    measured on the fixed `probe` batch every `every` epochs (first at epoch 0) and are NaN in
+    the epochs between, so every epoch has the same keys.
+
+    Args:
+        probe: a batch `(x, y)`.
+        every: measure every `every` epochs.
+        loss: the loss of the deltas; defaults to the model's compiled loss.
+    """
+
+    def __init__(self, probe, every=1, loss=None):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every={every} must be >= 1")
+        self.x, self.y = probe
+        self.every = int(every)
+        self.loss = loss
+        self._keys = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if epoch % self.every == 0 or self._keys is None:
+            metrics = alignment.alignment_metrics(self.model, self.x, self.y, loss=self.loss)
+            self._keys = list(metrics)
+        else:
+            metrics = {key: np.nan for key in self._keys}
+        logs.update(metrics)

@@ -1,0 +1,164 @@
+"""The Kolen–Pollack optimizer: identical updates and identical decay for W and B."""
+
+import keras
+import tensorflow as tf
+from keras.src.saving import serialization_lib
+
+from keras_wt import feedback as feedback_lib
+
+
+def _assign(strategy, variables, values):
+    """Assigns `values` to `variables` on every replica, in any `tf.distribute` context."""
+
+    def update(distribution, variables, values):
+        for variable, value in zip(variables, values):
+            distribution.extended.update(
+                variable.value,
+                lambda var, val: var.assign(tf.cast(val, var.dtype)),
+                args=(value,),
+                group=False,
+            )
+
+    tf.__internal__.distribute.interim.maybe_merge_call(update, strategy, variables, values)
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class KolenPollack(keras.optimizers.Optimizer):
+    """Wraps any Keras optimizer so that Kolen–Pollack feedback kernels learn.
+
+    For every layer with `feedback="kp"`, the forward kernel `W` and the feedback kernel `B`
+    receive the identical update and the identical decoupled weight decay (DESIGN.md §2):
+
+        W ← W − lr·u(g) − lr·λ·W
+        B ← B − lr·u(g) − lr·λ·B
+
+    where `u(g)` is whatever the wrapped optimizer makes of `g = ∂L/∂W` (SGD, momentum, Adam,
+    any learning-rate schedule). Hence `B − W` shrinks by exactly `(1 − lr_t·λ)` at every step
+    and the two kernels converge whatever the data.
+
+    The wrapped optimizer updates every trainable variable as usual; only the kernels of
+    `kp` layers are decayed (biases, batch norm and the kernels of other layers are not: give
+    those a regularizer if you want one). `B` receives `u(g)` by copying `W`'s update, so no
+    second optimizer state is kept for `B`: the persistent memory is exactly the wrapped
+    optimizer's. Each step holds one transient tensor of every `kp` kernel's size.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` to wrap. It must not apply weight decay of
+            its own (that decay would reach `W` but not `B`); use `weight_decay` here instead.
+        weight_decay: `λ`, the decoupled decay of `W` and `B` of `kp` layers, scaled by the
+            current learning rate.
+        name: optional name.
+
+    Example:
+
+    >>> optimizer = keras_wt.optimizers.KolenPollack(
+    ...     keras.optimizers.SGD(0.1, momentum=0.9), weight_decay=1e-4)
+    >>> model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    """
+
+    def __init__(self, optimizer, weight_decay=0.0, name=None, **kwargs):
+        if kwargs:
+            raise ValueError(
+                f"KolenPollack does not take {sorted(kwargs)}: set them on the wrapped optimizer."
+            )
+        optimizer = keras.optimizers.get(optimizer)
+        if isinstance(optimizer, KolenPollack):
+            raise ValueError("KolenPollack cannot wrap another KolenPollack optimizer.")
+        if getattr(optimizer, "weight_decay", None):
+            raise ValueError(
+                f"The wrapped optimizer {optimizer.name!r} has weight_decay="
+                f"{optimizer.weight_decay}; its decay would reach W but not B. Pass "
+                "weight_decay to KolenPollack instead and none to the wrapped optimizer."
+            )
+        weight_decay = float(weight_decay or 0.0)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = optimizer
+        self.kp_weight_decay = weight_decay
+        self._kp_pairs = []
+
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        pairs = []
+        for variable in var_list:
+            link = getattr(variable, "_keras_wt_layer", None)
+            layer = link() if link is not None else None
+            if layer is not None and layer.algorithm.learns_feedback == "optimizer":
+                pairs.append((variable, layer.feedback_kernel))
+        self._kp_pairs = pairs
+        super().build(var_list)
+
+    @property
+    def kp_pairs(self):
+        """The `(W, B)` variable pairs this optimizer keeps in step."""
+        return list(self._kp_pairs)
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        grads = list(grads)
+        updated = {id(v) for v, g in zip(trainable_variables, grads) if g is not None}
+        pairs = [(w, b) for w, b in self._kp_pairs if id(w) in updated]
+
+        strategy = self._distribution_strategy
+        # The learning rate of this step, read before the wrapped optimizer advances.
+        lr = tf.cast(self.inner_optimizer.learning_rate, tf.float32)
+        shrink = 1.0 - lr * self.kp_weight_decay
+        kernels = [w for w, _ in pairs]
+        feedbacks = [b for _, b in pairs]
+        differences = [tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value) for w, b in pairs]
+        if self.kp_weight_decay and pairs:
+            _assign(strategy, kernels, [shrink * tf.convert_to_tensor(w.value) for w in kernels])
+        with feedback_lib.kolen_pollack_update():
+            self.inner_optimizer.apply(grads, trainable_variables)
+        if pairs:
+            # B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)  ≡  B_t − lr·u(g) − lr·λ·B_t
+            _assign(
+                strategy,
+                feedbacks,
+                [tf.convert_to_tensor(w.value) + shrink * d for w, d in zip(kernels, differences)],
+            )
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": serialization_lib.serialize_keras_object(self.inner_optimizer),
+            "weight_decay": self.kp_weight_decay,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        optimizer = serialization_lib.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(optimizer, **config)
