@@ -14,6 +14,7 @@ setup(
         "keras>=3",
         "numpy",
         "tensorflow-datasets",
+        "importlib-resources",
         "matplotlib",
     ],
     extras_require={"dev": ["pytest"]},

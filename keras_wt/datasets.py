@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-# Roots searched after `data_dir` and `$KERAS_WT_DATA_DIR`; tests replace `_default_roots`.
+# Searched after `data_dir` (see `_default_roots`, which tests replace).
 SYSTEM_DATA_DIR = "/usr/share/datasets"
 ENV_VAR = "KERAS_WT_DATA_DIR"
 
@@ -234,7 +234,7 @@ def read_cifar_pickle(path):
 
 
 def _default_roots():
-    """Search roots after `data_dir`: `$KERAS_WT_DATA_DIR`, the Keras cache, `/usr/share/datasets`."""
+    """Roots after `data_dir`: `$KERAS_WT_DATA_DIR`, `~/.keras/datasets`, `SYSTEM_DATA_DIR`."""
     roots = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
     keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
     roots.append(os.path.join(keras_home, "datasets"))
