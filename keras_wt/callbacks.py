@@ -15,7 +15,8 @@ class MirrorCallback(keras.callbacks.Callback):
     training begins (only when the optimizer has not taken a step yet, so a resumed run does
     not warm up twice). Each step draws noise of every layer's real input shape and applies
     `ΔB = η·∇_W(½‖f_W(x)‖²)/n − η·λ·B` (see `keras_wt.mirror`). The noise is seeded by the
-    optimizer's step count, so a run resumed from a checkpoint continues exactly.
+    optimizer's step count (warm-up steps use negative counters), so a run resumed from a
+    checkpoint continues exactly.
 
     Args:
         learning_rate: `η`.
@@ -47,8 +48,10 @@ class MirrorCallback(keras.callbacks.Callback):
         jit_compile=False,
     ):
         super().__init__()
-        if every < 1 or warmup_steps < 0:
-            raise ValueError(f"every={every} must be >= 1 and warmup_steps={warmup_steps} >= 0")
+        if every < 1 or steps < 1 or warmup_steps < 0:
+            raise ValueError(
+                f"every={every} and steps={steps} must be >= 1 and warmup_steps={warmup_steps} >= 0"
+            )
         self.learning_rate = learning_rate
         self.noise_std = noise_std
         self.decay = decay
@@ -62,6 +65,11 @@ class MirrorCallback(keras.callbacks.Callback):
         self.mirror = None
         self._iterations = 0
 
+    def set_model(self, model):
+        if model is not self._model:
+            self.mirror = None
+        super().set_model(model)
+
     def _build(self):
         self.mirror = mirror_lib.WeightMirror(
             self.model,
@@ -69,7 +77,6 @@ class MirrorCallback(keras.callbacks.Callback):
             noise_std=self.noise_std,
             decay=self.decay,
             batch_size=self.batch_size,
-            steps=self.steps,
             noise_distribution=self.noise_distribution,
             seed=self.seed,
             jit_compile=self.jit_compile,
@@ -80,26 +87,15 @@ class MirrorCallback(keras.callbacks.Callback):
         if self.mirror is None:
             self._build()
         self._iterations = int(self.model.optimizer.iterations.numpy())
-        if self._iterations == 0 and self.warmup_steps:
-            warmup = mirror_lib.WeightMirror(
-                self.mirror.layers,
-                learning_rate=self.learning_rate,
-                noise_std=self.noise_std,
-                decay=self.decay,
-                batch_size=self.batch_size,
-                steps=1,
-                noise_distribution=self.noise_distribution,
-                seed=self.seed + 1,
-                jit_compile=self.jit_compile,
-                strategy=self.model.distribute_strategy,
-            )
-            for counter in range(self.warmup_steps):
-                warmup(counter)
+        if self._iterations == 0:
+            for step in range(self.warmup_steps):
+                self.mirror(-1 - step)
 
     def on_train_batch_end(self, batch, logs=None):
         iterations = int(self.model.optimizer.iterations.numpy())
         for event in range(self._iterations // self.every, iterations // self.every):
-            self.mirror(event)
+            for step in range(self.steps):
+                self.mirror(event * self.steps + step)
         self._iterations = iterations
 
     def get_config(self):

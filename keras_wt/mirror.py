@@ -7,7 +7,13 @@ mirror update is
     ΔB = η · ∇_W(½‖f_W(x)‖²) / n − η·λ·B
 
 the weight-gradient of the layer's own linear op, so one rule serves Dense and every
-convolution: for Dense it is `η·xᵀ(xW)/n ≈ η·σ²·W`. With `λ > 0`, `B → (σ²/λ)·W`.
+convolution: for Dense it is `η·xᵀ(xW)/n ≈ η·σ²·W`. With `λ > 0`, `B → (σ²/λ)·W` for Dense
+and `B → (P·σ²/λ)·W` for a convolution with `P` output positions per kernel tap (the update
+sums over positions; only the angle to `W` matters for learning).
+
+For a convolution with zero padding ("same"), border taps of the kernel see fewer noise
+samples than the centre tap, so the fixed point is `W` scaled per tap: close to, not exactly,
+parallel to `W` (a few degrees for small maps; "valid" padding has no such effect).
 
 Noise comes from a stateless generator seeded by `(seed, layer, counter, replica)`, so a run
 resumed from a checkpoint draws exactly the noise the uninterrupted run would have drawn.
@@ -54,7 +60,6 @@ class WeightMirror:
         noise_std: `σ`, the standard deviation of the noise.
         decay: `λ`, the mirror weight decay of `B`.
         batch_size: `n`, noise samples per layer and step (split over replicas).
-        steps: mirror steps per call.
         noise_distribution: `"normal"` (`N(0, σ²)`) or `"uniform"` (`U(−σ√3, σ√3)`, the same
             variance; the published code's noise in `[−a, a)` is `σ = a/√3`).
         seed: integer seed of the noise.
@@ -69,7 +74,6 @@ class WeightMirror:
         noise_std,
         decay=0.0,
         batch_size=128,
-        steps=1,
         noise_distribution="normal",
         seed=0,
         jit_compile=False,
@@ -95,18 +99,17 @@ class WeightMirror:
             raise ValueError(
                 f"noise_distribution={noise_distribution!r} is not one of {NOISE_DISTRIBUTIONS}"
             )
-        if learning_rate < 0 or noise_std <= 0 or decay < 0 or batch_size < 1 or steps < 1:
+        if learning_rate < 0 or noise_std <= 0 or decay < 0 or batch_size < 1:
             raise ValueError(
-                "Weight mirror needs learning_rate >= 0, noise_std > 0, decay >= 0, "
-                f"batch_size >= 1 and steps >= 1; got learning_rate={learning_rate}, "
-                f"noise_std={noise_std}, decay={decay}, batch_size={batch_size}, steps={steps}."
+                "Weight mirror needs learning_rate >= 0, noise_std > 0, decay >= 0 and "
+                f"batch_size >= 1; got learning_rate={learning_rate}, noise_std={noise_std}, "
+                f"decay={decay}, batch_size={batch_size}."
             )
         self.layers = list(layers)
         self.learning_rate = float(learning_rate)
         self.noise_std = float(noise_std)
         self.decay = float(decay)
         self.batch_size = int(batch_size)
-        self.steps = int(steps)
         self.noise_distribution = noise_distribution
         self.seed = int(seed)
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -118,12 +121,17 @@ class WeightMirror:
             )
         self._local_batch = self.batch_size // replicas
         self._local_gradients = tf.function(self._gradients, jit_compile=jit_compile)
-        self._run = tf.function(self._distributed_steps)
+        self._compiled_noise = tf.function(self._noise, jit_compile=jit_compile)
+        self._run = tf.function(self._distributed_step)
 
-    def noise(self, layer_index, counter, replica=0, batch=None):
-        """The noise batch fed to layer `layer_index` at mirror step `counter` on `replica`."""
+    def noise(self, layer_index, counter, replica=0):
+        """The noise batch fed to layer `layer_index` at mirror step `counter` on `replica`
+        (drawn exactly as the mirror step draws it: XLA's generator differs from TF's)."""
+        return self._compiled_noise(layer_index, tf.constant(counter, tf.int64), tf.constant(replica, tf.int32))
+
+    def _noise(self, layer_index, counter, replica):
         layer = self.layers[layer_index]
-        shape = (batch or self._local_batch,) + tuple(layer.feedback_input_shape[1:])
+        shape = (self._local_batch,) + tuple(layer.feedback_input_shape[1:])
         seed = tf.stack(
             [
                 tf.constant(self.seed, tf.int64) * 7919 + layer_index,
@@ -138,27 +146,24 @@ class WeightMirror:
 
     def _gradients(self, counter, replica):
         return [
-            mirror_gradient(layer, self.noise(i, counter, replica))
+            mirror_gradient(layer, self._noise(i, counter, replica))
             for i, layer in enumerate(self.layers)
         ]
 
-    def _replica_steps(self, counter):
+    def _replica_step(self, counter):
         context = tf.distribute.get_replica_context()
-        replica = context.replica_id_in_sync_group
+        gradients = self._local_gradients(counter, context.replica_id_in_sync_group)
+        gradients = context.all_reduce("sum", gradients)
         feedbacks = [layer.feedback_kernel for layer in self.layers]
-        for step in range(self.steps):
-            gradients = self._local_gradients(counter * self.steps + step, replica)
-            gradients = context.all_reduce("sum", gradients)
-            updated = [
-                tf.convert_to_tensor(b.value)
-                + self.learning_rate * (g / self.batch_size - self.decay * tf.convert_to_tensor(b.value))
-                for b, g in zip(feedbacks, gradients)
-            ]
-            _assign(self.strategy, feedbacks, updated)
+        updated = []
+        for feedback, gradient in zip(feedbacks, gradients):
+            b = tf.convert_to_tensor(feedback.value)
+            updated.append(b + self.learning_rate * (gradient / self.batch_size - self.decay * b))
+        _assign(self.strategy, feedbacks, updated)
 
-    def _distributed_steps(self, counter):
-        self.strategy.run(self._replica_steps, args=(counter,))
+    def _distributed_step(self, counter):
+        self.strategy.run(self._replica_step, args=(counter,))
 
     def __call__(self, counter):
-        """Runs `steps` mirror steps on every layer; `counter` (an int) seeds the noise."""
+        """Runs one mirror step on every layer; `counter` (an int) seeds the noise."""
         self._run(tf.constant(counter, tf.int64))

@@ -1,0 +1,207 @@
+"""Kolen–Pollack: B − W shrinks by exactly (1 − lr_t·λ) at every step, for any optimizer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_wt
+from keras_wt import layers as wt
+from keras_wt.optimizers import KolenPollack
+
+X = np.random.RandomState(0).randn(96, 6).astype("float32")
+Y = np.random.RandomState(1).randint(0, 3, 96)
+BATCH = 16  # 6 steps per epoch
+
+
+def _kp_model(conv=False):
+    if conv:
+        return keras.Sequential(
+            [
+                keras.Input((6, 1)),
+                wt.Conv1D(4, 3, padding="same", activation="relu", feedback="kp"),
+                keras.layers.Flatten(),
+                wt.Dense(3, feedback="kp"),
+            ]
+        )
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            wt.Dense(8, activation="relu", feedback="kp"),
+            wt.Dense(8, activation="tanh", feedback="kp"),
+            wt.Dense(3, feedback="kp"),
+        ]
+    )
+
+
+def _differences(model):
+    return [
+        layer.feedback_kernel.numpy() - layer.kernel.numpy()
+        for layer in keras_wt.layers.feedback_layers(model)
+    ]
+
+
+class _RecordDifferences(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.history = [_differences(self.model)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.history.append(_differences(self.model))
+
+
+def _check_invariant(history, learning_rates, weight_decay):
+    assert len(history) == len(learning_rates) + 1 >= 4
+    for step, lr in enumerate(learning_rates):
+        for before, after in zip(history[step], history[step + 1]):
+            np.testing.assert_allclose(after, (1 - lr * weight_decay) * before, rtol=0, atol=2e-6)
+    # The difference really shrank, and it was not negligible to begin with.
+    assert np.abs(history[0][0]).max() > 0.1
+    total = np.prod([1 - lr * weight_decay for lr in learning_rates])
+    np.testing.assert_allclose(history[-1][0], total * history[0][0], atol=5e-6)
+
+
+def _fit_and_check(make_optimizer, learning_rates, weight_decay, conv=False, jit_compile=False, strategy=None):
+    scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
+    with scope:
+        model = _kp_model(conv)
+        model.compile(
+            KolenPollack(make_optimizer(), weight_decay=weight_decay),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile,
+        )
+    record = _RecordDifferences()
+    x = X[..., None] if conv else X
+    model.fit(x, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    _check_invariant(record.history, learning_rates, weight_decay)
+    return model
+
+
+def test_sgd_with_momentum():
+    _fit_and_check(lambda: keras.optimizers.SGD(0.1, momentum=0.9), [0.1] * 6, weight_decay=0.5)
+
+
+def test_adam_with_a_learning_rate_schedule():
+    schedule = lambda: keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.8)
+    lrs = [0.05 * 0.8**t for t in range(6)]
+    _fit_and_check(lambda: keras.optimizers.Adam(schedule()), lrs, weight_decay=2.0, conv=True)
+
+
+def test_without_decay_b_minus_w_is_constant():
+    _fit_and_check(lambda: keras.optimizers.SGD(0.2, momentum=0.5), [0.2] * 6, weight_decay=0.0)
+
+
+def test_under_xla():
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [0.1, 0.02])
+    lrs = [0.1, 0.1, 0.1, 0.02, 0.02, 0.02]
+    _fit_and_check(lambda: keras.optimizers.SGD(schedule, momentum=0.9), lrs, weight_decay=1.0, jit_compile=True)
+
+
+def test_under_mirrored_strategy_replicas_agree(two_cpu_strategy):
+    model = _fit_and_check(
+        lambda: keras.optimizers.Adam(0.05), [0.05] * 6, weight_decay=1.0, strategy=two_cpu_strategy
+    )
+    for layer in keras_wt.layers.feedback_layers(model):
+        for variable in (layer.kernel, layer.feedback_kernel):
+            replicas = two_cpu_strategy.experimental_local_results(variable.value)
+            assert len(replicas) == 2
+            np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+
+
+def test_under_mirrored_strategy_with_xla_per_replica(two_cpu_strategy):
+    """Keras cannot jit-compile `fit` under MirroredStrategy (keras-team/keras#19005, stock
+    models too); a TPU compiles each replica's step, which this custom loop mirrors."""
+    with two_cpu_strategy.scope():
+        model = _kp_model()
+        optimizer = KolenPollack(keras.optimizers.SGD(0.1, momentum=0.9), weight_decay=0.5)
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+
+    @tf.function(jit_compile=True)
+    def gradients(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True)) / (2 * BATCH)
+        return tape.gradient(loss, model.trainable_variables)
+
+    def replica_step(x, y):
+        optimizer.apply(gradients(x, y), model.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        two_cpu_strategy.run(replica_step, args=(x, y))
+
+    data = two_cpu_strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((X, Y)).batch(2 * BATCH)  # 3 global steps
+    )
+    history = [_differences(model)]
+    for x, y in data:
+        step(x, y)
+        history.append(_differences(model))
+    _check_invariant(history, [0.1] * 3, weight_decay=0.5)
+    for layer in keras_wt.layers.feedback_layers(model):
+        replicas = two_cpu_strategy.experimental_local_results(layer.feedback_kernel.value)
+        np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+
+
+def test_kp_model_with_another_optimizer_fails_loudly():
+    model = _kp_model()
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    w0 = model.layers[0].kernel.numpy()
+    with pytest.raises(ValueError, match="KolenPollack"):
+        model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.layers[0].kernel.numpy(), w0)
+
+
+def test_kp_model_with_another_optimizer_fails_in_a_custom_loop():
+    model = _kp_model()
+    optimizer = keras.optimizers.Adam()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(X))
+    grads = tape.gradient(loss, model.trainable_variables)
+    with pytest.raises(ValueError, match="feedback='kp'"):
+        optimizer.apply(grads, model.trainable_variables)
+
+
+def test_only_kp_kernels_are_decayed_and_biases_are_not():
+    model = keras.Sequential(
+        [keras.Input((6,)), wt.Dense(4, feedback="kp"), wt.Dense(3, feedback="fa")]
+    )
+    optimizer = KolenPollack(keras.optimizers.SGD(0.1), weight_decay=0.5)
+    optimizer.build(model.trainable_variables)
+    assert [(w.path, b.path) for w, b in optimizer.kp_pairs] == [
+        (model.layers[0].kernel.path, model.layers[0].feedback_kernel.path)
+    ]
+    before = [v.numpy() for v in model.trainable_variables]
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    optimizer.apply(zeros, model.trainable_variables)
+    after = [v.numpy() for v in model.trainable_variables]
+    np.testing.assert_allclose(after[0], before[0] * 0.95, rtol=1e-6)  # kp kernel decays
+    np.testing.assert_array_equal(after[1], before[1])  # bias does not
+    np.testing.assert_array_equal(after[2], before[2])  # fa kernel does not
+
+
+def test_wrapped_optimizer_with_its_own_weight_decay_is_refused():
+    with pytest.raises(ValueError, match="weight_decay"):
+        KolenPollack(keras.optimizers.AdamW(weight_decay=0.01))
+
+
+def test_serializes_with_the_model(tmp_path):
+    model = _kp_model()
+    model.compile(
+        KolenPollack(keras.optimizers.SGD(0.1, momentum=0.9), weight_decay=0.25),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    path = tmp_path / "kp.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, KolenPollack)
+    assert loaded.optimizer.kp_weight_decay == 0.25
+    assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.SGD)
+    assert int(loaded.optimizer.iterations.numpy()) == 6
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Both continue identically.
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
