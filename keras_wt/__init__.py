@@ -12,8 +12,10 @@ check_backend()
 from keras_wt import algorithms  # noqa: E402
 from keras_wt import alignment  # noqa: E402
 from keras_wt import callbacks  # noqa: E402
+from keras_wt import datasets  # noqa: E402
 from keras_wt import layers  # noqa: E402
 from keras_wt import mirror  # noqa: E402
+from keras_wt import models  # noqa: E402
 from keras_wt import optimizers  # noqa: E402
 from keras_wt.convert import convert  # noqa: E402
 from keras_wt.algorithms import ALGORITHMS  # noqa: E402

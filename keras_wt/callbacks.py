@@ -12,8 +12,8 @@ class MirrorCallback(keras.callbacks.Callback):
     """Runs weight-mirror steps on every `wm` layer between training steps.
 
     `steps` mirror steps run after every `every` training batches, and `warmup_steps` before
-    training begins (only when the optimizer has not taken a step yet, so a resumed run does
-    not warm up twice). Each step draws noise of every layer's real input shape and applies
+    the first training step (only when the optimizer has not taken a step yet, so a resumed
+    run does not warm up twice). Each step draws noise of every layer's real input shape and applies
     `ΔB = η·∇_W(½‖f_W(x)‖²)/n − η·λ·B` (see `keras_wt.mirror`). The noise is seeded by the
     optimizer's step count (warm-up steps use negative counters), so a run resumed from a
     checkpoint continues exactly.
@@ -63,7 +63,7 @@ class MirrorCallback(keras.callbacks.Callback):
         self.seed = seed
         self.jit_compile = jit_compile
         self.mirror = None
-        self._iterations = 0
+        self._iterations = None
 
     def set_model(self, model):
         if model is not self._model:
@@ -86,6 +86,12 @@ class MirrorCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.mirror is None:
             self._build()
+        self._iterations = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._iterations is not None:
+            return
+        # Read at the first batch, after every on_train_begin (BackupAndRestore's restore too).
         self._iterations = int(self.model.optimizer.iterations.numpy())
         if self._iterations == 0:
             for step in range(self.warmup_steps):

@@ -667,6 +667,7 @@ def _run(config, run_dir, resuming):
         initial_epoch=first_epoch,
         steps_per_epoch=steps,
         callbacks=callbacks,
+        shuffle=False,  # train_dataset shuffles, per epoch
         verbose=config["verbose"],
     )
     model.save(os.path.join(run_dir, MODEL_FILE))
