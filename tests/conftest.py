@@ -27,8 +27,10 @@ def _fresh_keras_state():
     keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_cpu_strategy():
+    """One MirroredStrategy over two logical CPUs for the whole session: strategies created
+    one after another in a process reuse collective instance keys, which aborts collectives."""
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < 2:
         pytest.skip("two logical CPU devices are not available")
