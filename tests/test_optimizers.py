@@ -205,3 +205,10 @@ def test_serializes_with_the_model(tmp_path):
     loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_policies(policy):
+    """mixed_float16 wraps the KP optimizer in Keras's LossScaleOptimizer; the invariant holds."""
+    keras.mixed_precision.set_global_policy(policy)
+    _fit_and_check(lambda: keras.optimizers.SGD(0.1, momentum=0.9), [0.1] * 6, weight_decay=0.5)
