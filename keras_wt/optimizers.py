@@ -70,6 +70,12 @@ class KolenPollack(keras.optimizers.Optimizer):
                 f"{optimizer.weight_decay}; its decay would reach W but not B. Pass "
                 "weight_decay to KolenPollack instead and none to the wrapped optimizer."
             )
+        if getattr(optimizer, "gradient_accumulation_steps", None):
+            raise ValueError(
+                "KolenPollack does not support gradient_accumulation_steps on the wrapped "
+                "optimizer (the decay of W and B would run on every micro-step); accumulate "
+                "with a larger batch instead."
+            )
         weight_decay = float(weight_decay or 0.0)
         if weight_decay < 0:
             raise ValueError(f"weight_decay={weight_decay} must be >= 0")

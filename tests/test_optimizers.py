@@ -182,6 +182,8 @@ def test_only_kp_kernels_are_decayed_and_biases_are_not():
 def test_wrapped_optimizer_with_its_own_weight_decay_is_refused():
     with pytest.raises(ValueError, match="weight_decay"):
         KolenPollack(keras.optimizers.AdamW(weight_decay=0.01))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        KolenPollack(keras.optimizers.SGD(gradient_accumulation_steps=2))
 
 
 def test_serializes_with_the_model(tmp_path):
