@@ -4,12 +4,13 @@ In mirror mode each `wm` layer is driven by its own zero-mean noise `x` (a batch
 real input shape) and produces its linear output `y = f_W(x)` (no bias, no activation). The
 mirror update is
 
-    ΔB = η · ∇_W(½‖f_W(x)‖²) / n − η·λ·B
+    ΔB = η · ∇_W(½‖f_W(x)‖²) / (n·P) − η·λ·B
 
 the weight-gradient of the layer's own linear op, so one rule serves Dense and every
-convolution: for Dense it is `η·xᵀ(xW)/n ≈ η·σ²·W`. With `λ > 0`, `B → (σ²/λ)·W` for Dense
-and `B → (P·σ²/λ)·W` for a convolution with `P` output positions per kernel tap (the update
-sums over positions; only the angle to `W` matters for learning).
+convolution: for Dense it is `η·xᵀ(xW)/n ≈ η·σ²·W`. `n` is the noise batch and `P` the number of
+positions at which the op applies its kernel to one sample (1 for Dense, the output's spatial
+size for a convolution): the step averages over every (sample, position) pair, so one mirror
+learning rate serves every layer type and `B → (σ²/λ)·W` for all of them.
 
 For a convolution with zero padding ("same"), border taps of the kernel see fewer noise
 samples than the centre tap, so the fixed point is `W` scaled per tap: close to, not exactly,
@@ -35,13 +36,20 @@ _RNG = "philox"
 
 
 def mirror_gradient(layer, x):
-    """`∇_W(½‖f_W(x)‖²)` of `layer`'s linear op at its current kernel, for noise `x`."""
+    """`∇_W(½‖f_W(x)‖²) / P` of `layer`'s linear op at its current kernel, for noise `x`.
+
+    `P` is the number of positions at which the op applies the kernel to each sample (1 for
+    Dense on vectors, the output's spatial size for a convolution), so that the step is an
+    average over every (sample, position) pair and one mirror learning rate serves Dense and
+    convolutions alike: `B → (σ²/λ)·W` for both.
+    """
     kernel = tf.convert_to_tensor(layer.kernel.value)
     with tf.GradientTape() as tape:
         tape.watch(kernel)
         y = layer.linear(tf.cast(x, kernel.dtype), kernel)
         energy = 0.5 * tf.reduce_sum(tf.square(y))
-    return tape.gradient(energy, kernel)
+    positions = y.shape.num_elements() // (y.shape[0] * kernel.shape[-1])
+    return tape.gradient(energy, kernel) / positions
 
 
 def wm_layers(model):

@@ -50,7 +50,10 @@ def test_conv_step_is_the_weight_gradient_of_the_layer_own_convolution():
     mirror(0)
     y = tf.nn.conv2d(x, conv.kernel, strides=2, padding="SAME")
     by_hand = tf.compat.v1.nn.conv2d_backprop_filter(x, conv.kernel.shape, y, [1, 2, 2, 1], "SAME")
-    np.testing.assert_allclose(conv.feedback_kernel.numpy(), b0 + 0.5 * by_hand.numpy() / 4, rtol=1e-4, atol=1e-5)
+    positions = 4 * 4  # output map 4x4
+    np.testing.assert_allclose(
+        conv.feedback_kernel.numpy(), b0 + 0.5 * by_hand.numpy() / (4 * positions), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv2d"])
@@ -68,23 +71,23 @@ def test_with_w_frozen_mirroring_aligns_b_with_w(kind):
         mirror(counter)
     angles = weight_angles(model)
     assert max(angles.values()) < 5, angles
-    # B converges to (P·σ²/λ)·W, P = output positions per kernel tap (1 for Dense).
+    # B converges to (σ²/λ)·W for Dense and convolutions alike.
     for layer in mirror.layers:
-        positions = int(np.prod(layer.output.shape[1:-1])) if kind == "conv2d" else 1
         ratio = np.linalg.norm(layer.feedback_kernel.numpy()) / np.linalg.norm(layer.kernel.numpy())
-        assert ratio == pytest.approx(positions * 1.0 / 0.5, rel=0.1)
+        assert ratio == pytest.approx(1.0 / 0.5, rel=0.1)
 
 
 def test_same_padding_leaves_a_small_angle_from_the_border_taps():
     """With zero padding the border taps of a kernel see fewer noise samples, so the fixed
-    point is W scaled per tap (here 49, 56 or 64 positions per 8x8 map): close, not equal."""
+    point is W scaled per tap (here 49, 56 or 64 of the 64 positions of the 8x8 map) by
+    σ²/λ = 2: close to W's direction, not equal."""
     conv = wt.Conv2D(4, 3, padding="same", feedback="wm")
     conv.build((None, 8, 8, 3))
     mirror = WeightMirror([conv], learning_rate=0.1, noise_std=1.0, decay=0.5, batch_size=64)
     for counter in range(150):
         mirror(counter)
     counts = np.array([7, 8, 7])[:, None] * np.array([7, 8, 7])[None, :] / 64.0
-    fixed_point = conv.kernel.numpy() * counts[:, :, None, None]
+    fixed_point = conv.kernel.numpy() * counts[:, :, None, None] / 0.5
     expected = keras_wt.alignment.angle(conv.kernel.numpy(), fixed_point)
     assert 1 < expected < 10
     assert keras_wt.alignment.angle(conv.feedback_kernel.numpy(), fixed_point) < 4
