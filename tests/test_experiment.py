@@ -1,0 +1,286 @@
+"""The `keras-wt-train` command line: flags, wiring of the reference configuration, outputs and
+exact resumption. Runs on a tiny MNIST-format dataset written into a temporary folder."""
+
+import gzip
+import json
+import math
+import os
+import struct
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import assert_allclose
+from keras_wt import experiment
+from keras_wt import models
+from keras_wt import optimizers as wt_optimizers
+from keras_wt.algorithms import ALGORITHMS
+from keras_wt.callbacks import MirrorCallback
+
+N_TRAIN, N_TEST, BATCH = 48, 24, 16
+
+
+def write_idx(path, array):
+    """Writes a uint8 array as a gzipped IDX file (the MNIST format)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for k, label in enumerate(labels):
+            images[k, 2 * label:2 * label + 4, 4:24] = 250
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(directory)
+
+
+def tiny_flags(data_dir, save_dir, algo, *extra):
+    return [
+        "--dataset", "mnist", "--data_dir", data_dir, "--algo", algo,
+        "--size_hidden_layers", "6", "--batch_size", str(BATCH), "--save_dir", str(save_dir),
+        "--verbose", "0", *extra,
+    ]
+
+
+def read(run_dir, name):
+    with open(os.path.join(run_dir, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --- flags -----------------------------------------------------------------------------------
+
+
+def test_reference_defaults():
+    config, explicit = experiment.parse_args([])
+    assert explicit == set()
+    assert config["n_epochs"] == 400
+    assert config["size_hidden_layers"] == [500]
+    assert config["batch_size"] == 128
+    assert config["test_frequency"] == 1
+    assert config["save_dir"] == "./experiments"
+    assert config["seed"] == 1111
+    assert config["model"] == "mlp"
+    published = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3}
+    for algo in ALGORITHMS:
+        config, _ = experiment.parse_args(["--algo", algo])
+        assert experiment.learning_rate(config) == published[algo]
+        config, _ = experiment.parse_args(["--algo", algo, "--learning_rate", "0.7"])
+        assert experiment.learning_rate(config) == 0.7
+
+
+def test_bad_flags():
+    with pytest.raises(ValueError, match=r"--batch_size=0 .* >= 1"):
+        experiment.parse_args(["--batch_size", "0"])
+    with pytest.raises(ValueError, match=r"--learning_rate=-0.1"):
+        experiment.parse_args(["--learning_rate", "-0.1"])
+    with pytest.raises(ValueError, match=r"--size_hidden_layers=\[3, 4\].*cnn"):
+        experiment.parse_args(["--model", "cnn", "--size_hidden_layers", "3", "4"])
+    with pytest.raises(SystemExit) as info:  # argparse: choices, and main() for ValueErrors
+        experiment.main(["--algo", "kpp"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        experiment.main(["--n_epochs", "0"])
+    with pytest.raises(SystemExit):
+        experiment.main(["--mirror_noise_std", "0.1", "--mirror_noise_amplitude", "0.1"])
+
+
+# --- the reference configuration, as the CLI builds it ---------------------------------------
+
+
+def test_reference_model_loss_optimizer_and_initialisation():
+    config, _ = experiment.parse_args(["--algo", "fa"])
+    model = experiment.build_model(config, (28, 28, 1), 10)
+    # 784-500-10, sigmoid hidden and output units.
+    hidden, classifier = model.get_layer("hidden_1"), model.get_layer("classifier")
+    assert hidden.kernel.shape == (784, 500) and classifier.kernel.shape == (500, 10)
+    assert hidden.activation is keras.activations.sigmoid
+    x = np.random.default_rng(0).random((3, 784)).astype("float32")
+    h = 1 / (1 + np.exp(-(x @ hidden.kernel.numpy() + hidden.bias.numpy())))
+    y = 1 / (1 + np.exp(-(h @ classifier.kernel.numpy() + classifier.bias.numpy())))
+    assert_allclose(model(x), y, rtol=1e-4, atol=1e-6)
+    # W, b and B ~ N(0, 1/(fan_in + fan_out)).
+    for layer, fan_sum in ((hidden, 784 + 500), (classifier, 500 + 10)):
+        for w in (layer.kernel, layer.bias, layer.feedback_kernel):
+            w = w.numpy().ravel()
+            tolerance = 4 / math.sqrt(2 * w.size) + (0.05 if w.size < 1000 else 0)
+            assert abs(w.std() / math.sqrt(1 / fan_sum) - 1) < tolerance
+            assert abs(w.mean()) < 4 * math.sqrt(1 / fan_sum / w.size)
+    assert not np.allclose(hidden.kernel.numpy(), hidden.feedback_kernel.numpy())
+    # Plain SGD at the published rate.
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert model.optimizer.momentum == 0 and not model.optimizer.nesterov
+    assert np.isclose(float(model.optimizer.learning_rate), 0.2)
+    # Sigmoid cross-entropy summed over the classes, averaged over the batch, integer labels.
+    loss = model.loss
+    assert isinstance(loss, models.SummedSigmoidCrossEntropy) and not loss.from_logits
+    p = np.array([[0.8, 0.1, 0.3], [0.4, 0.5, 0.9]], "float32")
+    labels = np.array([0, 2])
+    expected = (
+        -(np.log(0.8) + np.log(0.9) + np.log(0.7)) - (np.log(0.6) + np.log(0.5) + np.log(0.9))
+    ) / 2
+    assert_allclose(loss(labels, p), expected, rtol=1e-5)
+
+
+def test_kp_uses_kolen_pollack_with_its_decay_and_cnn_uses_logits():
+    config, _ = experiment.parse_args(["--algo", "kp", "--kp_weight_decay", "0.001"])
+    model = experiment.build_model(config, (28, 28, 1), 10)
+    assert isinstance(model.optimizer, wt_optimizers.KolenPollack)
+    assert model.optimizer.kp_weight_decay == 0.001
+    assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
+    assert np.isclose(float(model.optimizer.learning_rate), 0.3)
+    config, _ = experiment.parse_args(["--model", "cnn", "--size_hidden_layers", "8",
+                                       "--cnn_filters", "2", "3"])
+    model = experiment.build_model(config, (28, 28, 1), 10)
+    assert model.loss.from_logits
+    assert model.get_layer("conv_2").kernel.shape[-1] == 3
+    assert model.get_layer("hidden").kernel.shape[-1] == 8
+    assert np.isclose(float(model.optimizer.learning_rate), experiment.CNN_LEARNING_RATE)
+
+
+def test_mirror_step_reproduces_the_published_step():
+    """The published step is η·xᵀ·sigmoid(xW + b), summed over the noise batch; with
+    sigmoid(z) ≈ 1/2 + z/4 its W-dependent part is (η/4)·xᵀ(xW). The CLI's MirrorCallback must
+    take exactly that step, and the published uniform noise in [−0.05, 0.05)."""
+    config, _ = experiment.parse_args(["--algo", "wm", "--size_hidden_layers", "7"])
+    settings = experiment.mirror_settings(config, num_train=60000)
+    assert settings["learning_rate"] == pytest.approx(0.01 * 128 / 4)
+    assert settings["noise_std"] == pytest.approx(0.05 / math.sqrt(3))
+    assert settings["noise_distribution"] == "uniform"
+    assert settings["warmup_steps"] == 60000 // 128
+    assert settings["decay"] == 0 and settings["every"] == 1 and settings["batch_size"] == 128
+    model = experiment.build_model(config, (28, 28, 1), 10)
+    callback = MirrorCallback(**settings)
+    callback.set_model(model)
+    callback._build()
+    mirror = callback.mirror
+    before = [layer.feedback_kernel.numpy() for layer in mirror.layers]
+    mirror(0)
+    for i, layer in enumerate(mirror.layers):
+        x = mirror.noise(i, 0).numpy().astype(np.float64)
+        assert np.abs(x).max() <= 0.05 + 1e-7
+        w = layer.kernel.numpy().astype(np.float64)
+        published_linear_step = (0.01 / 4) * x.T @ (x @ w)
+        step = layer.feedback_kernel.numpy().astype(np.float64) - before[i]
+        # B is float32 and ~1000x larger than one step: compare up to B's rounding.
+        assert_allclose(step, published_linear_step, rtol=1e-3,
+                        atol=1e-3 * np.abs(published_linear_step).max())
+    # The conversion follows the noise batch size, and Gaussian noise is available.
+    config, _ = experiment.parse_args(["--algo", "wm", "--mirror_batch_size", "32",
+                                       "--mirror_noise_std", "0.1"])
+    settings = experiment.mirror_settings(config, num_train=1000)
+    assert settings["learning_rate"] == pytest.approx(0.01 * 32 / 4)
+    assert (settings["noise_std"], settings["noise_distribution"]) == (0.1, "normal")
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    y = np.arange(10, dtype=np.int32)
+
+    def labels(first_epoch, n_epochs):
+        ds = experiment.train_dataset(x, y, 4, seed=3, first_epoch=first_epoch,
+                                      n_epochs=n_epochs, flatten=True)
+        return [b.numpy().tolist() for _, b in ds]
+
+    straight, resumed = labels(0, 3), labels(1, 3)
+    assert len(straight) == 9 and straight[3:] == resumed  # 3 batches (4, 4, 2) per epoch
+    epochs = [sum(straight[3 * e:3 * e + 3], []) for e in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1]
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
+    run_dir = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
+    assert run_dir == os.path.join(str(tmp_path), "mnist", f"{algo}-V0")
+    for name in ("experiment_config.json", "log.txt", "results.json", "model.keras",
+                 "checkpoint.keras", "checkpoint.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    events = os.path.join(run_dir, "tensorboard")
+    tags = set()
+    for name in os.listdir(events):
+        for record in tf.compat.v1.train.summary_iterator(os.path.join(events, name)):
+            tags.update(value.tag for value in record.summary.value)
+    assert {"loss", "test_accuracy", "weight_angle/hidden_1", "delta_angle/hidden_1"} <= tags
+
+    config = read(run_dir, "experiment_config.json")
+    flags = set(vars(experiment.build_parser().parse_args([])))
+    assert flags <= set(config) and config["algo"] == algo and config["n_epochs"] == 1
+    assert config["derived"]["learning_rate"] == experiment.PUBLISHED_LEARNING_RATES[algo]
+    if algo == "wm":
+        assert config["derived"]["mirror_learning_rate_keras_wt"] == pytest.approx(
+            0.01 * BATCH / 4)
+        assert config["derived"]["mirror_warmup_steps"] == N_TRAIN // BATCH
+
+    results = read(run_dir, "results.json")
+    assert list(results) == ["epoch_0"]
+    entry = results["epoch_0"]
+    assert {"loss", "test_accuracy", "weight_angles", "delta_angles"} <= set(entry)
+    assert set(entry["weight_angles"]) == set(entry["delta_angles"]) == {"hidden_1",
+                                                                         "classifier"}
+    assert 0 <= entry["test_accuracy"] <= 100 and np.isfinite(entry["loss"])
+    assert entry["delta_angles"]["classifier"] == pytest.approx(0, abs=1e-3)
+    if algo == "bp":
+        assert entry["weight_angles"]["hidden_1"] == pytest.approx(0, abs=1e-3)
+        assert entry["delta_angles"]["hidden_1"] == pytest.approx(0, abs=1e-3)
+    if algo == "fa":
+        assert entry["weight_angles"]["hidden_1"] > 45
+
+    with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
+        log = f.read()
+    assert "epoch 1/1" in log and "test accuracy" in log
+
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    assert model.get_layer("hidden_1").feedback == algo
+    # A second run never overwrites the first.
+    assert experiment.new_run_dir(str(tmp_path), "mnist", algo).endswith(f"{algo}-V1")
+
+
+@pytest.mark.parametrize("algo", ["wm", "kp"])
+def test_resume_continues_exactly(data_dir, tmp_path, algo):
+    """2 epochs straight == 1 epoch, interrupted, then `--resume` to 2 epochs."""
+    straight = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2"))
+    interrupted = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
+    assert read(interrupted, "checkpoint.json")["epochs_completed"] == 1
+    # Without a folder, --resume picks the latest run of the algorithm.
+    resumed = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2",
+                                         "--resume"))
+    assert resumed == interrupted
+    a = keras.saving.load_model(os.path.join(straight, "model.keras"))
+    b = keras.saving.load_model(os.path.join(resumed, "model.keras"))
+    assert [w.path for w in a.weights] == [w.path for w in b.weights]
+    assert any("feedback_kernel" in w.path for w in b.weights)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(wa.numpy(), wb.numpy(), err_msg=wa.path)
+    assert int(b.optimizer.iterations) == 2 * math.ceil(N_TRAIN / BATCH)
+    results_a, results_b = read(straight, "results.json"), read(resumed, "results.json")
+    assert list(results_b) == ["epoch_0", "epoch_1"]
+    for key in ("loss", "test_loss", "weight_angles", "delta_angles"):
+        assert results_a["epoch_1"][key] == pytest.approx(results_b["epoch_1"][key]), key
+    assert read(resumed, "experiment_config.json")["n_epochs"] == 2
+
+
+def test_resume_refuses_changed_flags(data_dir, tmp_path):
+    run_dir = experiment.new_run_dir(str(tmp_path), "mnist", "bp")
+    config, _ = experiment.parse_args(tiny_flags(data_dir, tmp_path, "bp"))
+    with open(os.path.join(run_dir, "experiment_config.json"), "w") as f:
+        json.dump(config, f)
+    config, explicit = experiment.parse_args(
+        tiny_flags(data_dir, tmp_path, "bp", "--batch_size", "8", "--resume", run_dir))
+    with pytest.raises(ValueError, match="--batch_size=8 differs"):
+        experiment.run(config, explicit)
+    with pytest.raises(ValueError, match="not a run folder"):
+        experiment.run(*experiment.parse_args(["--resume", str(tmp_path)]))
