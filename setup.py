@@ -16,6 +16,7 @@ setup(
         "tensorflow-datasets",
         "importlib-resources",
         "matplotlib",
+        "tensorboard",
     ],
     extras_require={"dev": ["pytest"]},
     entry_points={
