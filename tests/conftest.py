@@ -1,5 +1,6 @@
 """Test setup: quiet TensorFlow, two logical CPU devices for MirroredStrategy, fixed seeds."""
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,6 +26,10 @@ def _fresh_keras_state():
     keras.mixed_precision.set_global_policy("float32")
     yield
     keras.mixed_precision.set_global_policy("float32")
+    # Free the input iterators a test leaves behind: the prefetching threads of an unreferenced
+    # but not yet collected MirroredStrategy iterator can hold TensorFlow's inter-op threads (two
+    # on a 2-core machine) and stall the next test for minutes.
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

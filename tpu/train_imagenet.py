@@ -1,0 +1,146 @@
+"""Train ResNet-18/50 on ImageNet with backprop or without weight transport (Akrout et al. 2019).
+
+On a Cloud TPU VM (see tpu/README.md for the full recipe):
+
+    python tpu/train_imagenet.py --tpu=local --strategy=tpu \
+        --data_dir=gs://BUCKET/imagenet --model_dir=gs://BUCKET/runs/resnet18-kp \
+        --model=resnet18 --algo=kp --batch_size=1024
+
+A smoke run on any machine:
+
+    python tpu/train_imagenet.py --strategy=default --use_synthetic_data --image_size=32 \
+        --num_classes=10 --batch_size=8 --steps_per_epoch=2 --eval_steps=1 --epochs=1
+
+Restarting the same command with the same --model_dir resumes from the last completed epoch
+(weights, feedback kernels, optimizer and weight-mirror state). The logic lives in
+`keras_wt.training`; this file only maps flags to a `keras_wt.training.TrainConfig`.
+"""
+
+import argparse
+import logging
+import sys
+
+from keras_wt import training
+
+
+def _ints_or_floats(text):
+    return tuple(float(x) if "." in x else int(x) for x in text.split(",") if x)
+
+
+def flag_parser():
+    """The command-line flags; every one maps to the `TrainConfig` field of the same name."""
+    d = training.TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("hardware")
+    g.add_argument("--strategy", choices=training.STRATEGIES, default="default",
+                   help="tpu: TPUStrategy; mirrored: the GPUs of this machine; multiworker: "
+                   "MultiWorkerMirroredStrategy from TF_CONFIG; default: one device.")
+    g.add_argument("--tpu", default=None,
+                   help="TPU name, or 'local' on a TPU VM (the default with --strategy=tpu).")
+    g.add_argument("--mirrored_devices", default=None,
+                   help="comma-separated devices for --strategy=mirrored (default: all GPUs).")
+    g.add_argument("--dtype", choices=training.DTYPES, default="auto",
+                   help="auto: mixed_bfloat16 on TPUs, float32 elsewhere.")
+    g.add_argument("--steps_per_execution", type=int, default=1,
+                   help="training steps per host call (TPU: 100s amortize the host overhead).")
+    g.add_argument("--jit_compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="override Keras's XLA setting (default: on for --strategy=default, off "
+                   "otherwise; TPUs compile with XLA regardless).")
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data_dir", default=None,
+                   help="ImageNet TFRecords train-*/validation-* (a gs:// path works).")
+    g.add_argument("--use_synthetic_data", action="store_true",
+                   help="train and evaluate on one random batch (speed and smoke runs).")
+    g.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet18",
+                   help="ResNet v1.5 network.")
+    g.add_argument("--algo", choices=training.algorithms.ALGORITHMS, default="bp",
+                   help="bp: backprop; fa: feedback alignment; ss: sign symmetry; wm: weight "
+                   "mirror; kp: Kolen-Pollack.")
+    g.add_argument("--image_size", type=int, default=224, help="side of the square crops.")
+    g.add_argument("--num_classes", type=int, default=1000,
+                   help="classes (labels 1..num_classes in the files).")
+    g.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction,
+                   default=d["zero_init_residual"].default,
+                   help="start the last batch-norm scale of every residual block at 0.")
+    g.add_argument("--model_dir", default=None,
+                   help="checkpoints, backup for resuming, TensorBoard logs, history.csv.")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the data order and the mirror noise.")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch_size", type=int, default=1024, help="global batch size.")
+    g.add_argument("--epochs", type=int, default=90, help="training epochs.")
+    g.add_argument("--steps_per_epoch", type=int, default=None,
+                   help="default: 1281167 // batch_size.")
+    g.add_argument("--eval_steps", type=int, default=None,
+                   help="evaluation batches per epoch (default: the whole validation set; 0: "
+                   "no evaluation).")
+    g.add_argument("--lr_per_256", type=float, default=0.1,
+                   help="peak learning rate per 256 images, scaled linearly with batch_size.")
+    g.add_argument("--schedule", choices=training.SCHEDULES, default="step",
+                   help="after the warm-up: x0.1 at --decay_epochs, or a cosine to 0.")
+    g.add_argument("--warmup_epochs", type=float, default=5.0,
+                   help="epochs of linear learning-rate warm-up.")
+    g.add_argument("--decay_epochs", type=_ints_or_floats, default=(30, 60, 80),
+                   help="epochs of the x0.1 steps of --schedule=step, comma-separated.")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
+    g.add_argument("--weight_decay", type=float, default=1e-4,
+                   help="L2 coefficient of the kernels (W and, for kp, B), applied as the "
+                   "equivalent decoupled decay weight_decay / (1 - momentum) per unit learning "
+                   "rate; biases and batch norm are not decayed.")
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy.")
+
+    g = p.add_argument_group("weight mirror (--algo=wm)")
+    g.add_argument("--mirror_learning_rate", type=float, default=d["mirror_learning_rate"].default,
+                   help="fraction of the way to B's target covered per mirror step.")
+    g.add_argument("--mirror_noise_std", type=float, default=d["mirror_noise_std"].default,
+                   help="standard deviation of the mirror noise.")
+    g.add_argument("--mirror_decay", type=float, default=d["mirror_decay"].default,
+                   help="B tends to (noise_std**2 / mirror_decay) * W.")
+    g.add_argument("--mirror_every", type=int, default=d["mirror_every"].default,
+                   help="mirror after every N training steps.")
+    g.add_argument("--mirror_steps", type=int, default=d["mirror_steps"].default,
+                   help="mirror steps each time.")
+    g.add_argument("--mirror_batch_size", type=int, default=d["mirror_batch_size"].default,
+                   help="noise examples per layer and mirror step (all replicas together).")
+    g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"].default,
+                   help="mirror steps before the first training step.")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--alignment", choices=("none", "weights", "full"), default="weights",
+                   help="weights: W-B angles and norm ratios each epoch; full: also delta and "
+                   "gradient angles on a probe batch of validation images.")
+    g.add_argument("--alignment_probe_size", type=int, default=64,
+                   help="validation images of the probe batch of --alignment=full.")
+    g.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity.")
+    return p
+
+
+def parse_flags(argv=None):
+    """Parses `argv` (default: `sys.argv[1:]`) into a `keras_wt.training.TrainConfig`."""
+    args = flag_parser().parse_args(argv)
+    kwargs = vars(args)
+    if kwargs["mirrored_devices"]:
+        kwargs["mirrored_devices"] = tuple(kwargs["mirrored_devices"].split(","))
+    try:
+        return training.TrainConfig(**kwargs)
+    except ValueError as e:
+        flag_parser().error(str(e))
+
+
+def main(argv=None):
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = parse_flags(argv)
+    return training.train(config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)
