@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
+from keras.src.utils import tracking
 
 from keras_wt import feedback as feedback_lib
 
@@ -82,7 +83,8 @@ class KolenPollack(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self.kp_weight_decay = weight_decay
-        self._kp_pairs = []
+        with tracking.DotNotTrackScope():
+            self._kp_pairs = ()
 
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
@@ -92,7 +94,9 @@ class KolenPollack(keras.optimizers.Optimizer):
             layer = link() if link is not None else None
             if layer is not None and layer.algorithm.learns_feedback == "optimizer":
                 pairs.append((variable, layer.feedback_kernel))
-        self._kp_pairs = pairs
+        # Untracked: W and B are the model's variables, not optimizer state to save.
+        with tracking.DotNotTrackScope():
+            self._kp_pairs = tuple(pairs)
         super().build(var_list)
 
     @property
@@ -147,6 +151,15 @@ class KolenPollack(keras.optimizers.Optimizer):
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
+
+    # The wrapped optimizer saves and loads its own state as a child object of this one.
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._variables):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        for i, variable in enumerate(self._variables):
+            variable.assign(store[str(i)])
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)

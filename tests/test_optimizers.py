@@ -193,6 +193,11 @@ def test_serializes_with_the_model(tmp_path):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    # Its state is the wrapped optimizer's (plus its own counters), never the model's W or B.
+    model_variables = {id(v) for v in model.weights}
+    assert not any(id(v) in model_variables for v in model.optimizer.variables)
+    inner = model.optimizer.inner_optimizer
+    assert len(model.optimizer.variables) == len(model.optimizer._variables) + len(inner.variables)
     path = tmp_path / "kp.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
