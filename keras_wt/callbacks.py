@@ -64,6 +64,7 @@ class MirrorCallback(keras.callbacks.Callback):
         self.jit_compile = jit_compile
         self.mirror = None
         self._iterations = None
+        self._epoch_start = 0
 
     def set_model(self, model):
         if model is not self._model:
@@ -88,17 +89,18 @@ class MirrorCallback(keras.callbacks.Callback):
             self._build()
         self._iterations = None
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if self._iterations is not None:
-            return
-        # Read at the first batch, after every on_train_begin (BackupAndRestore's restore too).
-        self._iterations = int(self.model.optimizer.iterations.numpy())
-        if self._iterations == 0:
+    def on_epoch_begin(self, epoch, logs=None):
+        # One read of the step count per epoch, after every on_train_begin (BackupAndRestore's
+        # restore too); within the epoch it advances with the batch index Keras passes.
+        iterations = int(self.model.optimizer.iterations.numpy())
+        if self._iterations is None and iterations == 0:
             for step in range(self.warmup_steps):
                 self.mirror(-1 - step)
+        self._epoch_start = iterations
+        self._iterations = iterations
 
     def on_train_batch_end(self, batch, logs=None):
-        iterations = int(self.model.optimizer.iterations.numpy())
+        iterations = self._epoch_start + batch + 1
         for event in range(self._iterations // self.every, iterations // self.every):
             for step in range(self.steps):
                 self.mirror(event * self.steps + step)
