@@ -28,7 +28,7 @@ import math
 import tensorflow as tf
 
 from keras_wt import layers as layers_lib
-from keras_wt.optimizers import _assign
+from keras_wt._distribute import assign_on_every_replica
 
 NOISE_DISTRIBUTIONS = ("normal", "uniform")
 # Philox, named explicitly: XLA's default choice on CPU (ThreeFry) draws ~30x slower.
@@ -169,7 +169,7 @@ class WeightMirror:
         for feedback, gradient in zip(feedbacks, gradients):
             b = tf.convert_to_tensor(feedback.value)
             updated.append(b + self.learning_rate * (gradient / self.batch_size - self.decay * b))
-        _assign(self.strategy, feedbacks, updated)
+        assign_on_every_replica(self.strategy, feedbacks, updated)
 
     def _distributed_step(self, counter):
         self.strategy.run(self._replica_step, args=(counter,))

@@ -6,21 +6,7 @@ from keras.src.saving import serialization_lib
 from keras.src.utils import tracking
 
 from keras_wt import feedback as feedback_lib
-
-
-def _assign(strategy, variables, values):
-    """Assigns `values` to `variables` on every replica, in any `tf.distribute` context."""
-
-    def update(distribution, variables, values):
-        for variable, value in zip(variables, values):
-            distribution.extended.update(
-                variable.value,
-                lambda var, val: var.assign(tf.cast(val, var.dtype)),
-                args=(value,),
-                group=False,
-            )
-
-    tf.__internal__.distribute.interim.maybe_merge_call(update, strategy, variables, values)
+from keras_wt._distribute import assign_on_every_replica
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
@@ -125,12 +111,12 @@ class KolenPollack(keras.optimizers.Optimizer):
         feedbacks = [b for _, b in pairs]
         differences = [tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value) for w, b in pairs]
         if self.kp_weight_decay and pairs:
-            _assign(strategy, kernels, [shrink * tf.convert_to_tensor(w.value) for w in kernels])
+            assign_on_every_replica(strategy, kernels, [shrink * tf.convert_to_tensor(w.value) for w in kernels])
         with feedback_lib.kolen_pollack_update():
             self.inner_optimizer.apply(grads, trainable_variables)
         if pairs:
             # B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)  ≡  B_t − lr·u(g) − lr·λ·B_t
-            _assign(
+            assign_on_every_replica(
                 strategy,
                 feedbacks,
                 [tf.convert_to_tensor(w.value) + shrink * d for w, d in zip(kernels, differences)],
