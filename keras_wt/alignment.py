@@ -116,16 +116,20 @@ def gradient_angles(model, x, y, loss=None):
     return _compare(model, x, y, loss)[1]
 
 
+def _prefixed(groups):
+    return {f"{prefix}/{name}": value for prefix, values in groups for name, value in values.items()}
+
+
+def weight_metrics(model):
+    """`weight_angle/<layer>` and `norm_ratio/<layer>` as one flat dict: what can be measured
+    from the variables alone, with no batch and no forward pass."""
+    return _prefixed((("weight_angle", weight_angles(model)), ("norm_ratio", norm_ratios(model))))
+
+
 def alignment_metrics(model, x, y, loss=None):
     """All alignment measurements as one flat dict with keys `weight_angle/<layer>`,
     `delta_angle/<layer>`, `gradient_angle/<layer>` and `norm_ratio/<layer>`."""
     delta, gradient = _compare(model, x, y, loss)
-    metrics = {}
-    for prefix, values in (
-        ("weight_angle", weight_angles(model)),
-        ("delta_angle", delta),
-        ("gradient_angle", gradient),
-        ("norm_ratio", norm_ratios(model)),
-    ):
-        metrics.update({f"{prefix}/{name}": value for name, value in values.items()})
+    metrics = weight_metrics(model)
+    metrics.update(_prefixed((("delta_angle", delta), ("gradient_angle", gradient))))
     return metrics

@@ -127,10 +127,11 @@ class AlignmentCallback(keras.callbacks.Callback):
     Keys: `weight_angle/<layer>`, `delta_angle/<layer>`, `gradient_angle/<layer>` (degrees) and
     `norm_ratio/<layer>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them. They are
     measured on the fixed `probe` batch every `every` epochs (first at epoch 0) and are NaN in
-    the epochs between, so every epoch has the same keys.
+    the epochs between, so every epoch has the same keys. With `probe=None` only the weight
+    angles and norm ratios are written: they need no batch and no forward pass.
 
     Args:
-        probe: a batch `(x, y)`.
+        probe: a batch `(x, y)`, or `None`.
         every: measure every `every` epochs.
         loss: the loss of the deltas; defaults to the model's compiled loss.
     """
@@ -139,7 +140,7 @@ class AlignmentCallback(keras.callbacks.Callback):
         super().__init__()
         if every < 1:
             raise ValueError(f"every={every} must be >= 1")
-        self.x, self.y = probe
+        self.probe = probe
         self.every = int(every)
         self.loss = loss
         self._keys = None
@@ -148,7 +149,11 @@ class AlignmentCallback(keras.callbacks.Callback):
         if logs is None:
             return
         if epoch % self.every == 0 or self._keys is None:
-            metrics = alignment.alignment_metrics(self.model, self.x, self.y, loss=self.loss)
+            if self.probe is None:
+                metrics = alignment.weight_metrics(self.model)
+            else:
+                x, y = self.probe
+                metrics = alignment.alignment_metrics(self.model, x, y, loss=self.loss)
             self._keys = list(metrics)
         else:
             metrics = {key: np.nan for key in self._keys}

@@ -394,21 +394,14 @@ def create_mirror_callback(
     )
 
 
-class WeightAlignment(keras.callbacks.Callback):
+class WeightAlignment(callbacks_lib.AlignmentCallback):
     """Writes `weight_angle/<layer>` (degrees between `W` and the `B` its algorithm sends errors
-    through) and `norm_ratio/<layer>` (`‖B‖/‖W‖`) into `logs` at the end of every epoch.
+    through) and `norm_ratio/<layer>` (`‖B‖/‖W‖`) into `logs` at the end of every epoch: the
+    probe-free `keras_wt.callbacks.AlignmentCallback`, which only reads the variables and so is
+    cheap on any device."""
 
-    Unlike `keras_wt.callbacks.AlignmentCallback` it needs no probe batch and runs no model: it
-    only reads the variables, which is cheap on any device.
-    """
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        logs.update(
-            {f"weight_angle/{k}": v for k, v in alignment.weight_angles(self.model).items()}
-        )
-        logs.update({f"norm_ratio/{k}": v for k, v in alignment.norm_ratios(self.model).items()})
+    def __init__(self):
+        super().__init__(probe=None)
 
 
 # --------------------------------------------------------------------------------------------
