@@ -38,6 +38,7 @@ import gzip
 import logging
 import os
 import pickle
+import socket
 
 import numpy as np
 import tensorflow as tf
@@ -49,6 +50,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Searched after `data_dir` (see `_default_roots`, which tests replace).
 SYSTEM_DATA_DIR = "/usr/share/datasets"
 ENV_VAR = "KERAS_WT_DATA_DIR"
+
+# Where TensorFlow Datasets downloads from; reached or not within the timeout before TFDS is
+# asked for a dataset it has not prepared (its own retries take minutes offline).
+TFDS_SOURCE = ("storage.googleapis.com", 443)
+NETWORK_TIMEOUT_S = 3.0
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -326,10 +332,35 @@ def _load_local(name, data_dir):
     return None, tried
 
 
+def _network_reaches(address, timeout=NETWORK_TIMEOUT_S):
+    """Whether a TCP connection to `(host, port)` opens within `timeout` seconds."""
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _tfds_load(name, data_dir):
-    """Loads both splits with TensorFlow Datasets as numpy arrays (downloads if it can)."""
+    """Loads both splits with TensorFlow Datasets as numpy arrays (downloads if it can).
+
+    Raises `ConnectionError` at once when TFDS has not prepared the dataset and its download
+    source cannot be reached, instead of letting TFDS retry for minutes."""
     import tensorflow_datasets as tfds
 
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    finally:
+        absl_log.setLevel(level)
+    if not prepared and not _network_reaches(TFDS_SOURCE):
+        raise ConnectionError(
+            f"TFDS has no prepared copy in {builder.data_dir} and cannot reach its download "
+            f"source {TFDS_SOURCE[0]} (no network?)"
+        )
     splits = tfds.load(
         name, split=["train", "test"], data_dir=data_dir, batch_size=-1, as_supervised=True
     )

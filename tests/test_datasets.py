@@ -363,3 +363,20 @@ def test_imagenet_missing_files_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "_tfds_imagenet", tfds_fails)
     with pytest.raises(FileNotFoundError, match=r"validation-\*.*imagenet2012.*no network here"):
         datasets.imagenet(tmp_path, "validation", batch_size=2)
+
+
+def test_tfds_is_not_asked_to_download_when_its_source_is_unreachable(tmp_path, monkeypatch):
+    """Offline, TFDS would retry its download for minutes; the probe makes it fail at once."""
+    import tensorflow_datasets as tfds
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("tfds.load was called for a dataset it cannot download")
+
+    reaches, probed = datasets._network_reaches, []
+    monkeypatch.setattr(datasets, "_network_reaches", lambda address: probed.append(address))
+    monkeypatch.setattr(tfds, "load", must_not_download)
+    with pytest.raises(ConnectionError, match="cannot reach its download source"):
+        datasets._tfds_load("mnist", str(tmp_path / "tfds"))
+    assert probed == [datasets.TFDS_SOURCE]
+    # The probe itself: a port nothing listens on is unreachable, without waiting.
+    assert not reaches(("127.0.0.1", 9), timeout=1.0)
