@@ -8,6 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["keras_wt", "keras_wt.*"]),
+    py_modules=["keras_wt_cli"],
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",
@@ -21,7 +22,7 @@ setup(
     extras_require={"dev": ["pytest"]},
     entry_points={
         "console_scripts": [
-            "keras-wt-train=keras_wt.experiment:main",
+            "keras-wt-train=keras_wt_cli:main",
             "keras-wt-plot=keras_wt.plots:main",
         ]
     },

@@ -192,10 +192,11 @@ class Trainee:
         self.spec = spec
         self.variant = variant
         feedback = "bp" if variant == "keras" else variant
+        learns = keras_wt.algorithms.get(feedback).learns_feedback
         model = spec.build(feedback)
         if variant == "keras":
             model = stock_twin(model)
-        if variant == "kp":
+        if learns == "optimizer":
             optimizer = keras_wt.optimizers.KolenPollack(
                 keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM), weight_decay=WEIGHT_DECAY
             )
@@ -206,7 +207,7 @@ class Trainee:
         model.compile(optimizer=optimizer, loss=spec.loss(), jit_compile=jit_compile)
         self.model = model
         self.callback = None
-        if variant == "wm":
+        if learns == "mirror":
             self.callback = keras_wt.callbacks.MirrorCallback(
                 every=1,
                 steps=1,

@@ -24,11 +24,12 @@ model = keras.Sequential([
     wt.Dense(256, activation="relu", feedback=args.algo),
     wt.Dense(10, feedback=args.algo),
 ])
+learns = keras_wt.algorithms.get(args.algo).learns_feedback  # None, "optimizer" or "mirror"
 optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-if args.algo == "kp":  # W and B get identical updates and identical decay
+if learns == "optimizer":  # Kolen-Pollack: W and B get identical updates and identical decay
     optimizer = keras_wt.optimizers.KolenPollack(optimizer, weight_decay=1e-3)
 callbacks = []
-if args.algo == "wm":  # B learns from noise between training steps
+if learns == "mirror":  # weight mirror: B learns from noise between training steps
     callbacks.append(keras_wt.callbacks.MirrorCallback(learning_rate=0.05, noise_std=1.0, decay=1.0, warmup_steps=100))
 model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 model.fit(train, epochs=args.epochs, callbacks=callbacks)

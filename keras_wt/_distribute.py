@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from keras_wt._compat import merge_call
+
 
 def assign_on_every_replica(strategy, variables, values):
     """Assigns `values` to `variables` on every replica (each replica's own value, which the
@@ -16,4 +18,4 @@ def assign_on_every_replica(strategy, variables, values):
                 group=False,
             )
 
-    tf.__internal__.distribute.interim.maybe_merge_call(update, strategy, variables, values)
+    merge_call(update, strategy, variables, values)

@@ -58,7 +58,7 @@ def _loss_fn(model, loss):
     if loss is not None:
         loss = keras.losses.get(loss)
         return lambda x, y, y_pred: loss(y, y_pred)
-    if getattr(model, "_compile_loss", None) is None:
+    if getattr(model, "loss", None) is None:
         raise ValueError(
             "The model is not compiled with a loss: pass loss=... (for instance "
             "'sparse_categorical_crossentropy') to compute deltas."

@@ -126,8 +126,10 @@ class AlignmentCallback(keras.callbacks.Callback):
 
     Keys: `weight_angle/<layer>`, `delta_angle/<layer>`, `gradient_angle/<layer>` (degrees) and
     `norm_ratio/<layer>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them. They are
-    measured on the fixed `probe` batch every `every` epochs (first at epoch 0) and are NaN in
-    the epochs between, so every epoch has the same keys. With `probe=None` only the weight
+    measured on the fixed `probe` batch every `every` epochs (first at the first epoch) and at
+    the last epoch of `fit`, and are NaN in the epochs between, so every epoch has the same keys.
+    Put it before the callbacks that read `logs` (`CSVLogger`, `TensorBoard`, `ModelCheckpoint`
+    monitoring an angle): Keras calls callbacks in list order. With `probe=None` only the weight
     angles and norm ratios are written: they need no batch and no forward pass.
 
     Args:
@@ -148,7 +150,8 @@ class AlignmentCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        if epoch % self.every == 0 or self._keys is None:
+        last = epoch + 1 == (self.params or {}).get("epochs")
+        if epoch % self.every == 0 or last or self._keys is None:
             if self.probe is None:
                 metrics = alignment.weight_metrics(self.model)
             else:

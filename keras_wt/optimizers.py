@@ -2,11 +2,17 @@
 
 import keras
 import tensorflow as tf
-from keras.src.saving import serialization_lib
-from keras.src.utils import tracking
 
 from keras_wt import feedback as feedback_lib
 from keras_wt._distribute import assign_on_every_replica
+
+
+class _Pairs:
+    """Holds the `(W, B)` pairs of a `KolenPollack` optimizer out of Keras's attribute tracking:
+    they are the model's variables, not optimizer state to save (a plain object is not
+    tracked; a tuple of variables would be)."""
+
+    pairs = ()
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
@@ -69,8 +75,7 @@ class KolenPollack(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self.kp_weight_decay = weight_decay
-        with tracking.DotNotTrackScope():
-            self._kp_pairs = ()
+        self._kp = _Pairs()
 
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
@@ -80,15 +85,13 @@ class KolenPollack(keras.optimizers.Optimizer):
             layer = link() if link is not None else None
             if layer is not None and layer.algorithm.learns_feedback == "optimizer":
                 pairs.append((variable, layer.feedback_kernel))
-        # Untracked: W and B are the model's variables, not optimizer state to save.
-        with tracking.DotNotTrackScope():
-            self._kp_pairs = tuple(pairs)
+        self._kp.pairs = tuple(pairs)
         super().build(var_list)
 
     @property
     def kp_pairs(self):
         """The `(W, B)` variable pairs this optimizer keeps in step."""
-        return list(self._kp_pairs)
+        return list(self._kp.pairs)
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is not None:
@@ -101,7 +104,7 @@ class KolenPollack(keras.optimizers.Optimizer):
             trainable_variables = self._trainable_variables
         grads = list(grads)
         updated = {id(v) for v, g in zip(trainable_variables, grads) if g is not None}
-        pairs = [(w, b) for w, b in self._kp_pairs if id(w) in updated]
+        pairs = [(w, b) for w, b in self._kp.pairs if id(w) in updated]
 
         strategy = self._distribution_strategy
         # The learning rate of this step, read before the wrapped optimizer advances.
@@ -156,14 +159,14 @@ class KolenPollack(keras.optimizers.Optimizer):
     def get_config(self):
         return {
             "name": self.name,
-            "optimizer": serialization_lib.serialize_keras_object(self.inner_optimizer),
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "weight_decay": self.kp_weight_decay,
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        optimizer = serialization_lib.deserialize_keras_object(
+        optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )
         return cls(optimizer, **config)

@@ -24,7 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from keras_wt import experiment
+import keras_wt_cli as cli
+from keras_wt import runs as runs_lib
 from keras_wt.algorithms import ALGORITHMS, LONG_NAMES
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,14 @@ def collect_runs(save_dir, dataset, model=None):
         `keras_wt.ALGORITHMS`.
     """
     latest = {}
-    for run_dir in experiment.run_dirs(save_dir, dataset):
-        if not os.path.exists(os.path.join(run_dir, experiment.CONFIG_FILE)):
+    for run_dir in runs_lib.run_dirs(save_dir, dataset):
+        if not os.path.exists(os.path.join(run_dir, runs_lib.CONFIG_FILE)):
             continue
-        config, results = experiment.load_results(run_dir)
+        config, results = runs_lib.load_results(run_dir)
         if not results or (model is not None and config.get("model") != model):
             continue
         key = (config["algo"], config.get("model", "mlp"))
-        version = int(run_dir.rsplit("-V", 1)[1])
+        version = runs_lib.run_version(run_dir)
         if key not in latest or version > latest[key][0]:
             latest[key] = (version, {
                 "algo": key[0], "model": key[1], "run_dir": run_dir,
@@ -76,7 +77,7 @@ def _series(results, field, layer=None):
             value = (value or {}).get(layer)
         if value is None:
             continue
-        epochs.append(int(key.split("_", 1)[1]) + 1)
+        epochs.append(runs_lib.key_epoch(key))
         values.append(float(value))
     order = sorted(range(len(epochs)), key=epochs.__getitem__)
     return [epochs[i] for i in order], [values[i] for i in order]
@@ -199,7 +200,7 @@ def build_parser():
         prog="keras-wt-plot",
         description="Draw test accuracy, loss, weight angles and delta angles of the "
         "keras-wt-train runs of a dataset.",
-        formatter_class=experiment.HelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--save_dir", default="./experiments",
                         help="the --save_dir of the runs")
@@ -207,7 +208,7 @@ def build_parser():
                         help="datasets to plot (default: every dataset in --save_dir)")
     parser.add_argument("--figures_dir", default="figures",
                         help="figures go to <figures_dir>/<dataset>/")
-    parser.add_argument("--model", default=None, choices=experiment.MODELS,
+    parser.add_argument("--model", default=None, choices=cli.MODELS,
                         help="only the runs of this model; None: all, labelled by model when "
                         "there are several")
     return parser
@@ -224,13 +225,13 @@ def plot_from_flags(argv=None):
     if names is None:
         names = sorted(
             d for d in (os.listdir(args.save_dir) if os.path.isdir(args.save_dir) else [])
-            if d in experiment.DATASETS
+            if d in cli.DATASETS
         )
         if not names:
-            parser.error(f"no runs of {experiment.DATASETS} in --save_dir={args.save_dir!r}")
+            parser.error(f"no runs of {cli.DATASETS} in --save_dir={args.save_dir!r}")
     for name in names:
-        if name not in experiment.DATASETS:
-            parser.error(f"--dataset={name!r} is not one of {experiment.DATASETS}")
+        if name not in cli.DATASETS:
+            parser.error(f"--dataset={name!r} is not one of {cli.DATASETS}")
     paths = []
     for name in names:
         try:

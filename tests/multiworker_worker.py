@@ -22,7 +22,10 @@ import tensorflow as tf  # noqa: E402
 
 from keras_wt import layers as layers_lib  # noqa: E402
 from keras_wt import models  # noqa: E402
+from keras_wt import schedules  # noqa: E402
+from keras_wt import strategies  # noqa: E402
 from keras_wt import training  # noqa: E402
+from keras_wt._compat import multi_worker_fit  # noqa: E402
 
 BATCH_SIZE = 8  # global: 4 per worker
 STEPS = 3
@@ -42,7 +45,7 @@ def snapshot(model, suffix=""):
 
 def main(out_dir):
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    strategy = training.create_strategy("multiworker")
+    strategy = strategies.create_strategy("multiworker")
     rng = np.random.default_rng(100 + task)
     x = rng.normal(size=(64, 6)).astype("float32")
     y = rng.integers(0, 4, size=64)
@@ -69,22 +72,22 @@ def main(out_dir):
                 activation="relu", output_activation=None, initializer="he_normal", seed=1,
             )
             model.compile(
-                optimizer=training.create_optimizer(
+                optimizer=schedules.create_optimizer(
                     algo, LEARNING_RATE, momentum=0.9, weight_decay=WEIGHT_DECAY
                 ),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 jit_compile=False,
             )
-        training.prepare_for_multiworker(model)
         before = snapshot(model, suffix="0")
-        model.fit(
-            data,
-            epochs=1,
-            steps_per_epoch=STEPS,
-            callbacks=training.create_callbacks(model, config, strategy),
-            shuffle=False,
-            verbose=0,
-        )
+        with multi_worker_fit(model):
+            model.fit(
+                data,
+                epochs=1,
+                steps_per_epoch=STEPS,
+                callbacks=training.create_callbacks(model, config, strategy),
+                shuffle=False,
+                verbose=0,
+            )
         arrays = dict(before, **snapshot(model))
         arrays["iterations"] = np.asarray(int(model.optimizer.iterations.numpy()))
         np.savez(os.path.join(out_dir, f"{algo}-{task}.npz"), **arrays)

@@ -1,6 +1,10 @@
 """The `keras-wt-train` command line: flags, wiring of the reference configuration, outputs and
 exact resumption. Runs on a tiny MNIST-format dataset written into a temporary folder."""
 
+import subprocess
+import sys
+import time
+
 import gzip
 import json
 import math
@@ -12,10 +16,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_wt
+import keras_wt_cli as cli
 from conftest import assert_allclose
+from keras_wt import datasets
 from keras_wt import experiment
 from keras_wt import models
 from keras_wt import optimizers as wt_optimizers
+from keras_wt import pipelines
+from keras_wt import runs
+from keras_wt import training
 from keras_wt.algorithms import ALGORITHMS
 from keras_wt.callbacks import MirrorCallback
 
@@ -53,6 +63,16 @@ def tiny_flags(data_dir, save_dir, algo, *extra):
     ]
 
 
+def build_model(config, image_shape):
+    """The compiled model `keras-wt-train` trains for the flag dict `config`."""
+    train_config = experiment.train_config(config)
+    flatten = config["model"] == "mlp"
+    model = training.build_model(
+        train_config, (int(np.prod(image_shape)),) if flatten else image_shape)
+    training.compile_model(model, train_config, steps_per_epoch=10)
+    return model
+
+
 def read(run_dir, name):
     with open(os.path.join(run_dir, name), encoding="utf-8") as f:
         return json.load(f)
@@ -62,8 +82,9 @@ def read(run_dir, name):
 
 
 def test_reference_defaults():
-    config, explicit = experiment.parse_args([])
+    config, explicit = cli.parse_args([])
     assert explicit == set()
+    assert config["dataset"] == "fashion_mnist"  # on disk after script/up
     assert config["n_epochs"] == 400
     assert config["size_hidden_layers"] == [500]
     assert config["batch_size"] == 128
@@ -73,34 +94,63 @@ def test_reference_defaults():
     assert config["model"] == "mlp"
     published = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3}
     for algo in ALGORITHMS:
-        config, _ = experiment.parse_args(["--algo", algo])
+        config, _ = cli.parse_args(["--algo", algo])
         assert experiment.learning_rate(config) == published[algo]
-        config, _ = experiment.parse_args(["--algo", algo, "--learning_rate", "0.7"])
+        config, _ = cli.parse_args(["--algo", algo, "--learning_rate", "0.7"])
         assert experiment.learning_rate(config) == 0.7
+
+
+def test_help_and_flags_need_no_tensorflow():
+    """`keras-wt-train --help` answers before TensorFlow is imported (that takes seconds)."""
+    code = ("import sys, keras_wt_cli\n"
+            "try:\n    keras_wt_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--dataset" in out.stdout and "I0000" not in out.stderr + out.stdout
+
+
+def test_cli_names_agree_with_the_library():
+    assert cli.ALGORITHMS == keras_wt.ALGORITHMS
+    assert set(cli.DATASETS) <= set(datasets.NAMES) and set(cli.MODELS) <= set(models.BUILDERS)
+
+
+def test_progress_bar_only_on_a_terminal():
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    assert experiment.keras_verbose(1, Stream(True)) == 1
+    assert experiment.keras_verbose(1, Stream(False)) == 2  # no control codes in a file
+    assert [experiment.keras_verbose(v, Stream(False)) for v in (0, 2, 3)] == [0, 2, 2]
 
 
 def test_bad_flags():
     with pytest.raises(ValueError, match=r"--batch_size=0 .* >= 1"):
-        experiment.parse_args(["--batch_size", "0"])
+        cli.parse_args(["--batch_size", "0"])
     with pytest.raises(ValueError, match=r"--learning_rate=-0.1"):
-        experiment.parse_args(["--learning_rate", "-0.1"])
+        cli.parse_args(["--learning_rate", "-0.1"])
     with pytest.raises(ValueError, match=r"--size_hidden_layers=\[3, 4\].*cnn"):
-        experiment.parse_args(["--model", "cnn", "--size_hidden_layers", "3", "4"])
+        cli.parse_args(["--model", "cnn", "--size_hidden_layers", "3", "4"])
     with pytest.raises(SystemExit) as info:  # argparse: choices, and main() for ValueErrors
-        experiment.main(["--algo", "kpp"])
+        cli.main(["--algo", "kpp"])
     assert info.value.code == 2
     with pytest.raises(SystemExit):
-        experiment.main(["--n_epochs", "0"])
+        cli.main(["--n_epochs", "0"])
     with pytest.raises(SystemExit):
-        experiment.main(["--mirror_noise_std", "0.1", "--mirror_noise_amplitude", "0.1"])
+        cli.main(["--mirror_noise_std", "0.1", "--mirror_noise_amplitude", "0.1"])
 
 
 # --- the reference configuration, as the CLI builds it ---------------------------------------
 
 
 def test_reference_model_loss_optimizer_and_initialisation():
-    config, _ = experiment.parse_args(["--algo", "fa"])
-    model = experiment.build_model(config, (28, 28, 1), 10)
+    config, _ = cli.parse_args(["--algo", "fa"])
+    model = build_model(config, (28, 28, 1))
     # 784-500-10, sigmoid hidden and output units.
     hidden, classifier = model.get_layer("hidden_1"), model.get_layer("classifier")
     assert hidden.kernel.shape == (784, 500) and classifier.kernel.shape == (500, 10)
@@ -133,15 +183,15 @@ def test_reference_model_loss_optimizer_and_initialisation():
 
 
 def test_kp_uses_kolen_pollack_with_its_decay_and_cnn_uses_logits():
-    config, _ = experiment.parse_args(["--algo", "kp", "--kp_weight_decay", "0.001"])
-    model = experiment.build_model(config, (28, 28, 1), 10)
+    config, _ = cli.parse_args(["--algo", "kp", "--kp_weight_decay", "0.001"])
+    model = build_model(config, (28, 28, 1))
     assert isinstance(model.optimizer, wt_optimizers.KolenPollack)
     assert model.optimizer.kp_weight_decay == 0.001
     assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
     assert np.isclose(float(model.optimizer.learning_rate), 0.3)
-    config, _ = experiment.parse_args(["--model", "cnn", "--size_hidden_layers", "8",
+    config, _ = cli.parse_args(["--model", "cnn", "--size_hidden_layers", "8",
                                        "--cnn_filters", "2", "3"])
-    model = experiment.build_model(config, (28, 28, 1), 10)
+    model = build_model(config, (28, 28, 1))
     assert model.loss.from_logits
     assert model.get_layer("conv_2").kernel.shape[-1] == 3
     assert model.get_layer("hidden").kernel.shape[-1] == 8
@@ -152,15 +202,16 @@ def test_mirror_step_reproduces_the_published_step():
     """The published step is η·xᵀ·sigmoid(xW + b), summed over the noise batch; with
     sigmoid(z) ≈ 1/2 + z/4 its W-dependent part is (η/4)·xᵀ(xW). The CLI's MirrorCallback must
     take exactly that step, and the published uniform noise in [−0.05, 0.05)."""
-    config, _ = experiment.parse_args(["--algo", "wm", "--size_hidden_layers", "7"])
-    settings = experiment.mirror_settings(config, num_train=60000)
+    config, _ = cli.parse_args(["--algo", "wm", "--size_hidden_layers", "7"])
+    settings = experiment.mirror_settings(config)
     assert settings["learning_rate"] == pytest.approx(0.01 * 128 / 4)
     assert settings["noise_std"] == pytest.approx(0.05 / math.sqrt(3))
     assert settings["noise_distribution"] == "uniform"
-    assert settings["warmup_steps"] == 60000 // 128
+    assert settings["warmup_steps"] is None  # one pass over the data:
+    assert experiment.train_config(config).resolved_mirror_warmup_steps(60000) == 60000 // 128
     assert settings["decay"] == 0 and settings["every"] == 1 and settings["batch_size"] == 128
-    model = experiment.build_model(config, (28, 28, 1), 10)
-    callback = MirrorCallback(**settings)
+    model = build_model(config, (28, 28, 1))
+    callback = MirrorCallback(**dict(settings, warmup_steps=0))
     callback.set_model(model)
     callback._build()
     mirror = callback.mirror
@@ -176,9 +227,9 @@ def test_mirror_step_reproduces_the_published_step():
         assert_allclose(step, published_linear_step, rtol=1e-3,
                         atol=1e-3 * np.abs(published_linear_step).max())
     # The conversion follows the noise batch size, and Gaussian noise is available.
-    config, _ = experiment.parse_args(["--algo", "wm", "--mirror_batch_size", "32",
+    config, _ = cli.parse_args(["--algo", "wm", "--mirror_batch_size", "32",
                                        "--mirror_noise_std", "0.1"])
-    settings = experiment.mirror_settings(config, num_train=1000)
+    settings = experiment.mirror_settings(config)
     assert settings["learning_rate"] == pytest.approx(0.01 * 32 / 4)
     assert (settings["noise_std"], settings["noise_distribution"]) == (0.1, "normal")
 
@@ -188,7 +239,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     y = np.arange(10, dtype=np.int32)
 
     def labels(first_epoch, n_epochs):
-        ds = experiment.train_dataset(x, y, 4, seed=3, first_epoch=first_epoch,
+        ds = pipelines.train_dataset(x, y, 4, seed=3, first_epoch=first_epoch,
                                       n_epochs=n_epochs, flatten=True)
         return [b.numpy().tolist() for _, b in ds]
 
@@ -204,20 +255,23 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
-    run_dir = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
+    run_dir = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
     assert run_dir == os.path.join(str(tmp_path), "mnist", f"{algo}-V0")
     for name in ("experiment_config.json", "log.txt", "results.json", "model.keras",
-                 "checkpoint.keras", "checkpoint.json"):
+                 "history.csv", "backup/latest.weights.h5"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
-    events = os.path.join(run_dir, "tensorboard")
-    tags = set()
-    for name in os.listdir(events):
-        for record in tf.compat.v1.train.summary_iterator(os.path.join(events, name)):
-            tags.update(value.tag for value in record.summary.value)
-    assert {"loss", "test_accuracy", "weight_angle/hidden_1", "delta_angle/hidden_1"} <= tags
+    tags = {}
+    for split in ("train", "validation"):
+        events = os.path.join(run_dir, "tensorboard", split)
+        tags[split] = {value.tag for name in os.listdir(events) for record in
+                       tf.compat.v1.train.summary_iterator(os.path.join(events, name))
+                       for value in record.summary.value}
+    assert {"epoch_loss", "epoch_accuracy", "epoch_weight_angle/hidden_1",
+            "epoch_delta_angle/hidden_1"} <= tags["train"]
+    assert {"epoch_loss", "epoch_accuracy"} <= tags["validation"]
 
     config = read(run_dir, "experiment_config.json")
-    flags = set(vars(experiment.build_parser().parse_args([])))
+    flags = set(vars(cli.build_parser().parse_args([])))
     assert flags <= set(config) and config["algo"] == algo and config["n_epochs"] == 1
     assert config["derived"]["learning_rate"] == experiment.PUBLISHED_LEARNING_RATES[algo]
     if algo == "wm":
@@ -226,8 +280,8 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
         assert config["derived"]["mirror_warmup_steps"] == N_TRAIN // BATCH
 
     results = read(run_dir, "results.json")
-    assert list(results) == ["epoch_0"]
-    entry = results["epoch_0"]
+    assert list(results) == ["epoch_1"]
+    entry = results["epoch_1"]
     assert {"loss", "test_accuracy", "weight_angles", "delta_angles"} <= set(entry)
     assert set(entry["weight_angles"]) == set(entry["delta_angles"]) == {"hidden_1",
                                                                          "classifier"}
@@ -242,21 +296,22 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
     with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
         log = f.read()
     assert "epoch 1/1" in log and "test accuracy" in log
+    assert f"test accuracy {entry['test_accuracy']:.2f}%" in log  # percent, as in results.json
 
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
     assert model.get_layer("hidden_1").feedback == algo
     # A second run never overwrites the first.
-    assert experiment.new_run_dir(str(tmp_path), "mnist", algo).endswith(f"{algo}-V1")
+    assert runs.new_run_dir(str(tmp_path), "mnist", algo).endswith(f"{algo}-V1")
 
 
 @pytest.mark.parametrize("algo", ["wm", "kp"])
 def test_resume_continues_exactly(data_dir, tmp_path, algo):
     """2 epochs straight == 1 epoch, interrupted, then `--resume` to 2 epochs."""
-    straight = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2"))
-    interrupted = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
-    assert read(interrupted, "checkpoint.json")["epochs_completed"] == 1
+    straight = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2"))
+    interrupted = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
+    assert read(os.path.join(interrupted, "backup"), "training_metadata.json")["epoch"] == 1
     # Without a folder, --resume picks the latest run of the algorithm.
-    resumed = experiment.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2",
+    resumed = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2",
                                          "--resume"))
     assert resumed == interrupted
     a = keras.saving.load_model(os.path.join(straight, "model.keras"))
@@ -267,20 +322,20 @@ def test_resume_continues_exactly(data_dir, tmp_path, algo):
         np.testing.assert_array_equal(wa.numpy(), wb.numpy(), err_msg=wa.path)
     assert int(b.optimizer.iterations) == 2 * math.ceil(N_TRAIN / BATCH)
     results_a, results_b = read(straight, "results.json"), read(resumed, "results.json")
-    assert list(results_b) == ["epoch_0", "epoch_1"]
+    assert list(results_b) == ["epoch_1", "epoch_2"]
     for key in ("loss", "test_loss", "weight_angles", "delta_angles"):
-        assert results_a["epoch_1"][key] == pytest.approx(results_b["epoch_1"][key]), key
+        assert results_a["epoch_2"][key] == pytest.approx(results_b["epoch_2"][key]), key
     assert read(resumed, "experiment_config.json")["n_epochs"] == 2
 
 
 def test_resume_refuses_changed_flags(data_dir, tmp_path):
-    run_dir = experiment.new_run_dir(str(tmp_path), "mnist", "bp")
-    config, _ = experiment.parse_args(tiny_flags(data_dir, tmp_path, "bp"))
+    run_dir = runs.new_run_dir(str(tmp_path), "mnist", "bp")
+    config, _ = cli.parse_args(tiny_flags(data_dir, tmp_path, "bp"))
     with open(os.path.join(run_dir, "experiment_config.json"), "w") as f:
         json.dump(config, f)
-    config, explicit = experiment.parse_args(
+    config, explicit = cli.parse_args(
         tiny_flags(data_dir, tmp_path, "bp", "--batch_size", "8", "--resume", run_dir))
     with pytest.raises(ValueError, match="--batch_size=8 differs"):
         experiment.run(config, explicit)
     with pytest.raises(ValueError, match="not a run folder"):
-        experiment.run(*experiment.parse_args(["--resume", str(tmp_path)]))
+        experiment.run(*cli.parse_args(["--resume", str(tmp_path)]))

@@ -17,7 +17,7 @@ def fake_run(save_dir, algo, version, n_epochs=3, model="mlp", accuracy=80.0):
     with open(os.path.join(run_dir, "experiment_config.json"), "w") as f:
         json.dump({"algo": algo, "dataset": "fashion_mnist", "model": model}, f)
     results = {
-        f"epoch_{j}": {
+        f"epoch_{j + 1}": {  # epochs count from 1
             "loss": 1.0 / (j + 1),
             "test_accuracy": accuracy + j,
             "weight_angles": {"hidden_1": 60.0 - j, "classifier": 40.0 - j},

@@ -1,4 +1,5 @@
-"""The ImageNet trainer: schedule, weight decay, mirror rates, data, distribution, resuming.
+"""The trainer (`keras_wt.training.train`) as the ImageNet front end uses it: schedule, weight
+decay, mirror rates, data, distribution, resuming.
 
 The expensive checks share one set of tiny ImageNet-layout TFRecords and the session's
 two-CPU MirroredStrategy:
@@ -25,6 +26,9 @@ from conftest import assert_allclose
 from keras_wt import datasets
 from keras_wt import layers as layers_lib
 from keras_wt import models
+from keras_wt import pipelines
+from keras_wt import schedules
+from keras_wt import strategies
 from keras_wt import training
 
 NUM_CLASSES = 10
@@ -70,8 +74,9 @@ def imagenet_dir(tmp_path_factory):
 
 
 def test_step_schedule_warms_up_then_decays_tenfold():
-    schedule = training.learning_rate_schedule(
-        batch_size=1024, steps_per_epoch=10, epochs=90, warmup_epochs=5, decay_epochs=(30, 60, 80)
+    schedule = schedules.learning_rate_schedule(
+        schedules.peak_learning_rate(1024), steps_per_epoch=10, epochs=90, warmup_epochs=5,
+        decay_epochs=(30, 60, 80),
     )
     peak = 0.1 * 1024 / 256
     expected = {0: peak / 50, 24: peak * 25 / 50, 49: peak, 50: peak, 299: peak,
@@ -81,14 +86,14 @@ def test_step_schedule_warms_up_then_decays_tenfold():
 
 
 def test_cosine_schedule_reaches_zero_at_the_last_epoch():
-    schedule = training.learning_rate_schedule(
-        batch_size=256, steps_per_epoch=10, epochs=90, schedule="cosine", warmup_epochs=5
+    schedule = schedules.learning_rate_schedule(
+        0.1, steps_per_epoch=10, epochs=90, schedule="cosine", warmup_epochs=5
     )
     assert float(schedule(49)) == pytest.approx(0.1)
     midpoint = 50 + (900 - 50) // 2
     assert float(schedule(midpoint)) == pytest.approx(0.05, rel=1e-5)
     assert float(schedule(900)) == pytest.approx(0.0, abs=1e-9)
-    restored = training.WarmupSchedule.from_config(schedule.get_config())
+    restored = schedules.WarmupSchedule.from_config(schedule.get_config())
     assert float(restored(123)) == float(schedule(123))
 
 
@@ -102,9 +107,9 @@ def _dense_bn_model(feedback):
 def test_weight_decay_shrinks_kernels_only_by_lr_times_decoupled_decay():
     model = _dense_bn_model("fa")
     lr, wd, momentum = 0.5, 1e-2, 0.9
-    decay = training.decoupled_weight_decay(wd, momentum)
+    decay = schedules.decoupled_weight_decay(wd, momentum)
     assert decay == pytest.approx(0.1)
-    optimizer = training.create_optimizer("fa", lr, momentum=momentum, weight_decay=wd)
+    optimizer = schedules.create_optimizer("fa", lr, momentum=momentum, weight_decay=wd)
     for variable in model.trainable_variables:  # give biases, gamma and beta non-zero values
         variable.assign(variable + 0.5)
     before = [v.numpy() for v in model.trainable_variables]
@@ -121,7 +126,7 @@ def test_weight_decay_shrinks_kernels_only_by_lr_times_decoupled_decay():
 def test_kolen_pollack_optimizer_decays_w_and_b_identically():
     model = _dense_bn_model("kp")
     lr = 0.5
-    optimizer = training.create_optimizer("kp", lr, momentum=0.9, weight_decay=1e-2)
+    optimizer = schedules.create_optimizer("kp", lr, momentum=0.9, weight_decay=1e-2)
     assert isinstance(optimizer, keras_wt.optimizers.KolenPollack)
     assert optimizer.kp_weight_decay == pytest.approx(0.1)
     assert not optimizer.inner_optimizer.weight_decay
@@ -136,15 +141,15 @@ def test_kolen_pollack_optimizer_decays_w_and_b_identically():
         assert_allclose(variable.numpy(), factor * old, rtol=1e-6)
     for layer, old in zip(layers_lib.feedback_layers(model), feedback):
         assert_allclose(layer.feedback_kernel.numpy(), (1 - lr * 0.1) * old, rtol=1e-6)
-    assert training.create_optimizer("bp", 0.1, weight_decay=0).weight_decay is None
+    assert schedules.create_optimizer("bp", 0.1, weight_decay=0).weight_decay is None
 
 
 def test_jit_compile_follows_the_strategy():
-    assert training.jit_compile_for("default") is True
+    assert strategies.jit_compile_for("default") is True
     for name in ("tpu", "mirrored", "multiworker"):
-        assert training.jit_compile_for(name) is False
+        assert strategies.jit_compile_for(name) is False
     with pytest.raises(ValueError, match="strategy='gpu' is not one of"):
-        training.jit_compile_for("gpu")
+        strategies.jit_compile_for("gpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +184,7 @@ def test_default_mirror_brings_every_b_to_w_scale():
 
 def test_weight_alignment_writes_angles_for_every_layer():
     model = _dense_bn_model("ss")
-    callback = training.WeightAlignment()
+    callback = keras_wt.callbacks.AlignmentCallback(probe=None)
     callback.set_model(model)
     logs = {}
     callback.on_epoch_end(0, logs)
@@ -201,7 +206,7 @@ def test_weight_alignment_writes_angles_for_every_layer():
 def test_evaluation_batches_are_padded_with_zero_weights():
     images = tf.reshape(tf.range(5 * 2 * 2 * 3, dtype=tf.float32), (5, 2, 2, 3))
     ds = tf.data.Dataset.from_tensor_slices((images, tf.constant([0, 1, 2, 0, 1])))
-    batches = list(training.pad_to_batches(ds, 4, num_classes=3))
+    batches = list(pipelines.pad_to_batches(ds, 4, num_classes=3))
     assert len(batches) == 2
     x, y, w = batches[1]
     assert x.shape == (4, 2, 2, 3) and y.shape == (4, 3)
@@ -221,28 +226,36 @@ def test_flags_map_to_the_config():
     assert config.model == "resnet50" and config.algo == "kp"
     assert config.decay_epochs == (30, 60, 80) and config.schedule == "cosine"
     assert config.resolved_dtype == "mixed_bfloat16"
-    assert config.resolved_steps_per_epoch == 1281167 // 1024
-    assert config.zero_init_residual is False and config.steps_per_execution == 200
+    assert config.resolved_steps_per_epoch(1281167) == 1281167 // 1024
+    assert config.model_options == {"zero_init_residual": False}
+    assert config.steps_per_execution == 200 and config.learning_rate == pytest.approx(0.4)
     assert config.epochs == 90 and config.weight_decay == 1e-4 and config.momentum == 0.9
     with pytest.raises(SystemExit):
         cli.parse_flags(["--strategy=default"])  # neither --data_dir nor --use_synthetic_data
 
 
-def test_callbacks_restore_before_mirroring_and_log_after_measuring(tmp_path):
+def test_callbacks_measure_before_logging_and_back_up_last(tmp_path):
     config = training.TrainConfig(
         model="cnn", algo="wm", use_synthetic_data=True, model_dir=str(tmp_path),
         mirror_warmup_steps=0,
     )
     model = models.cnn(input_shape=(8, 8, 3), num_classes=4, feedback="wm")
-    callbacks = training.create_callbacks(model, config, tf.distribute.get_strategy())
+    extra = keras.callbacks.Callback()
+    callbacks = training.create_callbacks(
+        model, config, tf.distribute.get_strategy(), extra=[extra]
+    )
     kinds = [type(cb).__name__ for cb in callbacks]
-    assert kinds[0] == "BackupAndRestore"
-    assert kinds.index("WeightAlignment") > kinds.index("MirrorCallback")
-    assert kinds.index("CSVLogger") > kinds.index("WeightAlignment")
-    assert kinds.index("ModelCheckpoint") > kinds.index("WeightAlignment")
-    assert ("TensorBoard" in kinds) == training.tensorboard_available()
-    if "TensorBoard" in kinds:
-        assert kinds.index("TensorBoard") > kinds.index("WeightAlignment")
+    # The mirror and the alignment write before anything reads `logs`; the backup of an epoch
+    # is written after everything else of the epoch (the user's callbacks included).
+    assert kinds.index("AlignmentCallback") > kinds.index("MirrorCallback")
+    for reader in ("ResultsRecorder", "CSVLogger", "TensorBoard", "ModelCheckpoint"):
+        assert kinds.index(reader) > kinds.index("AlignmentCallback"), reader
+    assert kinds[-1] == "BackupAndRestore" and callbacks[-2] is extra
+    config = dataclasses.replace(config, algo="kp", keep_checkpoints=False)
+    model = models.cnn(input_shape=(8, 8, 3), num_classes=4, feedback="kp")
+    kinds = [type(cb).__name__ for cb in training.create_callbacks(
+        model, config, tf.distribute.get_strategy())]
+    assert "MirrorCallback" not in kinds and "ModelCheckpoint" not in kinds
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +295,7 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
     config = training.TrainConfig(
         model="resnet18", algo="kp", data_dir=imagenet_dir, image_size=IMAGE_SIZE,
         num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=2,
-        warmup_epochs=1, decay_epochs=(1,), lr_per_256=3.2, weight_decay=0.01,
+        warmup_epochs=1, decay_epochs=(1,), learning_rate=0.1, weight_decay=0.01,
     )
     with strategy.scope():
         model = _mixed_resnet18()
@@ -319,13 +332,13 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
     mirror.on_train_begin()
     assert mirror.mirror.layers == layers["wm"]
 
-    train_data, _ = training.imagenet_datasets(
+    train_data, _ = pipelines.imagenet_datasets(
         imagenet_dir, BATCH, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES
     )
     iterator = iter(strategy.experimental_distribute_dataset(train_data))
     stored = layers["fa"] + layers["wm"] + layers["kp"]
     initial_b = {layer.name: layer.feedback_kernel.numpy() for layer in stored}
-    decay = training.decoupled_weight_decay(config.weight_decay, config.momentum)
+    decay = schedules.decoupled_weight_decay(config.weight_decay, config.momentum)
     for step in range(steps):
         images, labels = next(iterator)
         if step == 0:  # the replica's XLA gradients equal TensorFlow's, for every algorithm
@@ -381,14 +394,15 @@ def test_trainer_runs_on_tfrecords_under_mirrored_strategy(
          "--mirror_warmup_steps=2", "--mirror_batch_size=8", "--verbose=0"]
     )
     # A small network keeps this fast; a ResNet-18 trains on these files in the test above.
-    config = dataclasses.replace(config, model="cnn")
+    config = dataclasses.replace(config, model="cnn", model_options={})
     model, history = training.train(config, strategy=two_cpu_strategy)
     logs = {k: v[-1] for k, v in history.history.items()}
-    for key in ("loss", "top1", "top5", "val_loss", "val_top1", "val_top5"):
+    for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy",
+                "val_top5_accuracy"):
         assert np.isfinite(logs[key]), key
     # The 20 validation images come in batches of 8 padded to full size; the padding must not
     # count: evaluation equals top-1/top-5 computed by hand over the 20 images.
-    _, evaluation = training.imagenet_datasets(
+    _, evaluation = pipelines.imagenet_datasets(
         imagenet_dir, BATCH, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES
     )
     measured = model.evaluate(evaluation, return_dict=True, verbose=0)
@@ -398,9 +412,9 @@ def test_trainer_runs_on_tfrecords_under_mirrored_strategy(
     logits = model.predict(np.stack(images), verbose=0)
     ranks = np.argsort(-logits, axis=1)
     assert len(labels) == 20
-    assert measured["top1"] == pytest.approx(np.mean(ranks[:, 0] == labels), abs=1e-6)
-    assert measured["top5"] == pytest.approx(
-        np.mean([label in row[:5] for label, row in zip(labels, ranks)]), abs=1e-6
+    assert measured["accuracy"] == pytest.approx(100 * np.mean(ranks[:, 0] == labels), abs=1e-4)
+    assert measured["top5_accuracy"] == pytest.approx(
+        100 * np.mean([label in row[:5] for label, row in zip(labels, ranks)]), abs=1e-4
     )
     for layer in layers_lib.feedback_layers(model):
         assert f"weight_angle/{layer.name}" in logs
@@ -410,12 +424,18 @@ def test_trainer_runs_on_tfrecords_under_mirrored_strategy(
     assert os.path.exists(tmp_path / "backup" / "latest.weights.h5")
     with open(tmp_path / "history.csv") as f:
         header = f.readline()
-    assert "val_top5" in header and "weight_angle/classifier" in header
+    assert "val_top5_accuracy" in header and "weight_angle/classifier" in header
     # TensorBoard (a dependency in setup.py) gets the angles and the learning rate too.
-    (events,) = (tmp_path / "logs" / "train").iterdir()
+    (events,) = (tmp_path / "tensorboard" / "train").iterdir()
     tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
     assert {"epoch_weight_angle/classifier", "epoch_norm_ratio/conv_1", "epoch_learning_rate",
-            "epoch_top5"} <= tags
+            "epoch_top5_accuracy"} <= tags
+
+
+def _feedback_kernels(model):
+    """`{layer_name: B}` of every stored feedback kernel of `model`."""
+    return {layer.name: layer.feedback_kernel.numpy()
+            for layer in layers_lib.feedback_layers(model) if layer.feedback_kernel is not None}
 
 
 class _Preempt(keras.callbacks.Callback):
@@ -441,8 +461,8 @@ def test_resumed_run_continues_exactly(algo, tmp_path):
          "--weight_decay=0.01", "--mirror_warmup_steps=2", "--mirror_batch_size=32",
          "--mirror_learning_rate=0.3", "--verbose=0"]
     )
-    config = dataclasses.replace(config, model="cnn")
-    assert training.jit_compile_for(config.strategy)  # the whole step under XLA
+    config = dataclasses.replace(config, model="cnn", model_options={})
+    assert strategies.jit_compile_for(config.strategy)  # the whole step under XLA
     uninterrupted, _ = training.train(config, callbacks=[_Preempt(run, preempted, epoch=1)])
     resumed, history = training.train(dataclasses.replace(config, model_dir=preempted))
 
@@ -454,8 +474,8 @@ def test_resumed_run_continues_exactly(algo, tmp_path):
         assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
     for a, b in zip(uninterrupted.optimizer.variables, resumed.optimizer.variables):
         assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
-    feedback = training.feedback_kernels(resumed)
+    feedback = _feedback_kernels(resumed)
     assert feedback
-    initial = training.feedback_kernels(training.build_model(config))
+    initial = _feedback_kernels(training.build_model(config, (12, 12, 3)))
     for name, value in feedback.items():  # B learned, so restoring it mattered
         assert np.abs(value - initial[name]).max() > 1e-4, name

@@ -17,9 +17,12 @@ Restarting the same command with the same --model_dir resumes from the last comp
 """
 
 import argparse
+import dataclasses
 import logging
 import sys
 
+from keras_wt import schedules
+from keras_wt import strategies
 from keras_wt import training
 
 
@@ -28,14 +31,16 @@ def _ints_or_floats(text):
 
 
 def flag_parser():
-    """The command-line flags; every one maps to the `TrainConfig` field of the same name."""
-    d = training.TrainConfig.__dataclass_fields__
+    """The command-line flags; each maps to the `TrainConfig` field of the same name, except
+    `--lr_per_256` (the peak `learning_rate` is `lr_per_256 · batch_size / 256`) and
+    `--zero_init_residual` (an option of the ResNet builders)."""
+    d = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("hardware")
-    g.add_argument("--strategy", choices=training.STRATEGIES, default="default",
+    g.add_argument("--strategy", choices=strategies.STRATEGIES, default="default",
                    help="tpu: TPUStrategy; mirrored: the GPUs of this machine; multiworker: "
                    "MultiWorkerMirroredStrategy from TF_CONFIG; default: one device.")
     g.add_argument("--tpu", default=None,
@@ -57,14 +62,14 @@ def flag_parser():
                    help="train and evaluate on one random batch (speed and smoke runs).")
     g.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet18",
                    help="ResNet v1.5 network.")
-    g.add_argument("--algo", choices=training.algorithms.ALGORITHMS, default="bp",
+    g.add_argument("--algo", choices=training.ALGORITHMS, default="bp",
                    help="bp: backprop; fa: feedback alignment; ss: sign symmetry; wm: weight "
                    "mirror; kp: Kolen-Pollack.")
     g.add_argument("--image_size", type=int, default=224, help="side of the square crops.")
     g.add_argument("--num_classes", type=int, default=1000,
                    help="classes (labels 1..num_classes in the files).")
     g.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction,
-                   default=d["zero_init_residual"].default,
+                   default=True,
                    help="start the last batch-norm scale of every residual block at 0.")
     g.add_argument("--model_dir", default=None,
                    help="checkpoints, backup for resuming, TensorBoard logs, history.csv.")
@@ -81,7 +86,7 @@ def flag_parser():
                    "no evaluation).")
     g.add_argument("--lr_per_256", type=float, default=0.1,
                    help="peak learning rate per 256 images, scaled linearly with batch_size.")
-    g.add_argument("--schedule", choices=training.SCHEDULES, default="step",
+    g.add_argument("--schedule", choices=schedules.SCHEDULES, default="step",
                    help="after the warm-up: x0.1 at --decay_epochs, or a cosine to 0.")
     g.add_argument("--warmup_epochs", type=float, default=5.0,
                    help="epochs of linear learning-rate warm-up.")
@@ -96,19 +101,19 @@ def flag_parser():
                    help="label smoothing of the cross-entropy.")
 
     g = p.add_argument_group("weight mirror (--algo=wm)")
-    g.add_argument("--mirror_learning_rate", type=float, default=d["mirror_learning_rate"].default,
+    g.add_argument("--mirror_learning_rate", type=float, default=d["mirror_learning_rate"],
                    help="fraction of the way to B's target covered per mirror step.")
-    g.add_argument("--mirror_noise_std", type=float, default=d["mirror_noise_std"].default,
+    g.add_argument("--mirror_noise_std", type=float, default=d["mirror_noise_std"],
                    help="standard deviation of the mirror noise.")
-    g.add_argument("--mirror_decay", type=float, default=d["mirror_decay"].default,
+    g.add_argument("--mirror_decay", type=float, default=d["mirror_decay"],
                    help="B tends to (noise_std**2 / mirror_decay) * W.")
-    g.add_argument("--mirror_every", type=int, default=d["mirror_every"].default,
+    g.add_argument("--mirror_every", type=int, default=d["mirror_every"],
                    help="mirror after every N training steps.")
-    g.add_argument("--mirror_steps", type=int, default=d["mirror_steps"].default,
+    g.add_argument("--mirror_steps", type=int, default=d["mirror_steps"],
                    help="mirror steps each time.")
-    g.add_argument("--mirror_batch_size", type=int, default=d["mirror_batch_size"].default,
+    g.add_argument("--mirror_batch_size", type=int, default=d["mirror_batch_size"],
                    help="noise examples per layer and mirror step (all replicas together).")
-    g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"].default,
+    g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"],
                    help="mirror steps before the first training step.")
 
     g = p.add_argument_group("logging")
@@ -123,12 +128,15 @@ def flag_parser():
 
 def parse_flags(argv=None):
     """Parses `argv` (default: `sys.argv[1:]`) into a `keras_wt.training.TrainConfig`."""
-    args = flag_parser().parse_args(argv)
-    kwargs = vars(args)
+    kwargs = vars(flag_parser().parse_args(argv))
     if kwargs["mirrored_devices"]:
         kwargs["mirrored_devices"] = tuple(kwargs["mirrored_devices"].split(","))
+    kwargs["learning_rate"] = schedules.peak_learning_rate(
+        kwargs["batch_size"], kwargs.pop("lr_per_256")
+    )
+    kwargs["model_options"] = {"zero_init_residual": kwargs.pop("zero_init_residual")}
     try:
-        return training.TrainConfig(**kwargs)
+        return training.TrainConfig(dataset="imagenet", **kwargs)
     except ValueError as e:
         flag_parser().error(str(e))
 

@@ -1,0 +1,82 @@
+"""Every use of a private TensorFlow or Keras internal, each with the reason no public API serves.
+
+Nothing else in keras_wt reaches into `keras.src` or `tf.__internal__`. Each entry names the
+upstream issue it works around and the versions it was checked against; each is scoped to
+keras_wt's own objects or to the duration of a call, never patched into the process for good.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+# The Keras 3 releases whose multi-worker `fit` needs `multi_worker_fit` (checked on 3.15).
+_KERAS_MULTIWORKER_BUG = tuple(int(p) for p in keras.__version__.split(".")[:2]) >= (3, 0)
+
+
+def merge_call(fn, strategy, *args):
+    """Runs `fn(strategy, *args)` in the cross-replica context, from a replica context or from
+    outside any (`tf.__internal__.distribute.interim.maybe_merge_call`). The public
+    `ReplicaContext.merge_call` fails outside a replica context, and Keras's own optimizers use
+    this same internal for their variable updates."""
+    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` spans several worker processes (the test Keras's trainer uses)."""
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+@contextlib.contextmanager
+def multi_worker_fit(model):
+    """Inside this context `model.fit`/`evaluate` work under a multi-worker
+    `MultiWorkerMirroredStrategy`; a no-op under any other strategy or Keras version.
+
+    Keras 3's `fit` fails there in two places (keras-team/keras#20585,
+    tensorflow/tensorflow#72388):
+
+    1. Before training Keras builds the model on one sample batch that it averages over the
+       replicas with `strategy.reduce("MEAN", (x, y))`, which fails on the tuple. Only the
+       batch's shapes and dtypes matter there, so this model (only this instance) is built on
+       this worker's first replica's share.
+    2. Every step Keras averages the replicas' loss and metrics with
+       `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars. Keras's
+       `reduce_per_replica` is replaced, for the duration of the context only, by one that
+       averages multi-worker values with `axis=None` (other strategies pass through).
+    """
+    strategy = model.distribute_strategy
+    if not (_KERAS_MULTIWORKER_BUG and is_multi_worker(strategy)):
+        yield model
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def local_share(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(local_share, next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and is_multi_worker(strategy):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield model
+    finally:
+        tf_trainer.reduce_per_replica = original
+        del model._maybe_symbolic_build

@@ -1,0 +1,123 @@
+"""The training and evaluation pipelines of `keras_wt.training.train`.
+
+* Small datasets held in memory (MNIST, Fashion-MNIST, CIFAR-10): every epoch's order is a
+  function of `(seed, epoch)` only (`epoch_permutation`), so a resumed run sees exactly the
+  batches the uninterrupted run would have seen.
+* ImageNet TFRecords: endless augmented training batches, and an evaluation pass padded to full
+  batches with zero-weight examples so that every validation image counts once with the static
+  shapes TPUs need.
+"""
+
+import tensorflow as tf
+
+from keras_wt import datasets
+
+EVAL_BATCH_SIZE = 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Small datasets in memory
+# --------------------------------------------------------------------------------------------
+
+
+def scale_images(images, flatten):
+    """uint8 images to float32 in [0, 1], flattened to vectors when `flatten`."""
+    images = tf.cast(images, tf.float32) / 255.0
+    if flatten:
+        images = tf.reshape(images, [tf.shape(images)[0], -1])
+    return images
+
+
+def epoch_permutation(num_examples, seed, epoch):
+    """The order of the training examples in `epoch`: a function of `(seed, epoch)` only, so
+    a resumed run sees the batches the uninterrupted run would have seen."""
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.argsort(tf.random.stateless_uniform([num_examples], key))
+
+
+def train_dataset(x, y, batch_size, seed, first_epoch, n_epochs, flatten):
+    """Batches of epochs `first_epoch .. n_epochs − 1`, each shuffled by `epoch_permutation`;
+    `ceil(N / batch_size)` batches per epoch, the last one smaller."""
+    x, y = tf.constant(x), tf.constant(y)
+    n = int(x.shape[0])
+
+    def epoch(e):
+        return tf.data.Dataset.from_tensor_slices(epoch_permutation(n, seed, e)).batch(batch_size)
+
+    ds = tf.data.Dataset.range(first_epoch, n_epochs).flat_map(epoch)
+    ds = ds.map(lambda i: (scale_images(tf.gather(x, i), flatten), tf.gather(y, i)))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def test_dataset(x, y, flatten, batch_size=EVAL_BATCH_SIZE):
+    """The test split in order, in batches of `batch_size`."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    return ds.map(lambda a, b: (scale_images(a, flatten), b)).prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet
+# --------------------------------------------------------------------------------------------
+
+
+def pad_to_batches(dataset, batch_size, num_classes):
+    """Batches single `(image, label)` examples into `(images, one_hot, weights)` batches of
+    exactly `batch_size`: the last batch is padded with zero images of weight 0, so every example
+    counts once and every batch has the static shape TPUs need."""
+
+    def pad(images, labels):
+        n = tf.shape(labels)[0]
+        missing = batch_size - n
+        images = tf.pad(images, [[0, missing]] + [[0, 0]] * (len(images.shape) - 1))
+        one_hot = tf.pad(tf.one_hot(labels, num_classes), [[0, missing], [0, 0]])
+        weights = tf.pad(tf.ones([n], tf.float32), [[0, missing]])
+        images = tf.ensure_shape(images, [batch_size] + list(images.shape[1:]))
+        return images, tf.ensure_shape(one_hot, [batch_size, num_classes]), tf.ensure_shape(
+            weights, [batch_size]
+        )
+
+    return dataset.batch(batch_size).map(pad, tf.data.AUTOTUNE)
+
+
+def imagenet_datasets(
+    data_dir,
+    batch_size,
+    image_size=224,
+    num_classes=1000,
+    use_synthetic_data=False,
+    seed=None,
+):
+    """The training and evaluation datasets of the trainer.
+
+    Training: endless batches `(images, one_hot_labels)` of `batch_size` with the ImageNet
+    augmentation (`keras_wt.datasets.imagenet`). Evaluation: one pass over the validation split in
+    batches `(images, one_hot_labels, weights)`, padded to full batches (`pad_to_batches`). With
+    `use_synthetic_data` both are endless repetitions of one random batch (for speed runs and
+    smoke tests; give the number of evaluation steps).
+    """
+    if use_synthetic_data:
+        train = datasets.imagenet(
+            None, "train", batch_size, image_size=image_size, use_synthetic_data=True,
+            num_classes=num_classes, seed=seed,
+        )
+        evaluation = datasets.imagenet(
+            None, "validation", batch_size, image_size=image_size, use_synthetic_data=True,
+            num_classes=num_classes, seed=None if seed is None else seed + 1,
+        )
+        evaluation = evaluation.map(
+            lambda x, y: (x, tf.one_hot(y, num_classes), tf.ones([batch_size], tf.float32))
+        )
+    else:
+        train = datasets.imagenet(
+            data_dir, "train", batch_size, image_size=image_size, training=True,
+            drop_remainder=True, num_classes=num_classes, seed=seed,
+        ).repeat()
+        evaluation = datasets.imagenet(
+            data_dir, "validation", None, image_size=image_size, training=False,
+            num_classes=num_classes,
+        )
+        evaluation = pad_to_batches(evaluation, batch_size, num_classes).prefetch(
+            tf.data.AUTOTUNE
+        )
+    train = train.map(lambda x, y: (x, tf.one_hot(y, num_classes)), tf.data.AUTOTUNE)
+    return train, evaluation

@@ -1,0 +1,180 @@
+"""Learning-rate schedules and the SGD recipe of the trainer.
+
+* `WarmupSchedule`, `learning_rate_schedule`: a peak rate (for ImageNet 0.1 per 256 images,
+  scaled linearly with the global batch), a linear warm-up, then a constant rate, a step decay
+  (x0.1 at epochs 30, 60, 80) or a cosine decay to 0.
+* `decoupled_weight_decay`: the decoupled decay equivalent to an L2 coefficient under momentum.
+* `create_optimizer`: SGD with momentum and decoupled weight decay of the kernels only; for an
+  algorithm whose `B` learns through the optimizer (`kp`) the same decay of `W` and `B` through
+  `keras_wt.optimizers.KolenPollack`.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from keras_wt import algorithms
+from keras_wt import optimizers as optimizers_lib
+
+SCHEDULES = ("constant", "step", "cosine")
+
+# Variables that are never decayed: biases, batch-norm scale and offset. Feedback kernels are not
+# trainable (the optimizer never sees them); the name is listed so that this stays true if a
+# model ever makes them trainable.
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "feedback_kernel")
+
+
+def peak_learning_rate(batch_size, lr_per_256=0.1):
+    """`lr_per_256 · batch_size / 256`: the linear scaling rule of Goyal et al. (2017)."""
+    return lr_per_256 * batch_size / 256.0
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warm-up to `peak_learning_rate`, then a step or cosine decay.
+
+    At step `t` (0-based, the number of updates already made):
+
+    * `t < warmup_steps`: `peak · (t + 1) / warmup_steps`;
+    * `"constant"`: `peak`;
+    * `"step"`: `peak · decay_rate^k`, `k` the number of `boundaries` that are `<= t`;
+    * `"cosine"`: `peak · ½(1 + cos(π·p))`, `p = (t − warmup_steps) / (total_steps −
+      warmup_steps)` clipped to `[0, 1]`.
+
+    Args:
+        peak_learning_rate: the learning rate at the end of the warm-up.
+        warmup_steps: steps of linear warm-up (0: none).
+        decay: `"constant"`, `"step"` or `"cosine"`.
+        boundaries: for `"step"`: the steps at which the rate is multiplied by `decay_rate`.
+        decay_rate: for `"step"`.
+        total_steps: for `"cosine"`: the step at which the rate reaches 0.
+    """
+
+    def __init__(
+        self,
+        peak_learning_rate,
+        warmup_steps=0,
+        decay="step",
+        boundaries=(),
+        decay_rate=0.1,
+        total_steps=None,
+    ):
+        if decay not in SCHEDULES:
+            raise ValueError(f"decay={decay!r} is not one of {SCHEDULES}")
+        if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+            raise ValueError(
+                f"A cosine decay needs total_steps > warmup_steps; got total_steps={total_steps}"
+                f", warmup_steps={warmup_steps}."
+            )
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.warmup_steps = int(warmup_steps)
+        self.decay = decay
+        self.boundaries = tuple(int(b) for b in boundaries)
+        self.decay_rate = float(decay_rate)
+        self.total_steps = None if total_steps is None else int(total_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        peak = tf.constant(self.peak_learning_rate, tf.float32)
+        if self.decay == "constant":
+            decayed = peak
+        elif self.decay == "step":
+            k = tf.zeros([], tf.float32)
+            for boundary in self.boundaries:
+                k += tf.cast(step >= boundary, tf.float32)
+            decayed = peak * tf.pow(tf.constant(self.decay_rate, tf.float32), k)
+        else:
+            span = float(self.total_steps - self.warmup_steps)
+            progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+            decayed = 0.5 * peak * (1.0 + tf.cos(math.pi * progress))
+        if not self.warmup_steps:
+            return decayed
+        warmup = peak * (step + 1.0) / float(self.warmup_steps)
+        return tf.where(step < self.warmup_steps, warmup, decayed)
+
+    def get_config(self):
+        return {
+            "peak_learning_rate": self.peak_learning_rate,
+            "warmup_steps": self.warmup_steps,
+            "decay": self.decay,
+            "boundaries": list(self.boundaries),
+            "decay_rate": self.decay_rate,
+            "total_steps": self.total_steps,
+        }
+
+
+def learning_rate_schedule(
+    learning_rate,
+    steps_per_epoch,
+    epochs,
+    schedule="step",
+    warmup_epochs=5,
+    decay_epochs=(30, 60, 80),
+    decay_rate=0.1,
+):
+    """`learning_rate` after `warmup_epochs` of linear warm-up, then constant (`"constant"`),
+    ×`decay_rate` at each of `decay_epochs` (`"step"`, the ImageNet schedule) or a cosine to 0
+    at `epochs` (`"cosine"`). Epochs may be fractional; they are converted to steps. A constant
+    rate without warm-up is returned as the float itself."""
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    if schedule == "constant" and not warmup_steps:
+        return float(learning_rate)
+    return WarmupSchedule(
+        learning_rate,
+        warmup_steps=warmup_steps,
+        decay=schedule,
+        boundaries=[int(round(e * steps_per_epoch)) for e in decay_epochs],
+        decay_rate=decay_rate,
+        total_steps=int(round(epochs * steps_per_epoch)) if schedule == "cosine" else None,
+    )
+
+
+def decoupled_weight_decay(weight_decay, momentum):
+    """The decoupled decay `λ` (`W ← W − lr·λ·W` per step) equivalent to an L2 coefficient.
+
+    The usual ImageNet recipe (`weight_decay=1e-4`, He et al.; the TPU and torchvision
+    references) adds `weight_decay·W` to the gradient, which SGD's momentum then accumulates:
+    the steady-state shrinkage per step is `lr·weight_decay / (1 − momentum)`. Keras's
+    `SGD(weight_decay=λ)` and `KolenPollack(weight_decay=λ)` apply `lr·λ·W` directly, without
+    momentum, so the same strength needs `λ = weight_decay / (1 − momentum)` (1e-3 for the
+    recipe's 1e-4 with momentum 0.9).
+    """
+    if weight_decay < 0 or not 0 <= momentum < 1:
+        raise ValueError(
+            f"Need weight_decay >= 0 and 0 <= momentum < 1; got weight_decay={weight_decay}, "
+            f"momentum={momentum}."
+        )
+    return weight_decay / (1.0 - momentum)
+
+
+def create_optimizer(feedback, learning_rate, momentum=0.9, weight_decay=1e-4, nesterov=False):
+    """SGD with momentum and weight decay of the kernels only, for the algorithm `feedback`.
+
+    `weight_decay` is the conventional L2 coefficient; it is applied as the decoupled decay
+    `decoupled_weight_decay(weight_decay, momentum)` (see there).
+
+    * `"kp"`: `KolenPollack(SGD(...), weight_decay=λ)`: the kernel `W` and the feedback kernel `B`
+      of every `kp` layer get identical updates and the identical decay; biases and batch norm
+      are not decayed. (Every Dense and convolution of a `keras_wt.models` network is a `kp`
+      layer; the kernels of other layers would not be decayed.)
+    * otherwise: `SGD(..., weight_decay=λ)` decaying every variable except biases and batch-norm
+      `gamma`/`beta` (`NO_WEIGHT_DECAY`).
+
+    Args:
+        feedback: one of `keras_wt.ALGORITHMS`.
+        learning_rate: a float or a `LearningRateSchedule`.
+        momentum: SGD momentum.
+        weight_decay: the L2 coefficient (0 for none).
+        nesterov: Nesterov momentum.
+    """
+    decay = decoupled_weight_decay(weight_decay, momentum)
+    if algorithms.get(feedback).learns_feedback == "optimizer":
+        sgd = keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov)
+        return optimizers_lib.KolenPollack(sgd, weight_decay=decay)
+    optimizer = keras.optimizers.SGD(
+        learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=decay or None
+    )
+    if decay:
+        optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+    return optimizer
