@@ -112,11 +112,21 @@ class KolenPollack(keras.optimizers.Optimizer):
         shrink = 1.0 - lr * self.kp_weight_decay
         kernels = [w for w, _ in pairs]
         feedbacks = [b for _, b in pairs]
-        differences = [tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value) for w, b in pairs]
-        if self.kp_weight_decay and pairs:
-            assign_on_every_replica(strategy, kernels, [shrink * tf.convert_to_tensor(w.value) for w in kernels])
-        with feedback_lib.kolen_pollack_update():
-            self.inner_optimizer.apply(grads, trainable_variables)
+        with tf.name_scope("kp_difference"):
+            differences = [
+                tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value) for w, b in pairs
+            ]
+        # W is updated only after B − W is computed. Automatic control dependencies order the
+        # *reads* of W before its updates, but a read may alias W's buffer, which the wrapped
+        # optimizer then updates in place: without this edge the subtraction sometimes ran after
+        # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
+        with tf.control_dependencies(differences):
+            if self.kp_weight_decay and pairs:
+                assign_on_every_replica(
+                    strategy, kernels, [shrink * tf.convert_to_tensor(w.value) for w in kernels]
+                )
+            with feedback_lib.kolen_pollack_update():
+                self.inner_optimizer.apply(grads, trainable_variables)
         if pairs:
             # B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)  ≡  B_t − lr·u(g) − lr·λ·B_t
             assign_on_every_replica(

@@ -219,3 +219,42 @@ def test_mixed_precision_policies(policy):
     """mixed_float16 wraps the KP optimizer in Keras's LossScaleOptimizer; the invariant holds."""
     keras.mixed_precision.set_global_policy(policy)
     _fit_and_check(lambda: keras.optimizers.SGD(0.1, momentum=0.9), [0.1] * 6, weight_decay=0.5)
+
+
+def _ancestors(op):
+    """Every op `op` depends on, through data and control edges."""
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_every_update_of_w_waits_for_b_minus_w(weight_decay):
+    """`B − W` must be computed before W changes. Ordering W's *reads* first is not enough: a read
+    may alias W's buffer, which the wrapped optimizer updates in place; without an explicit edge
+    the subtraction sometimes ran after the update under CPU load and B skipped the step (runs
+    then differed from one another). Checked on the traced train step: every op that writes a
+    kp kernel depends on the subtractions."""
+    model = keras.Sequential([keras.Input((4,)), wt.Dense(3, feedback="kp"),
+                              wt.Dense(2, feedback="kp")])
+    optimizer = KolenPollack(keras.optimizers.SGD(0.1, momentum=0.9), weight_decay=weight_decay)
+    model.compile(optimizer, "mse")
+    optimizer.build(model.trainable_variables)
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
+    graph = tf.function(model.train_step).get_concrete_function((tf.constant(x), tf.constant(y))).graph
+    differences = [op for op in graph.get_operations()
+                   if op.name.startswith("kp_difference/") and op.type == "Sub"]
+    assert len(differences) == 2
+    captured = {id(external): internal.op.name for external, internal in graph.captures}
+    kernel_handles = {captured[id(w.value.handle)] for w, _ in optimizer.kp_pairs}
+    writes = [op for op in graph.get_operations()
+              if op.type in ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
+              and op.inputs[0].op.name in kernel_handles]
+    assert writes, "no update of a kp kernel found in the graph"
+    for write in writes:
+        assert set(differences) <= _ancestors(write), write.name
