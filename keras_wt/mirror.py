@@ -144,17 +144,18 @@ def _check_fixed_point(learning_rate, decay):
 
 
 def check_batch_size(batch_size):
-    """Raises a `ValueError` unless `batch_size` is a positive int, `"auto"`, a mapping from
-    layer names to positive ints, or a callable. Returns it."""
+    """Returns `batch_size` (ints as Python ints, a mapping as a dict) if it is a positive int,
+    `"auto"`, a mapping from layer names to positive ints, or a callable; else raises a
+    `ValueError`."""
     if isinstance(batch_size, str):
         if batch_size != AUTO:
             raise ValueError(f"batch_size={batch_size!r} is not an int, a dict, a callable or 'auto'")
-    elif isinstance(batch_size, collections.abc.Mapping):
-        for name, n in batch_size.items():
-            _check_size(n, f"batch_size[{name!r}]")
-    elif not callable(batch_size):
-        _check_size(batch_size, "batch_size")
-    return batch_size
+        return batch_size
+    if isinstance(batch_size, collections.abc.Mapping):
+        return {name: _check_size(n, f"batch_size[{name!r}]") for name, n in batch_size.items()}
+    if callable(batch_size):
+        return batch_size
+    return _check_size(batch_size, "batch_size")
 
 
 def _check_size(n, what):
@@ -287,7 +288,7 @@ class WeightMirror:
     def _resolve_batch_sizes(self):
         spec = self.batch_size
         names = [layer.name for layer in self.layers]
-        if spec == AUTO:
+        if isinstance(spec, str):  # "auto"
             sizes = []
             for layer in self.layers:
                 fan_in = mirror_fan_in(layer)
@@ -315,7 +316,9 @@ class WeightMirror:
         else:
             sizes = [spec] * len(self.layers)
         replicas = self.strategy.num_replicas_in_sync
-        return tuple(int(math.ceil(n / replicas)) * replicas for n in sizes)
+        sizes = tuple(int(math.ceil(n / replicas)) * replicas for n in sizes)
+        logger.info("Mirror noise batches: %s", dict(zip(names, sizes)))
+        return sizes
 
     def expected_angles(self):
         """`{layer_name: degrees}`: the `residual_angle` of each layer at its noise batch (the
