@@ -1,5 +1,7 @@
 """Callbacks: mirror steps for the weight mirror, alignment angles into `logs`."""
 
+import collections.abc
+
 import keras
 import numpy as np
 
@@ -14,9 +16,16 @@ class MirrorCallback(keras.callbacks.Callback):
     `steps` mirror steps run after every `every` training batches, and `warmup_steps` before
     the first training step (only when the optimizer has not taken a step yet, so a resumed
     run does not warm up twice). Each step draws noise of every layer's real input shape and applies
-    `ΔB = η·∇_W(½‖f_W(x)‖²)/n − η·λ·B` (see `keras_wt.mirror`). The noise is seeded by the
-    optimizer's step count (warm-up steps use negative counters), so a run resumed from a
+    `ΔB = η·∇_W(½‖f_W(x)‖²)⊘(n·C) − η·λ·B` (see `keras_wt.mirror`; `C` counts the real-input
+    positions of each kernel entry, so `B → (σ²/λ)·W` with any padding). The noise is seeded by
+    the optimizer's step count (warm-up steps use negative counters), so a run resumed from a
     checkpoint continues exactly.
+
+    With `W` frozen, a layer's `B` settles at an angle `θ` from `W` with
+    `tan θ ≈ √(d_in·η·λ / (2n))` (`keras_wt.mirror.residual_angle`): a wide Dense layer needs a
+    far bigger noise batch `n` than a convolution, which averages over many positions. So
+    `batch_size` may differ per layer, or be `"auto"`: each layer gets the smallest `n` that
+    reaches `target_angle`, at most `max_batch_size` (`keras_wt.mirror.auto_batch_size`).
 
     Args:
         learning_rate: `η`.
@@ -24,11 +33,19 @@ class MirrorCallback(keras.callbacks.Callback):
         decay: `λ`, the mirror decay of `B` (`B → (σ²/λ)·W` when `λ > 0`).
         every: mirror after every `every` training batches.
         steps: mirror steps each time.
-        batch_size: noise samples per layer and step.
+        batch_size: noise samples per layer and step: an int; a dict `{layer_name: n}` naming
+            every `wm` layer; a callable `layer -> n` (register it with
+            `keras.saving.register_keras_serializable` for `get_config` to reload); or
+            `"auto"` (needs `decay > 0`). Each `n` is rounded up to a multiple of the
+            strategy's replicas; `callback.mirror.batch_sizes` holds the results once
+            training begins.
         warmup_steps: mirror steps before the first training step.
         noise_distribution: `"normal"` or `"uniform"` (same variance `σ²`).
         seed: seed of the noise.
         jit_compile: compile the mirror computation with XLA.
+        target_angle: for `batch_size="auto"`: the residual angle in degrees each layer's noise
+            batch is sized for.
+        max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch.
 
     With `steps_per_execution > 1` Keras calls callbacks once per execution; the mirror steps
     owed for the batches of that execution then run together.
@@ -46,6 +63,8 @@ class MirrorCallback(keras.callbacks.Callback):
         noise_distribution="normal",
         seed=0,
         jit_compile=False,
+        target_angle=5.0,
+        max_batch_size=4096,
     ):
         super().__init__()
         if every < 1 or steps < 1 or warmup_steps < 0:
@@ -57,7 +76,9 @@ class MirrorCallback(keras.callbacks.Callback):
         self.decay = decay
         self.every = int(every)
         self.steps = int(steps)
-        self.batch_size = int(batch_size)
+        self.batch_size = mirror_lib.check_batch_size(batch_size)
+        self.target_angle = float(target_angle)
+        self.max_batch_size = int(max_batch_size)
         self.warmup_steps = int(warmup_steps)
         self.noise_distribution = noise_distribution
         self.seed = seed
@@ -82,6 +103,8 @@ class MirrorCallback(keras.callbacks.Callback):
             seed=self.seed,
             jit_compile=self.jit_compile,
             strategy=self.model.distribute_strategy,
+            target_angle=self.target_angle,
+            max_batch_size=self.max_batch_size,
         )
 
     def on_train_begin(self, logs=None):
@@ -107,18 +130,34 @@ class MirrorCallback(keras.callbacks.Callback):
         self._iterations = iterations
 
     def get_config(self):
+        batch_size = self.batch_size
+        if isinstance(batch_size, collections.abc.Mapping):
+            batch_size = {name: int(n) for name, n in batch_size.items()}
+        elif callable(batch_size):
+            batch_size = keras.saving.serialize_keras_object(batch_size)
         return {
             "learning_rate": self.learning_rate,
             "noise_std": self.noise_std,
             "decay": self.decay,
             "every": self.every,
             "steps": self.steps,
-            "batch_size": self.batch_size,
+            "batch_size": batch_size,
             "warmup_steps": self.warmup_steps,
             "noise_distribution": self.noise_distribution,
             "seed": self.seed,
             "jit_compile": self.jit_compile,
+            "target_angle": self.target_angle,
+            "max_batch_size": self.max_batch_size,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        batch_size = config.get("batch_size")
+        # A serialized callable, not a {layer_name: int} map (whose values are all ints).
+        if isinstance(batch_size, dict) and isinstance(batch_size.get("class_name"), str):
+            config["batch_size"] = keras.saving.deserialize_keras_object(batch_size)
+        return cls(**config)
 
 
 class AlignmentCallback(keras.callbacks.Callback):

@@ -1,55 +1,195 @@
 """Weight mirror: feedback kernels that learn from noise (Akrout et al. 2019, DESIGN.md §2).
 
-In mirror mode each `wm` layer is driven by its own zero-mean noise `x` (a batch of the layer's
-real input shape) and produces its linear output `y = f_W(x)` (no bias, no activation). The
-mirror update is
+In mirror mode each `wm` layer is driven by its own zero-mean noise `x` (a batch of `n` samples
+of the layer's real input shape, variance `σ²`) and produces its linear output `y = f_W(x)` (no
+bias, no activation). The mirror update is
 
-    ΔB = η · ∇_W(½‖f_W(x)‖²) / (n·P) − η·λ·B
+    ΔB = η · ∇_W(½‖f_W(x)‖²) ⊘ (n·C) − η·λ·B
 
 the weight-gradient of the layer's own linear op, so one rule serves Dense and every
-convolution: for Dense it is `η·xᵀ(xW)/n ≈ η·σ²·W`. `n` is the noise batch and `P` the number of
-positions at which the op applies its kernel to one sample (1 for Dense, the output's spatial
-size for a convolution): the step averages over every (sample, position) pair, so one mirror
-learning rate serves every layer type and `B → (σ²/λ)·W` for all of them.
+convolution: for Dense it is `η·xᵀ(xW)/n ≈ η·σ²·W`.
 
-For a convolution with zero padding ("same"), border taps of the kernel see fewer noise
-samples than the centre tap, so the fixed point is `W` scaled per tap: close to, not exactly,
-parallel to `W` (a few degrees for small maps; "valid" padding has no such effect).
+**Exact fixed point with any padding.** `C` (`link_counts`, W's shape) counts, for each kernel
+entry, the (input element, output element) pairs it links on one sample where the input is real
+rather than padding: 1 for Dense on vectors, the output's spatial size for a "valid"
+convolution, fewer for the border taps of a "same", strided or dilated one. Since the noise is
+white, `E[∇_W(½‖f_W(x)‖²)] = n·σ²·C ⊙ W` for any op in which each (input element, output element)
+pair is linked by at most one kernel entry with coefficient 1 — matmuls, einsums and every
+convolution (padding, stride, dilation, groups, depthwise, transposed) — so dividing by `C`
+makes `E[ΔB] = η·(σ²·W − λ·B)` and `B → (σ²/λ)·W` exactly, with one mirror rate for every layer
+type. `C = ∇_W Σ f_W(1)` (a sample of ones) is computed once per layer from `layer.linear`, with
+no code per layer type; an entry that never meets real input (`C = 0`, only when a dilated
+kernel is wider than twice its input) has no gradient, its `B` decays to 0, and it carries no
+error either.
+
+**Finite noise batches.** With `W` frozen the fixed point is a stationary distribution around
+`(σ²/λ)·W`: every step adds fresh sampling noise, which the decay forgets at rate `ηλ`. Summing
+the geometric series of the noise's variance gives the residual angle between `B` and `W`
+
+    tan²θ ≈ η·λ·m / ((2 − η·λ)·n)       (≈ d_in·η·λ / (2n) for Dense and η·λ ≪ 1)
+
+with `m = d_in / c` (`mirror_fan_in`): `d_in` the number of kernel entries feeding one output
+element (Dense: `in`; convolution: `k1·…·kn·c_in/groups`), `c` the number of positions each kernel
+entry is averaged over (Dense: 1; "valid" convolution: the output's spatial size). For a Gaussian
+Dense layer the exact value has `d_in + 1` in place of `d_in`. Wide Dense layers therefore need
+much bigger noise batches than convolutions, which average over many positions; `batch_size`
+may be set per layer, or `"auto"` to size each layer's `n` for a target angle (`auto_batch_size`).
+With `λ = 0` there is no fixed point (`B` grows like the step count and its angle shrinks like
+`1/√(steps·n)`), so `"auto"` needs `λ > 0`.
 
 Noise comes from a stateless generator seeded by `(seed, layer, counter, replica)`, so a run
 resumed from a checkpoint draws exactly the noise the uninterrupted run would have drawn.
-Under a `tf.distribute` strategy every replica draws `n / replicas` noise samples, the
-weight-gradients are summed across replicas, and every replica applies the same update: all
-replicas keep the same `B`.
+Under a `tf.distribute` strategy every replica draws `n / replicas` of each layer's noise
+samples (`n` rounded up to a multiple of the replicas), the weight-gradients are summed across
+replicas, and every replica applies the same update: all replicas keep the same `B`.
 """
 
+import collections.abc
+import logging
 import math
+import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from keras_wt import layers as layers_lib
 from keras_wt._distribute import assign_on_every_replica
 
 NOISE_DISTRIBUTIONS = ("normal", "uniform")
+AUTO = "auto"
 # Philox, named explicitly: XLA's default choice on CPU (ThreeFry) draws ~30x slower.
 _RNG = "philox"
+logger = logging.getLogger("keras_wt")
 
 
-def mirror_gradient(layer, x):
-    """`∇_W(½‖f_W(x)‖²) / P` of `layer`'s linear op at its current kernel, for noise `x`.
+def _link_tensors(layer):
+    """`(C, V)` of `layer`'s linear op on one sample, both of the kernel's shape.
 
-    `P` is the number of positions at which the op applies the kernel to each sample (1 for
-    Dense on vectors, the output's spatial size for a convolution), so that the step is an
-    average over every (sample, position) pair and one mirror learning rate serves Dense and
-    convolutions alike: `B → (σ²/λ)·W` for both.
+    With `F = f_1(1)` (ones as input and kernel: each output element's fan-in of real input),
+    `C = ∇_W Σ f_W(1)` counts the pairs each kernel entry links on real input and
+    `V = ∇_W Σ F ⊙ f_W(1)` sums `F` over those pairs. Both depend only on shapes and padding.
+    """
+    shape = (1,) + tuple(layer.feedback_input_shape[1:])
+    kernel = tf.ones(tuple(layer.kernel.shape), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(kernel)
+        fan_in = layer.linear(tf.ones(shape, tf.float32), kernel)
+    counts = tape.gradient(fan_in, kernel)
+    weighted = tape.gradient(fan_in, kernel, output_gradients=tf.stop_gradient(fan_in))
+    del tape
+    return counts, weighted
+
+
+def link_counts(layer):
+    """`C`: for each entry of `layer`'s kernel, the number of (input, output) element pairs it
+    links on one sample where the input is real, not padding (a NumPy array of W's shape).
+
+    It is `∇_W Σ f_W(1)`, the weight-gradient of the layer's linear op on a sample of ones: all
+    ones for Dense on vectors, the output's spatial size for a "valid" convolution, fewer at the
+    border taps of a padded one.
+    """
+    return _link_tensors(layer)[0].numpy()
+
+
+def mirror_fan_in(layer):
+    """`m = d_in / c` of the residual-angle law (`residual_angle`) for `layer`.
+
+    In general `m = mean_k V_k / C_k²` over the kernel entries `k` that meet real input (see
+    `_link_tensors`): each entry's mirror step averages `C_k` products `x_i·y_o`, and the
+    variance of each product is `σ⁴` times the fan-in `F_o` of its output (for weights of equal
+    magnitude). It is `d_in` for Dense and `d_in / P` for a "valid" convolution with `P` output
+    positions; padding makes the border taps' share larger.
+    """
+    counts, weighted = (t.numpy().astype(np.float64) for t in _link_tensors(layer))
+    live = counts > 0
+    return float(np.mean(weighted[live] / counts[live] ** 2))
+
+
+def residual_angle(fan_in, batch_size, learning_rate, decay):
+    """Degrees: the expected angle between `B` and a frozen `W` at the mirror's fixed point,
+    `atan √(η·λ·m / ((2 − η·λ)·n))` for `m = fan_in` (`mirror_fan_in`) and `n = batch_size`."""
+    _check_fixed_point(learning_rate, decay)
+    rate = learning_rate * decay
+    return math.degrees(math.atan(math.sqrt(rate * fan_in / ((2.0 - rate) * batch_size))))
+
+
+def auto_batch_size(fan_in, learning_rate, decay, target_angle, max_batch_size):
+    """The smallest noise batch `n` whose `residual_angle` is at most `target_angle` degrees:
+    `n = ⌈η·λ·m / ((2 − η·λ)·tan²θ)⌉`, at least 1 and at most `max_batch_size`."""
+    _check_fixed_point(learning_rate, decay)
+    if not 0 < target_angle < 90 or max_batch_size < 1:
+        raise ValueError(
+            f"target_angle={target_angle} must be in (0, 90) degrees and "
+            f"max_batch_size={max_batch_size} >= 1."
+        )
+    rate = learning_rate * decay
+    tan2 = math.tan(math.radians(target_angle)) ** 2
+    needed = math.ceil(rate * fan_in / ((2.0 - rate) * tan2) * (1 - 1e-12))
+    return int(min(max(needed, 1), max_batch_size))
+
+
+def _check_fixed_point(learning_rate, decay):
+    if decay <= 0:
+        raise ValueError(
+            f"The mirror has a residual angle only with decay > 0 (got decay={decay}): with "
+            "decay=0 there is no fixed point, B grows with the step count and its angle to W "
+            "shrinks like 1/sqrt(steps * batch_size). Give decay > 0, or an explicit "
+            "batch_size instead of 'auto'."
+        )
+    if not 0 <= learning_rate * decay < 2:
+        raise ValueError(
+            f"learning_rate * decay = {learning_rate * decay} must be in [0, 2) for the mirror "
+            "to converge."
+        )
+
+
+def check_batch_size(batch_size):
+    """Returns `batch_size` (ints as Python ints, a mapping as a dict) if it is a positive int,
+    `"auto"`, a mapping from layer names to positive ints, or a callable; else raises a
+    `ValueError`."""
+    if isinstance(batch_size, str):
+        if batch_size != AUTO:
+            raise ValueError(f"batch_size={batch_size!r} is not an int, a dict, a callable or 'auto'")
+        return batch_size
+    if isinstance(batch_size, collections.abc.Mapping):
+        return {name: _check_size(n, f"batch_size[{name!r}]") for name, n in batch_size.items()}
+    if callable(batch_size):
+        return batch_size
+    return _check_size(batch_size, "batch_size")
+
+
+def _check_size(n, what):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{what}={n!r} must be a positive int")
+    return int(n)
+
+
+def mirror_gradient(layer, x, counts=None):
+    """`∇_W(½‖f_W(x)‖²) ⊘ C` of `layer`'s linear op at its current kernel, for noise `x`.
+
+    `C` (`counts`, default `link_counts(layer)` with zeros raised to 1; anything that broadcasts
+    to W's shape) counts the real-input positions of each kernel entry, so the step is an
+    average over every (sample, position) pair that entry actually sees, and `B → (σ²/λ)·W`
+    exactly for Dense and every convolution, with any padding.
     """
     kernel = tf.convert_to_tensor(layer.kernel.value)
+    if counts is None:
+        counts = tf.maximum(_link_tensors(layer)[0], 1.0)
     with tf.GradientTape() as tape:
         tape.watch(kernel)
         y = layer.linear(tf.cast(x, kernel.dtype), kernel)
         energy = 0.5 * tf.reduce_sum(tf.square(y))
-    positions = y.shape.num_elements() // (y.shape[0] * kernel.shape[-1])
-    return tape.gradient(energy, kernel) / positions
+    return tape.gradient(energy, kernel) / tf.cast(counts, kernel.dtype)
+
+
+def _compact(array):
+    """`array` reduced to length 1 along every axis on which it is constant: it broadcasts back
+    to its shape, and the compiled step embeds `(k1, …, kn, 1, 1)` counts, not a kernel's worth."""
+    for axis in range(array.ndim):
+        first = np.take(array, [0], axis=axis)
+        if np.array_equal(array, np.broadcast_to(first, array.shape)):
+            array = first
+    return array
 
 
 def wm_layers(model):
@@ -69,12 +209,21 @@ class WeightMirror:
         learning_rate: `η`, the mirror learning rate.
         noise_std: `σ`, the standard deviation of the noise.
         decay: `λ`, the mirror weight decay of `B`.
-        batch_size: `n`, noise samples per layer and step (split over replicas).
+        batch_size: `n`, noise samples per layer and step: an int for every layer; a dict
+            `{layer_name: n}` naming every `wm` layer; a callable `layer -> n`; or `"auto"`:
+            each layer's `auto_batch_size` for `target_angle` (needs `decay > 0`). Each layer's
+            `n` is then rounded up to a multiple of the strategy's replicas, which draw
+            `n / replicas` samples each; `batch_sizes` holds the results.
         noise_distribution: `"normal"` (`N(0, σ²)`) or `"uniform"` (`U(−σ√3, σ√3)`, the same
             variance; the published code's noise in `[−a, a)` is `σ = a/√3`).
         seed: integer seed of the noise.
         jit_compile: compile the per-replica noise and weight-gradients with XLA.
         strategy: the `tf.distribute` strategy of the model's variables (default: current).
+        target_angle: for `batch_size="auto"`: the residual angle (degrees) between `B` and a
+            frozen `W` that each layer's noise batch is sized for (`residual_angle`).
+        max_batch_size: for `batch_size="auto"`: the largest noise batch of a layer (before
+            rounding up to the replicas); a layer that needs more is capped, with a warning
+            giving the angle it will reach.
     """
 
     def __init__(
@@ -88,6 +237,8 @@ class WeightMirror:
         seed=0,
         jit_compile=False,
         strategy=None,
+        target_angle=5.0,
+        max_batch_size=4096,
     ):
         if not isinstance(layers, (list, tuple)):
             layers = wm_layers(layers)
@@ -109,30 +260,73 @@ class WeightMirror:
             raise ValueError(
                 f"noise_distribution={noise_distribution!r} is not one of {NOISE_DISTRIBUTIONS}"
             )
-        if learning_rate < 0 or noise_std <= 0 or decay < 0 or batch_size < 1:
+        if learning_rate < 0 or noise_std <= 0 or decay < 0:
             raise ValueError(
-                "Weight mirror needs learning_rate >= 0, noise_std > 0, decay >= 0 and "
-                f"batch_size >= 1; got learning_rate={learning_rate}, noise_std={noise_std}, "
-                f"decay={decay}, batch_size={batch_size}."
+                "Weight mirror needs learning_rate >= 0, noise_std > 0 and decay >= 0; got "
+                f"learning_rate={learning_rate}, noise_std={noise_std}, decay={decay}."
             )
         self.layers = list(layers)
         self.learning_rate = float(learning_rate)
         self.noise_std = float(noise_std)
         self.decay = float(decay)
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size)
+        self.target_angle = float(target_angle)
+        self.max_batch_size = int(max_batch_size)
         self.noise_distribution = noise_distribution
         self.seed = int(seed)
         self.strategy = strategy or tf.distribute.get_strategy()
+        # Counts and fan-ins depend only on shapes: computed once, eagerly.
+        statistics = [_link_tensors(layer) for layer in self.layers]
+        self._counts = [_compact(np.maximum(c.numpy(), 1.0)) for c, _ in statistics]
+        self.batch_sizes = self._resolve_batch_sizes()
         replicas = self.strategy.num_replicas_in_sync
-        if self.batch_size % replicas:
-            raise ValueError(
-                f"Mirror batch_size={self.batch_size} must be divisible by the "
-                f"{replicas} replicas of the distribution strategy."
-            )
-        self._local_batch = self.batch_size // replicas
+        self._local_batches = [n // replicas for n in self.batch_sizes]
         self._local_gradients = tf.function(self._gradients, jit_compile=jit_compile)
         self._compiled_noise = tf.function(self._noise, jit_compile=jit_compile)
         self._run = tf.function(self._distributed_step)
+
+    def _resolve_batch_sizes(self):
+        spec = self.batch_size
+        names = [layer.name for layer in self.layers]
+        if isinstance(spec, str):  # "auto"
+            sizes = []
+            for layer in self.layers:
+                fan_in = mirror_fan_in(layer)
+                n = auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
+                                    self.max_batch_size)
+                angle = residual_angle(fan_in, n, self.learning_rate, self.decay)
+                if angle > self.target_angle * (1 + 1e-9):
+                    logger.warning(
+                        "Mirror noise batch of layer %r capped at max_batch_size=%d: its "
+                        "residual angle will be about %.1f degrees, not target_angle=%.1f.",
+                        layer.name, n, angle, self.target_angle,
+                    )
+                sizes.append(n)
+        elif isinstance(spec, collections.abc.Mapping):
+            missing = [name for name in names if name not in spec]
+            unknown = [name for name in spec if name not in names]
+            if missing or unknown:
+                raise ValueError(
+                    f"batch_size must name every wm layer {names} exactly; missing {missing}, "
+                    f"not wm layers {unknown}."
+                )
+            sizes = [spec[name] for name in names]
+        elif callable(spec):
+            sizes = [_check_size(spec(layer), f"batch_size({layer.name!r})") for layer in self.layers]
+        else:
+            sizes = [spec] * len(self.layers)
+        replicas = self.strategy.num_replicas_in_sync
+        sizes = tuple(int(math.ceil(n / replicas)) * replicas for n in sizes)
+        logger.info("Mirror noise batches: %s", dict(zip(names, sizes)))
+        return sizes
+
+    def expected_angles(self):
+        """`{layer_name: degrees}`: the `residual_angle` of each layer at its noise batch (the
+        angle `B` settles at if `W` stood still; needs `decay > 0`)."""
+        return {
+            layer.name: residual_angle(mirror_fan_in(layer), n, self.learning_rate, self.decay)
+            for layer, n in zip(self.layers, self.batch_sizes)
+        }
 
     def noise(self, layer_index, counter, replica=0):
         """The noise batch fed to layer `layer_index` at mirror step `counter` on `replica`
@@ -141,7 +335,7 @@ class WeightMirror:
 
     def _noise(self, layer_index, counter, replica):
         layer = self.layers[layer_index]
-        shape = (self._local_batch,) + tuple(layer.feedback_input_shape[1:])
+        shape = (self._local_batches[layer_index],) + tuple(layer.feedback_input_shape[1:])
         seed = tf.stack(
             [
                 tf.constant(self.seed, tf.int64) * 7919 + layer_index,
@@ -156,8 +350,8 @@ class WeightMirror:
 
     def _gradients(self, counter, replica):
         return [
-            mirror_gradient(layer, self._noise(i, counter, replica))
-            for i, layer in enumerate(self.layers)
+            mirror_gradient(layer, self._noise(i, counter, replica), counts)
+            for i, (layer, counts) in enumerate(zip(self.layers, self._counts))
         ]
 
     def _replica_step(self, counter):
@@ -166,9 +360,9 @@ class WeightMirror:
         gradients = context.all_reduce("sum", gradients)
         feedbacks = [layer.feedback_kernel for layer in self.layers]
         updated = []
-        for feedback, gradient in zip(feedbacks, gradients):
+        for feedback, gradient, n in zip(feedbacks, gradients, self.batch_sizes):
             b = tf.convert_to_tensor(feedback.value)
-            updated.append(b + self.learning_rate * (gradient / self.batch_size - self.decay * b))
+            updated.append(b + self.learning_rate * (gradient / n - self.decay * b))
         assign_on_every_replica(self.strategy, feedbacks, updated)
 
     def _distributed_step(self, counter):
