@@ -23,16 +23,31 @@ def _unsupported(what):
 
 
 def flatten_layers(layer):
-    """`layer` and all its sublayers (nested models and layers inside layers), in order.
+    """`layer` and all its sublayers (nested models and layers inside layers), depth first.
 
     Keras has no public way to list the sublayers of a layer that is not a model (for instance
     the four `EinsumDense` projections of a `MultiHeadAttention`); `Layer._flatten_layers` is
     the method Keras itself uses for this (no upstream issue asking for a public one was found;
     tracked in keras_wt's report for issue 9).
     """
+    if not isinstance(layer, keras.layers.Layer):
+        return [layer]  # a bare `keras.Operation` of a functional graph
     if not hasattr(layer, "_flatten_layers"):
         raise _unsupported("Layer._flatten_layers")
-    return layer._flatten_layers(include_self=True, recursive=True)
+    # Depth first, children in the order they were created (Keras's own recursive walk visits
+    # them in reverse).
+    layers, seen = [], set()
+
+    def visit(node):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        layers.append(node)
+        for child in node._flatten_layers(include_self=False, recursive=False):
+            visit(child)
+
+    visit(layer)
+    return layers
 
 
 def replace_sublayer(parent, attribute, new):

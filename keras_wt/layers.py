@@ -183,15 +183,34 @@ class FeedbackLayer(WithFeedback):
             outputs = tap(self, outputs)
         return outputs
 
+    def _forward_variables(self):
+        return [self.kernel] + ([] if self.bias is None else [self.bias])
+
+    # Saved as the stock Dense/Conv/EinsumDense save theirs ("0": kernel, "1": bias), plus
+    # "feedback_kernel"; LoRA and quantization, which change that layout, are refused above.
     def save_own_variables(self, store):
-        super().save_own_variables(store)
-        if self.built and self.feedback_kernel is not None:
+        if not self.built:
+            return
+        for i, variable in enumerate(self._forward_variables()):
+            store[str(i)] = variable
+        if self.feedback_kernel is not None:
             store["feedback_kernel"] = self.feedback_kernel
 
     def load_own_variables(self, store):
-        super().load_own_variables(store)
-        if self.built and self.feedback_kernel is not None:
-            self.feedback_kernel.assign(store["feedback_kernel"])
+        if not self.built:
+            return
+        variables = self._forward_variables()
+        expected = [str(i) for i in range(len(variables))]
+        if self.feedback_kernel is not None:
+            expected.append("feedback_kernel")
+        if sorted(store.keys()) != sorted(expected):
+            raise ValueError(
+                f"Layer {self.name!r} (feedback={self.feedback!r}) expected the variables "
+                f"{expected} but the file has {sorted(store.keys())}: was it saved with another "
+                "feedback algorithm? Load it with that one, then keras_wt.convert it."
+            )
+        for key, variable in zip(expected, variables + [self.feedback_kernel]):
+            variable.assign(store[key])
 
 
 def _add_bias_and_activate(layer, outputs, channel_axis=None):
@@ -579,7 +598,7 @@ def stock_weights(layer):
         for sublayer in _compat.flatten_layers(layer)
         if isinstance(sublayer, FeedbackLayer) and sublayer.feedback_kernel is not None
     }
-    return [weight for weight in layer.weights if id(weight) not in feedback]
+    return [weight for weight in getattr(layer, "weights", ()) if id(weight) not in feedback]
 
 
 # The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
