@@ -131,7 +131,8 @@ class FeedbackLayer(WithFeedback):
     def _init_feedback(self, feedback, feedback_initializer, feedback_scale):
         super()._init_feedback(feedback, feedback_initializer, feedback_scale)
         self.feedback_kernel = None
-        # The input shape the layer was built with: mirror noise is drawn with this shape.
+        # The input shape the layer was built with (dimensions unknown at build time filled in
+        # by the first call): mirror noise is drawn with this shape.
         self.feedback_input_shape = None
 
     def build(self, input_shape):
@@ -171,6 +172,11 @@ class FeedbackLayer(WithFeedback):
 
     def linear_with_feedback(self, inputs, kernel):
         """`self.linear(inputs, kernel)` with the algorithm's input gradient."""
+        shape = tuple(inputs.shape)
+        if None in self.feedback_input_shape[1:] and None not in shape[1:]:
+            # A layer built without knowing every dimension (the output projection of an
+            # attention layer is built for any sequence length) learns it from its first call.
+            self.feedback_input_shape = (None,) + shape[1:]
         kernel = tf.convert_to_tensor(kernel)
         outputs = feedback_lib.linear_with_feedback(
             self.linear,
@@ -588,6 +594,12 @@ class MultiHeadAttention(_Twin, WithFeedback, keras.layers.MultiHeadAttention):
             for new, old in zip(stock_weights(twin), sublayer.weights):
                 new.assign(old)
             _compat.replace_sublayer(self, attribute, twin)
+        # The stock build gives the output projection an unknown sequence length; it is the
+        # query's (the mirror draws noise of this shape).
+        output = self.output_dense
+        output.feedback_input_shape = (
+            tuple(query_shape[:-1]) + tuple(output.feedback_input_shape[len(query_shape) - 1 :])
+        )
 
 
 def stock_weights(layer):
