@@ -432,3 +432,18 @@ def test_config_round_trips_with_the_feedback_arguments(cls):
     assert clone.feedback == "ss" and clone.feedback_scale == 0.3
     stock_config = {k: v for k, v in config.items() if k not in wt.FEEDBACK_ARGUMENTS}
     assert stock.from_config(stock_config).get_config() == stock_config
+
+
+@pytest.mark.parametrize("name", ["depthwise2d", "conv2d_transpose", "conv3d_transpose", "einsum_heads", "SeparableConv2D", "attention"])
+def test_gradients_under_xla_equal_eager(name):
+    model = MODELS[name]("fa")
+    x = tf.constant(np.random.RandomState(12).randn(2, *model.input_shape[1:]).astype("float32"))
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x)
+        return tape.gradient(y, [x] + model.trainable_variables, output_gradients=tf.ones_like(y))
+
+    for a, b in zip(grads(x), tf.function(grads, jit_compile=True)(x)):
+        assert_allclose(a, b, rtol=1e-4, atol=1e-5)
