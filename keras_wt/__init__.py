@@ -17,7 +17,7 @@ from keras_wt import layers  # noqa: E402
 from keras_wt import mirror  # noqa: E402
 from keras_wt import models  # noqa: E402
 from keras_wt import optimizers  # noqa: E402
-from keras_wt.convert import convert  # noqa: E402
+from keras_wt.convert import convert, strip  # noqa: E402
 from keras_wt.algorithms import ALGORITHMS  # noqa: E402
 
 __version__ = "0.1.0"

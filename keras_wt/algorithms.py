@@ -76,7 +76,8 @@ def fan_out(kernel_shape):
 
 def sign_symmetry_scale(layer):
     """The magnitude `s` of sign-symmetry feedback `B = sign(W)·s`: `layer.feedback_scale`, or
-    `sqrt(2 / fan_out)` when that is `None` (DESIGN.md §2)."""
+    `sqrt(2 / fan_out)` when that is `None` (DESIGN.md §2), with `fan_out` the layer's own
+    (`layer.feedback_fan_out`: how many outputs each input unit feeds)."""
     if layer.feedback_scale is not None:
         return float(layer.feedback_scale)
-    return math.sqrt(2.0 / fan_out(layer.kernel.shape))
+    return math.sqrt(2.0 / layer.feedback_fan_out)

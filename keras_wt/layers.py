@@ -1,7 +1,6 @@
 """Drop-in Keras layers whose error signal flows backwards through a feedback kernel `B`.
 
-`keras_wt.layers.Dense`, `Conv1D` and `Conv2D` subclass the stock layers and take every stock
-argument, plus:
+Every layer here subclasses its stock Keras twin, takes every stock argument, plus:
 
 * `feedback`: one of `keras_wt.ALGORITHMS` (`"bp"`, `"fa"`, `"ss"`, `"wm"`, `"kp"`).
 * `feedback_initializer`: initializer of the stored `B` (`fa`, `wm`, `kp`). `None` (default)
@@ -11,17 +10,34 @@ argument, plus:
 
 The forward pass is the stock one. Only the gradient with respect to the layer's input changes
 (DESIGN.md §1); the gradients of `W` and of the bias are the stock ones.
+
+Two kinds of layer:
+
+* A `FeedbackLayer` holds one forward kernel `W` (`layer.kernel`) and its feedback kernel `B`
+  (`layer.feedback_kernel`, W's shape) around one linear op `layer.linear(x, kernel)`: `Dense`,
+  `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D`. The mirror, the
+  Kolen–Pollack optimizer and the alignment metrics see only these.
+* A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`) is built from
+  `FeedbackLayer` sublayers, one per kernel, so every (W, B) pair is a `FeedbackLayer` of the
+  model and no other code needs to know about the composite. Its weights, with the feedback
+  kernels left out, come in the stock layer's order.
+
+What stays exact: the attention products `QKᵀ` and `AV` of `MultiHeadAttention` multiply two
+activations and hold no weight, so there is no `W` to hide and they keep their exact gradients;
+likewise normalisation, pooling, embeddings and every other layer without a kernel.
 """
 
+import math
 import weakref
 
 import keras
 import tensorflow as tf
-from keras.src.layers.convolutional.base_conv import BaseConv
 
+from keras_wt import _compat
 from keras_wt import algorithms
 from keras_wt import feedback as feedback_lib
 
+FEEDBACK_ARGUMENTS = ("feedback", "feedback_initializer", "feedback_scale")
 
 
 class _KolenPollackGuard:
@@ -45,20 +61,18 @@ class _KolenPollackGuard:
         return kernel if self.constraint is None else self.constraint(kernel)
 
 
-def _independent_initializer(kernel_initializer):
+def _independent_initializer(kernel_initializer, **config_updates):
     """A fresh, unseeded copy of `kernel_initializer`: B must never equal W by construction."""
     config = keras.initializers.serialize(kernel_initializer)
     if isinstance(config, dict) and isinstance(config.get("config"), dict):
         config["config"]["seed"] = None
+        config["config"].update(config_updates)
     return keras.initializers.deserialize(config)
 
 
-class FeedbackLayer:
-    """Mixin adding the feedback kernel and the custom input gradient to a stock layer.
-
-    Subclasses define `linear(x, kernel)`: the layer's map from its input to its output before
-    bias and activation (a matmul or a convolution).
-    """
+class WithFeedback:
+    """Mixin of every keras_wt layer: the `feedback`, `feedback_initializer` and
+    `feedback_scale` arguments, their validation and their config."""
 
     def _init_feedback(self, feedback, feedback_initializer, feedback_scale):
         self.algorithm = algorithms.get(feedback)
@@ -75,30 +89,80 @@ class FeedbackLayer:
                 f"feedback_scale={feedback_scale!r} must be a positive number or None"
             )
         self.feedback_scale = feedback_scale
+
+    def feedback_config(self):
+        """`{feedback, feedback_initializer, feedback_scale}`: what a sublayer or a copy needs."""
+        return dict(
+            feedback=self.feedback,
+            feedback_initializer=(
+                None
+                if self.feedback_initializer is None
+                else keras.initializers.serialize(self.feedback_initializer)
+            ),
+            feedback_scale=self.feedback_scale,
+        )
+
+    def enable_lora(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"LoRA is not supported on keras_wt feedback layers (layer {self.name!r}): the "
+            "feedback kernel has the full kernel's shape."
+        )
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"Quantization is not supported on keras_wt feedback layers (layer {self.name!r}): "
+            "strip the model first (keras_wt.strip) and quantize the stock model."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self.feedback_config())
+        return config
+
+
+class FeedbackLayer(WithFeedback):
+    """Mixin adding the feedback kernel and the custom input gradient to a stock layer.
+
+    Subclasses define `linear(x, kernel)`: the layer's map from its input to its output before
+    bias and activation (a matmul, an einsum or a convolution), and call
+    `self.linear_with_feedback(inputs, self.kernel)` in `call`.
+    """
+
+    def _init_feedback(self, feedback, feedback_initializer, feedback_scale):
+        super()._init_feedback(feedback, feedback_initializer, feedback_scale)
         self.feedback_kernel = None
-        # The input shape the layer was built with: mirror noise is drawn with this shape.
+        # The input shape the layer was built with (dimensions unknown at build time filled in
+        # by the first call): mirror noise is drawn with this shape.
         self.feedback_input_shape = None
 
     def build(self, input_shape):
         super().build(input_shape)
         self.feedback_input_shape = tuple(input_shape)
+        kernel = self.kernel
         # The optimizer finds the layer of a kernel through this link (see KolenPollack).
-        self._kernel._keras_wt_layer = weakref.ref(self)
+        kernel._keras_wt_layer = weakref.ref(self)
         if self.algorithm.learns_feedback == "optimizer":
-            self._kernel.constraint = _KolenPollackGuard(self, self._kernel.constraint)
+            kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
         if self.algorithm.stores_feedback:
-            initializer = self.feedback_initializer or _independent_initializer(
-                self.kernel_initializer
-            )
             self.feedback_kernel = self.add_weight(
                 name="feedback_kernel",
-                shape=self._kernel.shape,
-                initializer=initializer,
+                shape=kernel.shape,
+                initializer=self.feedback_initializer or self.default_feedback_initializer(),
                 trainable=False,
                 # Every replica computes the same update of B; this makes any assignment of
                 # B in a replica context take one replica's value for all.
                 aggregation="only_first_replica",
             )
+
+    def default_feedback_initializer(self):
+        """The initializer of `B` when `feedback_initializer` is `None`: the kernel's, unseeded."""
+        return _independent_initializer(self.kernel_initializer)
+
+    @property
+    def feedback_fan_out(self):
+        """How many outputs each input unit feeds through the kernel (sign symmetry's scale):
+        `out` for Dense, `k1·…·kn·c_out` for a convolution."""
+        return algorithms.fan_out(self.kernel.shape)
 
     def feedback_tensor(self, kernel):
         """The tensor standing in for `kernel` in the input gradient (`None`: exact backprop)."""
@@ -108,6 +172,11 @@ class FeedbackLayer:
 
     def linear_with_feedback(self, inputs, kernel):
         """`self.linear(inputs, kernel)` with the algorithm's input gradient."""
+        shape = tuple(inputs.shape)
+        if None in self.feedback_input_shape[1:] and None not in shape[1:]:
+            # A layer built without knowing every dimension (the output projection of an
+            # attention layer is built for any sequence length) learns it from its first call.
+            self.feedback_input_shape = (None,) + shape[1:]
         kernel = tf.convert_to_tensor(kernel)
         outputs = feedback_lib.linear_with_feedback(
             self.linear,
@@ -120,38 +189,66 @@ class FeedbackLayer:
             outputs = tap(self, outputs)
         return outputs
 
+    def _forward_variables(self):
+        return [self.kernel] + ([] if self.bias is None else [self.bias])
+
+    # Saved as the stock Dense/Conv/EinsumDense save theirs ("0": kernel, "1": bias), plus
+    # "feedback_kernel"; LoRA and quantization, which change that layout, are refused above.
     def save_own_variables(self, store):
-        super().save_own_variables(store)
-        if self.built and self.feedback_kernel is not None:
+        if not self.built:
+            return
+        for i, variable in enumerate(self._forward_variables()):
+            store[str(i)] = variable
+        if self.feedback_kernel is not None:
             store["feedback_kernel"] = self.feedback_kernel
 
     def load_own_variables(self, store):
-        super().load_own_variables(store)
-        if self.built and self.feedback_kernel is not None:
-            self.feedback_kernel.assign(store["feedback_kernel"])
+        if not self.built:
+            return
+        variables = self._forward_variables()
+        expected = [str(i) for i in range(len(variables))]
+        if self.feedback_kernel is not None:
+            expected.append("feedback_kernel")
+        if sorted(store.keys()) != sorted(expected):
+            raise ValueError(
+                f"Layer {self.name!r} (feedback={self.feedback!r}) expected the variables "
+                f"{expected} but the file has {sorted(store.keys())}: was it saved with another "
+                "feedback algorithm? Load it with that one, then keras_wt.convert it."
+            )
+        for key, variable in zip(expected, variables + [self.feedback_kernel]):
+            variable.assign(store[key])
 
-    def enable_lora(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"LoRA is not supported on keras_wt feedback layers (layer {self.name!r}): the "
-            "feedback kernel has the full kernel's shape."
-        )
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            feedback=self.feedback,
-            feedback_initializer=(
-                None
-                if self.feedback_initializer is None
-                else keras.initializers.serialize(self.feedback_initializer)
-            ),
-            feedback_scale=self.feedback_scale,
-        )
-        return config
+def _add_bias_and_activate(layer, outputs, channel_axis=None):
+    """The stock tail of every layer: `+ bias` (along `channel_axis`), then the activation."""
+    if layer.bias is not None:
+        bias = layer.bias
+        if channel_axis is not None:
+            shape = [1] * len(outputs.shape)
+            shape[channel_axis] = bias.shape[0]
+            bias = keras.ops.reshape(bias, tuple(shape))
+        outputs = keras.ops.add(outputs, bias)
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
+
+
+def _channel_axis(layer):
+    return -1 if layer.data_format == "channels_last" else 1
+
+
+class _Twin:
+    """`__init__` of every keras_wt layer: the stock layer's arguments, then the feedback ones."""
+
+    def __init__(
+        self, *args, feedback="bp", feedback_initializer=None, feedback_scale=None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self._init_feedback(feedback, feedback_initializer, feedback_scale)
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
-class Dense(FeedbackLayer, keras.layers.Dense):
+class Dense(_Twin, FeedbackLayer, keras.layers.Dense):
     """`keras.layers.Dense` whose input gradient is `dy·Bᵀ` (`B`: the feedback kernel).
 
     Args:
@@ -169,36 +266,78 @@ class Dense(FeedbackLayer, keras.layers.Dense):
     (32, 64)
     """
 
-    def __init__(
-        self,
-        units,
-        feedback="bp",
-        feedback_initializer=None,
-        feedback_scale=None,
-        **kwargs,
-    ):
-        super().__init__(units, **kwargs)
-        self._init_feedback(feedback, feedback_initializer, feedback_scale)
-
     def linear(self, x, kernel):
         return keras.ops.matmul(x, kernel)
 
     def call(self, inputs, training=None):
-        x = self.linear_with_feedback(inputs, self.kernel)
-        if self.bias is not None:
-            x = keras.ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+        return _add_bias_and_activate(self, self.linear_with_feedback(inputs, self.kernel))
 
 
-class _FeedbackConv(FeedbackLayer):
-    """Convolutions: the stock `call` runs `convolution_op`, which gets the feedback gradient."""
+def _einsum_kernel_axes(equation):
+    """`(input_axes, output_axes)` of the kernel (second operand) of an einsum `equation`:
+    the kernel's axes summed over, and those that reach the output."""
+    operands, output = equation.replace(" ", "").split("->")
+    kernel = operands.split(",")[1]
+    if "." in kernel:
+        return None, None
+    input_axes = [i for i, axis in enumerate(kernel) if axis not in output]
+    output_axes = [i for i, axis in enumerate(kernel) if axis in output]
+    return input_axes, output_axes
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class EinsumDense(_Twin, FeedbackLayer, keras.layers.EinsumDense):
+    """`keras.layers.EinsumDense` whose input gradient is the einsum of `dy` with `B`.
+
+    The input gradient is `einsum(equation)`'s vector-Jacobian product with `B` in place of the
+    kernel: for `"ab,bc->ac"` it is `dy·Bᵀ`, as for `Dense`. Takes every stock argument plus
+    `feedback`, `feedback_initializer` and `feedback_scale` as `keras_wt.layers.Dense`; the
+    default `feedback_scale` is `sqrt(2 / fan_out)` with `fan_out` the product of the kernel's
+    output axes (`num_heads·head_dim` for an attention projection).
+
+    Example:
+
+    >>> layer = keras_wt.layers.EinsumDense("abc,cde->abde", (4, 16), feedback="kp")
+    """
+
+    def linear(self, x, kernel):
+        return keras.ops.einsum(self.equation, x, kernel)
+
+    def call(self, inputs, training=None):
+        return _add_bias_and_activate(self, self.linear_with_feedback(inputs, self.kernel))
+
+    def default_feedback_initializer(self):
+        # The stock build tells a VarianceScaling initializer which kernel axes are fan-in and
+        # fan-out; B's copy needs the same to have W's scale.
+        input_axes, output_axes = _einsum_kernel_axes(self.equation)
+        if isinstance(self.kernel_initializer, keras.initializers.VarianceScaling) and (
+            input_axes is not None
+        ):
+            return _independent_initializer(
+                self.kernel_initializer, input_axes=input_axes, output_axes=output_axes
+            )
+        return super().default_feedback_initializer()
+
+    @property
+    def feedback_fan_out(self):
+        _, output_axes = _einsum_kernel_axes(self.equation)
+        if output_axes is None:
+            return super().feedback_fan_out
+        return math.prod(int(self.kernel.shape[i]) for i in output_axes)
+
+
+class _FeedbackConv(_Twin, FeedbackLayer):
+    """Convolutions (`Conv1D/2D/3D`): the input gradient is the transposed convolution with B."""
 
     def linear(self, x, kernel):
         padding = self.padding
         if padding == "causal":
-            x = keras.ops.pad(x, self._compute_causal_padding())
+            # Conv1D only: pad the past by the kernel's dilated extent, then convolve "valid".
+            left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
+            time_axis = 1 if self.data_format == "channels_last" else 2
+            pad = [[0, 0], [0, 0], [0, 0]]
+            pad[time_axis] = [left, 0]
+            x = keras.ops.pad(x, pad)
             padding = "valid"
         return keras.ops.conv(
             x,
@@ -212,59 +351,292 @@ class _FeedbackConv(FeedbackLayer):
     def convolution_op(self, inputs, kernel):
         return self.linear_with_feedback(inputs, kernel)
 
-    # keras.layers.Conv1D.call bypasses convolution_op; the base class's call does not.
-    call = BaseConv.call
+    def call(self, inputs):
+        outputs = self.linear_with_feedback(inputs, self.kernel)
+        return _add_bias_and_activate(self, outputs, _channel_axis(self))
+
+
+class _FeedbackConvTranspose(_Twin, FeedbackLayer):
+    """Transposed convolutions: the input gradient is the (forward) convolution of `dy` with B.
+
+    The kernel is laid out `(k1, …, kn, filters, in_channels)` as in Keras, so each input unit
+    feeds `k1·…·kn·filters` outputs (sign symmetry's `fan_out`).
+    """
+
+    def linear(self, x, kernel):
+        return keras.ops.conv_transpose(
+            x,
+            kernel,
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+
+    def call(self, inputs):
+        outputs = self.linear_with_feedback(inputs, self.kernel)
+        return _add_bias_and_activate(self, outputs, _channel_axis(self))
+
+    @property
+    def feedback_fan_out(self):
+        return math.prod(self.kernel_size) * self.filters
+
+
+class _FeedbackDepthwiseConv(_Twin, FeedbackLayer):
+    """Depthwise convolutions: the input gradient is the depthwise transposed convolution with
+    B (each channel's error flows back through its own `B[..., c, :]` only). The kernel is
+    `(k1, …, kn, in_channels, depth_multiplier)`: `fan_out = k1·…·kn·depth_multiplier`."""
+
+    def linear(self, x, kernel):
+        return keras.ops.depthwise_conv(
+            x,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+
+    def call(self, inputs):
+        outputs = self.linear_with_feedback(inputs, self.kernel)
+        return _add_bias_and_activate(self, outputs, _channel_axis(self))
+
+    def default_feedback_initializer(self):
+        return _independent_initializer(self.depthwise_initializer)
+
+
+_CONV_DOC = """`keras.layers.{name}` whose input gradient {gradient}.
+
+    Takes every stock argument plus `feedback`, `feedback_initializer` and `feedback_scale` as
+    `keras_wt.layers.Dense`. {extra}
+    """
+
+
+def _doc(name, gradient, extra=""):
+    return _CONV_DOC.format(name=name, gradient=gradient, extra=extra)
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
 class Conv1D(_FeedbackConv, keras.layers.Conv1D):
-    """`keras.layers.Conv1D` whose input gradient is the transposed convolution with `B`.
-
-    Takes every stock argument (any padding, `"causal"` included, strides, dilation, groups)
-    plus `feedback`, `feedback_initializer` and `feedback_scale` as `keras_wt.layers.Dense`.
-    """
-
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        feedback="bp",
-        feedback_initializer=None,
-        feedback_scale=None,
-        **kwargs,
-    ):
-        super().__init__(filters, kernel_size, **kwargs)
-        self._init_feedback(feedback, feedback_initializer, feedback_scale)
+    __doc__ = _doc(
+        "Conv1D",
+        "is the transposed convolution with `B`",
+        'Any padding, `"causal"` included, strides, dilation and groups.',
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
 class Conv2D(_FeedbackConv, keras.layers.Conv2D):
-    """`keras.layers.Conv2D` whose input gradient is `conv2d_backprop_input(dy, B)`.
+    __doc__ = _doc(
+        "Conv2D",
+        "is `conv2d_backprop_input(dy, B)`",
+        """Example:
 
-    Takes every stock argument plus `feedback`, `feedback_initializer` and `feedback_scale` as
-    `keras_wt.layers.Dense`.
+    >>> layer = keras_wt.layers.Conv2D(32, 3, feedback="wm", feedback_initializer="he_normal")
+    """,
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class Conv3D(_FeedbackConv, keras.layers.Conv3D):
+    __doc__ = _doc("Conv3D", "is `conv3d_backprop_input(dy, B)`")
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class Conv1DTranspose(_FeedbackConvTranspose, keras.layers.Conv1DTranspose):
+    __doc__ = _doc("Conv1DTranspose", "is the convolution of `dy` with `B`")
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class Conv2DTranspose(_FeedbackConvTranspose, keras.layers.Conv2DTranspose):
+    __doc__ = _doc("Conv2DTranspose", "is the convolution of `dy` with `B`")
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class Conv3DTranspose(_FeedbackConvTranspose, keras.layers.Conv3DTranspose):
+    __doc__ = _doc("Conv3DTranspose", "is the convolution of `dy` with `B`")
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class DepthwiseConv1D(_FeedbackDepthwiseConv, keras.layers.DepthwiseConv1D):
+    __doc__ = _doc("DepthwiseConv1D", "is the depthwise transposed convolution with `B`")
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class DepthwiseConv2D(_FeedbackDepthwiseConv, keras.layers.DepthwiseConv2D):
+    __doc__ = _doc("DepthwiseConv2D", "is the depthwise transposed convolution with `B`")
+
+
+class _FeedbackSeparableConv(_Twin, WithFeedback):
+    """A separable convolution as what it computes: a depthwise convolution, then a 1×1
+    convolution (with the bias), each a `FeedbackLayer` with its own `B`. The error flows back
+    through the pointwise `B`, then through the depthwise `B`.
+
+    `layer.depthwise_conv` and `layer.pointwise_conv` are those sublayers (named
+    `<name>_depthwise` and `<name>_pointwise`); `depthwise_kernel`, `pointwise_kernel` and
+    `bias` are their weights, as on the stock layer, and `layer.weights` without the feedback
+    kernels is `[depthwise_kernel, pointwise_kernel, bias]`, the stock order.
+    """
+
+    _depthwise_class = None
+    _pointwise_class = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        common = dict(data_format=self.data_format, dtype=self.dtype_policy)
+        common.update(self.feedback_config())
+        self.depthwise_conv = self._depthwise_class(
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            depth_multiplier=self.depth_multiplier,
+            dilation_rate=self.dilation_rate,
+            use_bias=False,
+            depthwise_initializer=self.depthwise_initializer,
+            depthwise_regularizer=self.depthwise_regularizer,
+            depthwise_constraint=self.depthwise_constraint,
+            name=f"{self.name}_depthwise",
+            **common,
+        )
+        self.pointwise_conv = self._pointwise_class(
+            self.filters,
+            1,
+            use_bias=self.use_bias,
+            kernel_initializer=self.pointwise_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.pointwise_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.pointwise_constraint,
+            bias_constraint=self.bias_constraint,
+            name=f"{self.name}_pointwise",
+            **common,
+        )
+
+    def build(self, input_shape):
+        self.compute_output_shape(input_shape)  # the stock checks of the input shape
+        channel_axis = _channel_axis(self)
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=self.rank + 2, axes={channel_axis: input_shape[channel_axis]}
+        )
+        self.depthwise_conv.build(input_shape)
+        self.pointwise_conv.build(self.depthwise_conv.compute_output_shape(input_shape))
+
+    def call(self, inputs):
+        outputs = self.pointwise_conv(self.depthwise_conv(inputs))
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    @property
+    def depthwise_kernel(self):
+        return self.depthwise_conv.kernel
+
+    @property
+    def pointwise_kernel(self):
+        return self.pointwise_conv.kernel
+
+    @property
+    def bias(self):
+        return self.pointwise_conv.bias
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class SeparableConv1D(_FeedbackSeparableConv, keras.layers.SeparableConv1D):
+    __doc__ = _FeedbackSeparableConv.__doc__.replace(
+        "A separable", "`keras.layers.SeparableConv1D` with feedback kernels: a separable", 1
+    )
+    _depthwise_class = DepthwiseConv1D
+    _pointwise_class = Conv1D
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class SeparableConv2D(_FeedbackSeparableConv, keras.layers.SeparableConv2D):
+    __doc__ = _FeedbackSeparableConv.__doc__.replace(
+        "A separable", "`keras.layers.SeparableConv2D` with feedback kernels: a separable", 1
+    )
+    _depthwise_class = DepthwiseConv2D
+    _pointwise_class = Conv2D
+
+
+@keras.saving.register_keras_serializable(package="keras_wt")
+class MultiHeadAttention(_Twin, WithFeedback, keras.layers.MultiHeadAttention):
+    """`keras.layers.MultiHeadAttention` whose query, key, value (and gate) and output
+    projections are feedback `keras_wt.layers.EinsumDense` layers.
+
+    Takes every stock argument plus `feedback`, `feedback_initializer` and `feedback_scale`,
+    passed to every projection. The projections are named `<name>_query`, `<name>_key`,
+    `<name>_value` and `<name>_attention_output` (so the alignment metrics of several
+    attention layers do not collide); `query_dense`, `key_dense`, `value_dense` and
+    `output_dense` return them as on the stock layer.
+
+    The attention products `softmax(QKᵀ/√d)` and `A·V` multiply two activations and hold no
+    weight: there is no weight to transport, and their gradients stay exact (as do the
+    softmax, the dropout and the masks). Only the error crossing a projection uses `B`.
 
     Example:
 
-    >>> layer = keras_wt.layers.Conv2D(32, 3, feedback="wm", feedback_initializer="he_normal")
+    >>> mha = keras_wt.layers.MultiHeadAttention(num_heads=4, key_dim=16, feedback="kp")
+    >>> y = mha(x, x)
     """
 
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        feedback="bp",
-        feedback_initializer=None,
-        feedback_scale=None,
-        **kwargs,
-    ):
-        super().__init__(filters, kernel_size, **kwargs)
-        self._init_feedback(feedback, feedback_initializer, feedback_scale)
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        # The stock build creates stock EinsumDense projections; each becomes its feedback twin
+        # with the same config, build shape and (initial) weights, in the same place.
+        for attribute, sublayer in list(vars(self).items()):
+            if type(sublayer) is not keras.layers.EinsumDense:
+                continue
+            config = sublayer.get_config()
+            config.update(self.feedback_config(), name=f"{self.name}_{sublayer.name}")
+            twin = EinsumDense.from_config(config)
+            twin.build_from_config(sublayer.get_build_config())
+            for new, old in zip(stock_weights(twin), sublayer.weights):
+                new.assign(old)
+            _compat.replace_sublayer(self, attribute, twin)
+        # The stock build gives the output projection an unknown sequence length; it is the
+        # query's (the mirror draws noise of this shape).
+        output = self.output_dense
+        output.feedback_input_shape = (
+            tuple(query_shape[:-1]) + tuple(output.feedback_input_shape[len(query_shape) - 1 :])
+        )
 
 
-FEEDBACK_LAYERS = (Dense, Conv1D, Conv2D)
+def stock_weights(layer):
+    """`layer.weights` without the feedback kernels: the weights its stock twin has, in the
+    stock twin's order (for a stock layer, all its weights)."""
+    feedback = {
+        id(sublayer.feedback_kernel)
+        for sublayer in _compat.flatten_layers(layer)
+        if isinstance(sublayer, FeedbackLayer) and sublayer.feedback_kernel is not None
+    }
+    return [weight for weight in getattr(layer, "weights", ()) if id(weight) not in feedback]
+
+
+# The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
+TWINS = {
+    keras.layers.Dense: Dense,
+    keras.layers.EinsumDense: EinsumDense,
+    keras.layers.Conv1D: Conv1D,
+    keras.layers.Conv2D: Conv2D,
+    keras.layers.Conv3D: Conv3D,
+    keras.layers.Conv1DTranspose: Conv1DTranspose,
+    keras.layers.Conv2DTranspose: Conv2DTranspose,
+    keras.layers.Conv3DTranspose: Conv3DTranspose,
+    keras.layers.DepthwiseConv1D: DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D: DepthwiseConv2D,
+    keras.layers.SeparableConv1D: SeparableConv1D,
+    keras.layers.SeparableConv2D: SeparableConv2D,
+    keras.layers.MultiHeadAttention: MultiHeadAttention,
+}
+STOCK = {ours: stock for stock, ours in TWINS.items()}
+
+FEEDBACK_LAYERS = tuple(cls for cls in TWINS.values() if issubclass(cls, FeedbackLayer))
 
 
 def feedback_layers(model):
-    """All keras_wt feedback layers of `model` (nested models included), in order."""
-    return [layer for layer in model._flatten_layers() if isinstance(layer, FeedbackLayer)]
+    """All keras_wt feedback layers of `model` (nested models and the sublayers of separable
+    convolutions and attention included), in order: every (W, B) pair of the model."""
+    return [
+        layer for layer in _compat.flatten_layers(model) if isinstance(layer, FeedbackLayer)
+    ]
