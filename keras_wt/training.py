@@ -70,7 +70,8 @@ class TrainConfig:
     `"step"`: ×0.1 at `decay_epochs`, `"cosine"`) after `warmup_epochs`; SGD with `momentum`;
     `weight_decay` is the L2 coefficient of the kernels, applied decoupled (see
     `keras_wt.schedules.decoupled_weight_decay`). The `mirror_*` fields are `MirrorCallback`'s
-    arguments. Evaluation and the alignment probe (`alignment`: `"none"`, `"weights"` or
+    arguments (`mirror_batch_size`: an int, a `{layer_name: n}` dict or `"auto"`). Evaluation
+    and the alignment probe (`alignment`: `"none"`, `"weights"` or
     `"full"` with `alignment_probe_size` examples) run every `eval_every` epochs, at the first
     and at the last.
 
@@ -111,7 +112,9 @@ class TrainConfig:
     mirror_decay: float = 1.0
     mirror_every: int = 1
     mirror_steps: int = 1
-    mirror_batch_size: int = 32
+    mirror_batch_size: object = 32  # an int, {layer: n} or "auto" (see MirrorCallback)
+    mirror_target_angle: float = 5.0
+    mirror_max_batch_size: int = 4096
     mirror_warmup_steps: int = 500  # None: num_train // batch_size
     alignment: str = "weights"
     alignment_probe_size: int = 64
@@ -286,53 +289,25 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
 # --------------------------------------------------------------------------------------------
 
 
-def mirror_batch_size(batch_size, num_replicas):
-    """`batch_size` rounded up to a multiple of `num_replicas` (each replica draws its share)."""
-    return int(math.ceil(batch_size / num_replicas)) * num_replicas
-
-
-def create_mirror_callback(
-    model,
-    learning_rate=0.01,
-    noise_std=1.0,
-    decay=1.0,
-    every=1,
-    steps=1,
-    batch_size=32,
-    warmup_steps=500,
-    noise_distribution="normal",
-    seed=0,
-    jit_compile=False,
-):
+def create_mirror_callback(model, learning_rate=0.01, noise_std=1.0, decay=1.0, **kwargs):
     """The `MirrorCallback` that trains the feedback kernels of the layers of `model` that learn
     `B` by mirroring, or `None` when it has none.
 
-    The mirror step is `ΔB = η·∇_W(½‖f_W(x)‖²)/(n·P) − η·λ·B` (`keras_wt.mirror`), an average over
-    the `n` noise samples and the `P` positions of each convolution, so every layer's `B` tends to
-    `(σ²/λ)·W`: with the defaults `σ = λ = 1`, `W` itself, whose scale the error signal then
-    keeps; `η = 0.01` covers 1% of the way per mirror step (about 100 steps to follow `W`).
+    The mirror step is `ΔB = η·∇_W(½‖f_W(x)‖²) ⊘ (n·C) − η·λ·B` (`keras_wt.mirror`), averaged
+    over the `n` noise samples and, per kernel entry, over the `C` positions at which it reads
+    real input, so every layer's `B` tends to `(σ²/λ)·W`: with the trainer's defaults
+    `σ = λ = 1`, `W` itself, whose scale the error signal then keeps; `η = 0.01` covers 1% of the
+    way per mirror step (about 100 steps to follow `W`). Each layer's noise batch (an int, a
+    `{layer: n}` dict, a callable or `"auto"`) is rounded up to a multiple of the replicas.
 
     Args:
         model: a built model (fixed input size: the noise has each layer's input shape).
-        learning_rate, noise_std, decay, every, steps, warmup_steps, noise_distribution, seed,
-            jit_compile: as `keras_wt.callbacks.MirrorCallback`.
-        batch_size: noise samples per layer and mirror step, rounded up to a multiple of the
-            number of replicas.
+        learning_rate, noise_std, decay, **kwargs: the arguments of
+            `keras_wt.callbacks.MirrorCallback`.
     """
     if not mirror_lib.wm_layers(model):
         return None
-    return callbacks_lib.MirrorCallback(
-        learning_rate=learning_rate,
-        noise_std=noise_std,
-        decay=decay,
-        every=every,
-        steps=steps,
-        batch_size=mirror_batch_size(batch_size, model.distribute_strategy.num_replicas_in_sync),
-        warmup_steps=warmup_steps,
-        noise_distribution=noise_distribution,
-        seed=seed,
-        jit_compile=jit_compile,
-    )
+    return callbacks_lib.MirrorCallback(learning_rate, noise_std, decay=decay, **kwargs)
 
 
 class ResultsRecorder(keras.callbacks.Callback):
@@ -423,6 +398,8 @@ def create_callbacks(
         every=config.mirror_every,
         steps=config.mirror_steps,
         batch_size=config.mirror_batch_size,
+        target_angle=config.mirror_target_angle,
+        max_batch_size=config.mirror_max_batch_size,
         warmup_steps=(
             config.mirror_warmup_steps if mirror_warmup_steps is None else mirror_warmup_steps
         ),

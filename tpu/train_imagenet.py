@@ -30,6 +30,10 @@ def _ints_or_floats(text):
     return tuple(float(x) if "." in x else int(x) for x in text.split(",") if x)
 
 
+def _int_or_auto(text):
+    return text if text == "auto" else int(text)
+
+
 def flag_parser():
     """The command-line flags; each maps to the `TrainConfig` field of the same name, except
     `--lr_per_256` (the peak `learning_rate` is `lr_per_256 · batch_size / 256`) and
@@ -111,8 +115,15 @@ def flag_parser():
                    help="mirror after every N training steps.")
     g.add_argument("--mirror_steps", type=int, default=d["mirror_steps"],
                    help="mirror steps each time.")
-    g.add_argument("--mirror_batch_size", type=int, default=d["mirror_batch_size"],
-                   help="noise examples per layer and mirror step (all replicas together).")
+    g.add_argument("--mirror_batch_size", type=_int_or_auto, default=d["mirror_batch_size"],
+                   help="noise examples per layer and mirror step (all replicas together), or "
+                   "'auto': per layer, the smallest batch whose residual angle is "
+                   "--mirror_target_angle (tan θ ≈ √(fan_in·η·λ/(2n)), capped at "
+                   "--mirror_max_batch_size).")
+    g.add_argument("--mirror_target_angle", type=float, default=d["mirror_target_angle"],
+                   help="degrees, for --mirror_batch_size=auto.")
+    g.add_argument("--mirror_max_batch_size", type=int, default=d["mirror_max_batch_size"],
+                   help="cap of --mirror_batch_size=auto.")
     g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"],
                    help="mirror steps before the first training step.")
 
