@@ -17,15 +17,14 @@ import sys
 # keras_wt.ALGORITHMS, keras_wt.experiment's datasets and models (tests check they agree).
 ALGORITHMS = ("bp", "fa", "ss", "wm", "kp")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet20")
+SCHEDULES = ("constant", "cosine")
+LOSSES = ("summed_sigmoid", "softmax")
 
 # The learning rates of the published code (Akrout et al.); sign symmetry was not in it and
 # uses backprop's.
 PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3}
 
-# The CNN is not in the published code. A 100-step check on Fashion-MNIST diverged at 0.03 for
-# FA (and WM, which is FA until its mirror catches up) and at 0.1 for BP and KP; 0.01 trains all.
-CNN_LEARNING_RATE = 0.01
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,6 +34,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def _int_or_auto(text):
+    return text if text == "auto" else int(text)
 
 
 def build_parser(defaults=True):
@@ -61,7 +64,9 @@ def build_parser(defaults=True):
         help="bp: backprop, fa: feedback alignment, ss: sign symmetry, wm: weight mirror, "
         "kp: Kolen-Pollack")
     add("--model", default="mlp", choices=MODELS,
-        help="mlp: the reference MLP; cnn: keras_wt.models.cnn (logits, the same loss)")
+        help="mlp: the reference MLP with the published configuration; cnn (keras_wt.models.cnn) "
+        "and resnet20: convnets with the convnet recipe (batch norm, softmax cross-entropy, SGD "
+        "with momentum, weight decay, cosine schedule: keras_wt.experiment.CONVNET_RECIPE)")
     add("--n_epochs", type=int, default=400, help="number of epochs")
     add("--size_hidden_layers", type=int, nargs="+", default=[500],
         help="widths of the hidden layers (cnn: one int, the width of its dense layer)")
@@ -69,8 +74,8 @@ def build_parser(defaults=True):
         help="filters of the convolutional layers of --model cnn")
     add("--batch_size", type=int, default=128, help="training batch size")
     add("--learning_rate", type=float, default=None,
-        help="SGD learning rate; default: the published one of --algo "
-        f"{PUBLISHED_LEARNING_RATES} for the mlp, {CNN_LEARNING_RATE} for the cnn")
+        help="SGD learning rate (the peak of --schedule); default: the published one of --algo "
+        f"{PUBLISHED_LEARNING_RATES} for the mlp, the recipe's for the convnets")
     add("--test_frequency", type=int, default=1,
         help="evaluate (test accuracy, angles) at the first epoch, every this many epochs "
         "after it, and at the last")
@@ -86,31 +91,55 @@ def build_parser(defaults=True):
     add("--verbose", type=int, default=1, choices=(0, 1, 2, 3),
         help="0: summary lines only, 1: Keras progress bar (one line per epoch when the "
         "output is not a terminal), 2: one line per epoch, 3: as 2, plus TensorFlow's own log")
+    add = adder(parser.add_argument_group(
+        "convnet recipe (defaults: the published configuration for --model mlp, "
+        "keras_wt.experiment.CONVNET_RECIPE for the convnets)"))
+    add("--batch_norm", action=argparse.BooleanOptionalAction, default=True,
+        help="cnn: batch norm (momentum 0.9) after every convolution and the hidden Dense")
+    add("--loss", default=None, choices=LOSSES,
+        help="summed_sigmoid: the published sigmoid cross-entropy summed over the classes; "
+        "softmax: the softmax cross-entropy")
+    add("--momentum", type=float, default=None, help="SGD momentum")
+    add("--weight_decay", type=float, default=None,
+        help="L2 coefficient of the kernels for every algorithm but kp (applied as the "
+        "decoupled decay weight_decay / (1 - momentum))")
+    add("--schedule", default=None, choices=SCHEDULES,
+        help="constant, or a cosine from --learning_rate to 0 at the last epoch")
     mirror = parser.add_argument_group(
-        "weight mirror (--algo wm), in the published code's units")
+        "weight mirror (--algo wm): for --model mlp in the published code's units, for the "
+        "convnets in keras_wt's (MirrorCallback's η, σ, λ)")
     add = adder(mirror)
-    add("--mirror_learning_rate", type=float, default=0.01,
-        help="published η: ΔB = η·xᵀ·sigmoid(xW+b) summed over the noise batch; keras_wt's "
-        "averaged linear step is η·mirror_batch_size/4")
+    add("--mirror_learning_rate", type=float, default=None,
+        help="mlp: published η (default 0.01): ΔB = η·xᵀ·sigmoid(xW+b) summed over the noise "
+        "batch; keras_wt's averaged linear step is η·mirror_batch_size/4. convnets: keras_wt's "
+        "η (the recipe's by default)")
     add = adder(mirror.add_mutually_exclusive_group())
     add("--mirror_noise_amplitude", type=float, default=None,
         help="uniform noise in [-a, a) (default 0.05, σ = a/√3)")
     add("--mirror_noise_std", type=float, default=None,
         help="Gaussian noise N(0, σ²) instead of the uniform noise")
     add = adder(mirror)
-    add("--mirror_decay", type=float, default=0.0,
-        help="mirror decay λ of B: ΔB −= η_m·λ·B with keras_wt's η_m (published: none)")
+    add("--mirror_decay", type=float, default=None,
+        help="mirror decay λ of B: ΔB −= η_m·λ·B with keras_wt's η_m, B → (σ²/λ)·W (mlp: "
+        "none, as published; convnets: the recipe's)")
     add("--mirror_every", type=int, default=1,
         help="mirror after every this many training batches")
     add("--mirror_steps", type=int, default=1,
         help="mirror steps (noise batches per layer) each time")
-    add("--mirror_batch_size", type=int, default=None,
-        help="noise samples per batch (default: --batch_size)")
+    add("--mirror_batch_size", type=_int_or_auto, default=None,
+        help="noise samples per layer and batch (mlp default: --batch_size); convnets: or "
+        "'auto' (their default): per layer, the smallest batch whose residual angle is "
+        "--mirror_target_angle, tan θ ≈ √(fan_in·η·λ/(2n)), at most --mirror_max_batch_size")
+    add("--mirror_target_angle", type=float, default=None,
+        help="degrees, for --mirror_batch_size auto")
+    add("--mirror_max_batch_size", type=int, default=None,
+        help="cap of --mirror_batch_size auto")
     add("--mirror_warmup_steps", type=int, default=None,
-        help="mirror steps before training (default: N_train // batch_size)")
+        help="mirror steps before training (mlp default: N_train // batch_size)")
     add = adder(parser.add_argument_group("Kolen-Pollack (--algo kp)"))
-    add("--kp_weight_decay", type=float, default=0.0,
-        help="decay λ of W and B of kp layers (published: none)")
+    add("--kp_weight_decay", type=float, default=None,
+        help="decoupled decay λ of W and B of kp layers (mlp: none, as published; convnets: "
+        "the λ for which Σ_t lr_t·λ over the run is keras_wt.experiment.KP_DECAY_BUDGET)")
     return parser
 
 
@@ -136,20 +165,27 @@ def validate(config):
     lr = config["learning_rate"]
     check("learning_rate", lr is None or (math.isfinite(lr) and lr > 0),
           "a positive number (or not given: the published rate of --algo)")
-    check("mirror_learning_rate", config["mirror_learning_rate"] >= 0, "a number >= 0")
+    for flag in ("mirror_learning_rate", "mirror_decay", "weight_decay", "kp_weight_decay",
+                 "mirror_target_angle"):
+        check(flag, config[flag] is None or config[flag] >= 0, "a number >= 0")
+    check("momentum", config["momentum"] is None or 0 <= config["momentum"] < 1,
+          "a number in [0, 1)")
     for flag in ("mirror_noise_amplitude", "mirror_noise_std"):
         check(flag, config[flag] is None or config[flag] > 0, "a positive number")
     check("mirror_noise_std",
           config["mirror_noise_amplitude"] is None or config["mirror_noise_std"] is None,
           "left out when --mirror_noise_amplitude is given")
-    check("mirror_decay", config["mirror_decay"] >= 0, "a number >= 0")
-    check("mirror_batch_size",
-          config["mirror_batch_size"] is None or config["mirror_batch_size"] >= 1,
+    batch = config["mirror_batch_size"]
+    check("mirror_batch_size", batch is None or batch == "auto" or batch >= 1,
+          "an integer >= 1 or auto")
+    check("mirror_batch_size", batch != "auto" or config["model"] != "mlp",
+          "an integer with --model mlp (the published units convert with it)")
+    check("mirror_max_batch_size",
+          config["mirror_max_batch_size"] is None or config["mirror_max_batch_size"] >= 1,
           "an integer >= 1")
     check("mirror_warmup_steps",
           config["mirror_warmup_steps"] is None or config["mirror_warmup_steps"] >= 0,
           "an integer >= 0")
-    check("kp_weight_decay", config["kp_weight_decay"] >= 0, "a number >= 0")
     return config
 
 

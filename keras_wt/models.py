@@ -399,6 +399,7 @@ def cnn(
     output_activation=None,
     kernel_initializer="he_normal",
     feedback_initializer=None,
+    batch_norm=False,
     seed=None,
     dtype=None,
     name="cnn",
@@ -406,7 +407,9 @@ def cnn(
     """A small CNN for MNIST-like and CIFAR-like images; returns logits by default.
 
     `[Conv2D(f, kernel_size, "same") → ReLU → MaxPool(2)] for f in filters → Flatten →
-    Dense(dense_units) → ReLU → Dense(num_classes)`, with biases. Train it with
+    Dense(dense_units) → ReLU → Dense(num_classes)`, with biases. With `batch_norm`, every
+    convolution and the hidden Dense are followed by batch normalisation (momentum
+    `BN_MOMENTUM`) before the ReLU, and have no bias. Train it with
     `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`, or pass
     `output_activation="softmax"`.
 
@@ -420,6 +423,7 @@ def cnn(
         kernel_initializer: of every kernel; biases start at zero.
         feedback_initializer: of `B` (`fa`, `wm`, `kp`); `None` draws `B` like `W`,
             independently.
+        batch_norm: batch normalisation after every convolution and the hidden Dense.
         seed: integer for reproducible weights, or `None`.
         dtype: dtype policy of the layers (`None`: the global policy).
         name: of the model.
@@ -427,14 +431,21 @@ def cnn(
     builder = _Builder(feedback, feedback_initializer, seed=seed, dtype=dtype)
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = inputs
+    activation = None if batch_norm else "relu"
     for i, f in enumerate(filters):
         x = builder.conv(
-            x, f, kernel_size, 1, f"conv_{i + 1}", kernel_initializer, use_bias=True,
-            activation="relu",
+            x, f, kernel_size, 1, f"conv_{i + 1}", kernel_initializer,
+            use_bias=not batch_norm, activation=activation,
         )
+        if batch_norm:
+            x = builder.relu(builder.batch_norm(x, f"bn_{i + 1}"), f"relu_{i + 1}")
         x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"pool_{i + 1}")(x)
     x = keras.layers.Flatten(dtype=dtype, name="flatten")(x)
-    x = builder.dense(dense_units, "hidden", kernel_initializer, activation="relu")(x)
+    if batch_norm:
+        x = builder.dense(dense_units, "hidden", kernel_initializer, activation=None)(x)
+        x = builder.relu(builder.batch_norm(x, "bn_hidden"), "relu_hidden")
+    else:
+        x = builder.dense(dense_units, "hidden", kernel_initializer, activation="relu")(x)
     outputs = builder.head(x, num_classes, kernel_initializer, output_activation)
     return keras.Model(inputs, outputs, name=name)
 

@@ -130,6 +130,29 @@ def learning_rate_schedule(
     )
 
 
+def decay_for_budget(schedule, total_steps, budget):
+    """The decoupled decay `λ` for which `Σ_t lr_t·λ = budget` over `total_steps` steps of
+    `schedule` (a float or a `LearningRateSchedule`).
+
+    Kolen–Pollack's `B − W` shrinks by `Π_t (1 − lr_t·λ) ≈ exp(−Σ_t lr_t·λ)` over a run, so the
+    budget, not `λ` itself, says how far `B` has come to `W` at the end (5: to 0.7 % of the
+    initial difference), whatever the length of the run and the schedule.
+    """
+    if callable(schedule):
+        rates = schedule(tf.range(total_steps))
+        total, peak = float(tf.reduce_sum(rates)), float(tf.reduce_max(rates))
+    else:
+        total, peak = float(schedule) * total_steps, float(schedule)
+    decay = budget / total
+    if peak * decay >= 1:
+        raise ValueError(
+            f"A decay budget of {budget} over {total_steps} steps needs λ = {decay:.3g}, and "
+            f"lr·λ = {peak * decay:.3g} >= 1 at the peak learning rate: the run is too short for "
+            "that budget. Give the decay itself, or train longer."
+        )
+    return decay
+
+
 def decoupled_weight_decay(weight_decay, momentum):
     """The decoupled decay `λ` (`W ← W − lr·λ·W` per step) equivalent to an L2 coefficient.
 

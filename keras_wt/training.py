@@ -34,6 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_wt import algorithms
 from keras_wt import callbacks as callbacks_lib
 from keras_wt import datasets
 from keras_wt import metrics
@@ -69,7 +70,9 @@ class TrainConfig:
     (`eval_steps=0`: no evaluation); `learning_rate` is the peak of `schedule` (`"constant"`,
     `"step"`: ×0.1 at `decay_epochs`, `"cosine"`) after `warmup_epochs`; SGD with `momentum`;
     `weight_decay` is the L2 coefficient of the kernels, applied decoupled (see
-    `keras_wt.schedules.decoupled_weight_decay`). The `mirror_*` fields are `MirrorCallback`'s
+    `keras_wt.schedules.decoupled_weight_decay`); with `kp_decay_budget`, an algorithm whose `B`
+    learns through the optimizer (`kp`) gets instead the decoupled decay `λ` for which
+    `Σ_t lr_t·λ` over the run is that budget (`keras_wt.schedules.decay_for_budget`). The `mirror_*` fields are `MirrorCallback`'s
     arguments (`mirror_batch_size`: an int, a `{layer_name: n}` dict or `"auto"`). Evaluation
     and the alignment probe (`alignment`: `"none"`, `"weights"` or
     `"full"` with `alignment_probe_size` examples) run every `eval_every` epochs, at the first
@@ -99,6 +102,7 @@ class TrainConfig:
     decay_epochs: tuple = (30, 60, 80)
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    kp_decay_budget: float = None
     label_smoothing: float = 0.0
     dtype: str = "auto"
     steps_per_execution: int = 1
@@ -255,8 +259,16 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
         warmup_epochs=config.warmup_epochs,
         decay_epochs=config.decay_epochs,
     )
+    weight_decay = config.weight_decay
+    if config.kp_decay_budget and algorithms.get(config.algo).learns_feedback == "optimizer":
+        decay = schedules.decay_for_budget(
+            schedule, config.epochs * steps_per_epoch, config.kp_decay_budget
+        )
+        logger.info("Kolen-Pollack decay λ = %.4g (Σ lr·λ = %g over the run)", decay,
+                    config.kp_decay_budget)
+        weight_decay = decay * (1.0 - config.momentum)  # create_optimizer divides it back
     optimizer = schedules.create_optimizer(
-        config.algo, schedule, momentum=config.momentum, weight_decay=config.weight_decay
+        config.algo, schedule, momentum=config.momentum, weight_decay=weight_decay
     )
     from_logits = _outputs_logits(model)
     if config.loss == "summed_sigmoid":

@@ -182,20 +182,45 @@ def test_reference_model_loss_optimizer_and_initialisation():
     assert_allclose(loss(labels, p), expected, rtol=1e-5)
 
 
-def test_kp_uses_kolen_pollack_with_its_decay_and_cnn_uses_logits():
+def test_kp_uses_kolen_pollack_with_its_decay():
     config, _ = cli.parse_args(["--algo", "kp", "--kp_weight_decay", "0.001"])
     model = build_model(config, (28, 28, 1))
     assert isinstance(model.optimizer, wt_optimizers.KolenPollack)
     assert model.optimizer.kp_weight_decay == 0.001
     assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
     assert np.isclose(float(model.optimizer.learning_rate), 0.3)
+
+
+def test_convnet_recipe():
+    """--model cnn/resnet20: batch norm, softmax cross-entropy on logits, SGD with momentum,
+    decoupled weight decay of the kernels, a cosine schedule; KP's decay from its budget."""
     config, _ = cli.parse_args(["--model", "cnn", "--size_hidden_layers", "8",
-                                       "--cnn_filters", "2", "3"])
+                                "--cnn_filters", "2", "3", "--n_epochs", "4"])
     model = build_model(config, (28, 28, 1))
-    assert model.loss.from_logits
+    assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert model.loss.get_config()["from_logits"]
     assert model.get_layer("conv_2").kernel.shape[-1] == 3
     assert model.get_layer("hidden").kernel.shape[-1] == 8
-    assert np.isclose(float(model.optimizer.learning_rate), experiment.CNN_LEARNING_RATE)
+    assert model.get_layer("bn_2").momentum == 0.9 and model.get_layer("conv_2").bias is None
+    optimizer = model.optimizer
+    assert optimizer.momentum == 0.9
+    assert optimizer.weight_decay == pytest.approx(5e-4 / (1 - 0.9))  # the L2 equivalent
+    # The cosine from 0.05 to 0 over 4 epochs of 10 steps.
+    schedule = keras.optimizers.schedules.deserialize(optimizer.get_config()["learning_rate"])
+    assert float(schedule(0)) == pytest.approx(0.05) and float(schedule(40)) == pytest.approx(0)
+    assert float(schedule(20)) == pytest.approx(0.025, rel=1e-5)
+    without, _ = cli.parse_args(["--model", "cnn", "--no-batch_norm"])
+    assert not any("bn" in layer.name for layer in build_model(without, (28, 28, 1)).layers)
+    # Kolen-Pollack: λ such that Σ_t lr_t·λ = KP_DECAY_BUDGET over the 40 steps.
+    config, _ = cli.parse_args(["--model", "cnn", "--algo", "kp", "--n_epochs", "4"])
+    optimizer = build_model(config, (28, 28, 1)).optimizer
+    rates = [0.025 * (1 + math.cos(math.pi * t / 40)) for t in range(40)]
+    assert optimizer.kp_weight_decay == pytest.approx(experiment.KP_DECAY_BUDGET / sum(rates),
+                                                      rel=1e-5)
+    config, _ = cli.parse_args(["--model", "resnet20", "--algo", "kp", "--kp_weight_decay", "0.1"])
+    model = build_model(config, (28, 28, 1))
+    assert model.optimizer.kp_weight_decay == pytest.approx(0.1)
+    assert model.get_layer("classifier").feedback == "kp"
 
 
 def test_mirror_step_reproduces_the_published_step():
@@ -339,3 +364,32 @@ def test_resume_refuses_changed_flags(data_dir, tmp_path):
         experiment.run(config, explicit)
     with pytest.raises(ValueError, match="not a run folder"):
         experiment.run(*cli.parse_args(["--resume", str(tmp_path)]))
+
+
+def test_convnet_weight_mirror_end_to_end(data_dir, tmp_path):
+    """--model cnn --algo wm: the recipe's mirror in keras_wt's units, a noise batch per layer
+    sized for the target angle (wide layers get more)."""
+    run_dir = cli.train_from_flags(tiny_flags(
+        data_dir, tmp_path, "wm", "--model", "cnn", "--cnn_filters", "2", "3", "--n_epochs", "1",
+        "--mirror_warmup_steps", "2"))
+    config = read(run_dir, "experiment_config.json")
+    assert config["train_config"]["mirror_batch_size"] == "auto"
+    assert config["train_config"]["mirror_learning_rate"] == experiment.CONVNET_MIRROR[
+        "learning_rate"]
+    assert config["derived"]["loss"] == "softmax" and config["derived"]["schedule"] == "cosine"
+    entry = read(run_dir, "results.json")["epoch_1"]
+    assert np.isfinite(entry["loss"]) and set(entry["delta_angles"]) == {
+        "conv_1", "conv_2", "hidden", "classifier"}
+    # The mirror law (tan θ ≈ √(d_in·η·λ/(2n))) sizes the 147-input hidden layer's batch above
+    # the 2·5·5-input conv_2's.
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    mirror = keras_wt.mirror.WeightMirror(
+        model, **{k: v for k, v in experiment.CONVNET_MIRROR.items() if k != "warmup_steps"})
+    sizes = dict(zip([layer.name for layer in mirror.layers], mirror.batch_sizes))
+    assert sizes["hidden"] > sizes["conv_2"]
+
+
+def test_convnet_kp_decay_budget_too_large_for_a_short_run_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="too short for that budget"):
+        cli.train_from_flags(tiny_flags(data_dir, tmp_path, "kp", "--model", "cnn",
+                                        "--cnn_filters", "2", "--n_epochs", "1"))
