@@ -74,7 +74,7 @@ def linear_tap():
     return _get("tap", None)
 
 
-def linear_with_feedback(op, x, kernel, feedback):
+def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
     """`op(x, kernel)` whose gradient wrt `x` flows through `feedback` instead of `kernel`.
 
     Args:
@@ -83,6 +83,8 @@ def linear_with_feedback(op, x, kernel, feedback):
         kernel: the forward kernel `W` (a tensor).
         feedback: a tensor of `kernel`'s shape and dtype, or `None` for exact backprop (then
             the stock op and its stock gradients are used, bit for bit).
+        on_backward: called (without arguments) when the backward pass is built: when it is
+            traced inside a `tf.function`, at every backward pass in eager mode.
 
     Returns:
         `op(x, kernel)`.
@@ -93,6 +95,8 @@ def linear_with_feedback(op, x, kernel, feedback):
     @tf.custom_gradient
     def _linear(x, kernel, feedback):
         def grad(dy):
+            if on_backward is not None:
+                on_backward()
             # Two independent vector-Jacobian products of the same bilinear op. Their forward
             # values are never used and are pruned from the compiled graph.
             with tf.GradientTape(persistent=True) as tape:

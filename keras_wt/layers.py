@@ -28,6 +28,7 @@ likewise normalisation, pooling, embeddings and every other layer without a kern
 """
 
 import math
+import warnings
 import weakref
 
 import keras
@@ -134,6 +135,10 @@ class FeedbackLayer(WithFeedback):
         # The input shape the layer was built with (dimensions unknown at build time filled in
         # by the first call): mirror noise is drawn with this shape.
         self.feedback_input_shape = None
+        # What trains B when the optimizer does not: `keras_wt.mirror.WeightMirror` sets itself
+        # here. A layer whose B learns by mirroring warns when its backward pass is built
+        # without one (`_check_feedback_learner`).
+        self.feedback_learner = None
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -183,11 +188,30 @@ class FeedbackLayer(WithFeedback):
             inputs,
             kernel,
             self.feedback_tensor(kernel),
+            on_backward=self._check_feedback_learner,
         )
         tap = feedback_lib.linear_tap()
         if tap is not None:
             outputs = tap(self, outputs)
         return outputs
+
+    def _check_feedback_learner(self):
+        """Warns when an error is sent down through a `B` that should learn by mirroring but
+        that no weight mirror trains (it would stay at its random start: feedback alignment).
+        Measuring deltas (`keras_wt.alignment`) is not training and is not checked."""
+        if (
+            self.algorithm.learns_feedback == "mirror"
+            and self.feedback_learner is None
+            and feedback_lib.linear_tap() is None
+        ):
+            warnings.warn(
+                f"Layer {self.name!r} has feedback={self.feedback!r}, but no weight mirror trains "
+                "its feedback kernel, so it stays at its random start and the layer trains as "
+                "feedback alignment. Pass keras_wt.callbacks.MirrorCallback(...) to fit (before "
+                "other callbacks), or step a keras_wt.mirror.WeightMirror in your training loop.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _forward_variables(self):
         return [self.kernel] + ([] if self.bias is None else [self.bias])

@@ -266,6 +266,8 @@ class WeightMirror:
                 f"learning_rate={learning_rate}, noise_std={noise_std}, decay={decay}."
             )
         self.layers = list(layers)
+        for layer in self.layers:  # read by FeedbackLayer._check_feedback_learner
+            layer.feedback_learner = self
         self.learning_rate = float(learning_rate)
         self.noise_std = float(noise_std)
         self.decay = float(decay)

@@ -63,6 +63,12 @@ class KolenPollack(keras.optimizers.Optimizer):
                 f"{optimizer.weight_decay}; its decay would reach W but not B. Pass "
                 "weight_decay to KolenPollack instead and none to the wrapped optimizer."
             )
+        if getattr(optimizer, "use_ema", False):
+            raise ValueError(
+                "KolenPollack does not support use_ema=True on the wrapped optimizer: at the end "
+                "of fit Keras replaces W by its moving average but leaves B, which breaks B − W "
+                "shrinking by (1 − lr·λ) per step. Average W and B yourself if you need it."
+            )
         if getattr(optimizer, "gradient_accumulation_steps", None):
             raise ValueError(
                 "KolenPollack does not support gradient_accumulation_steps on the wrapped "
@@ -122,9 +128,9 @@ class KolenPollack(keras.optimizers.Optimizer):
         # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
         with tf.control_dependencies(differences):
             if self.kp_weight_decay and pairs:
-                assign_on_every_replica(
-                    strategy, kernels, [shrink * tf.convert_to_tensor(w.value) for w in kernels]
-                )
+                assign_on_every_replica(strategy, kernels, [
+                    tf.cast(shrink, w.dtype) * tf.convert_to_tensor(w.value) for w in kernels
+                ])
             with feedback_lib.kolen_pollack_update():
                 self.inner_optimizer.apply(grads, trainable_variables)
         if pairs:
@@ -132,7 +138,8 @@ class KolenPollack(keras.optimizers.Optimizer):
             assign_on_every_replica(
                 strategy,
                 feedbacks,
-                [tf.convert_to_tensor(w.value) + shrink * d for w, d in zip(kernels, differences)],
+                [tf.convert_to_tensor(w.value) + tf.cast(shrink, d.dtype) * d
+                 for w, d in zip(kernels, differences)],
             )
 
     @property

@@ -444,3 +444,25 @@ def test_callback_config_round_trips_the_noise_batch(batch_size, resolved):
     x, y = np.zeros((8, 12), "float32"), np.zeros((8, 4), "float32")
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[restored])
     assert restored.mirror.batch_sizes == resolved
+
+
+def test_wm_layer_trained_without_a_mirror_warns():
+    """A `wm` layer whose B nothing mirrors trains as feedback alignment: fit says so (the KP
+    layers' equivalent is an error, tests/test_optimizers.py)."""
+    import warnings
+
+    x = np.random.RandomState(0).randn(32, 5).astype("float32")
+    y = np.random.RandomState(1).randint(0, 2, 32)
+
+    def fit(callbacks):
+        model = keras.Sequential([keras.Input((5,)), wt.Dense(4, activation="relu", feedback="wm"),
+                                  wt.Dense(2, feedback="wm")])
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+        return [str(w.message) for w in caught if "no weight mirror trains" in str(w.message)]
+
+    messages = fit([])
+    assert messages and "'dense" in messages[0] and "MirrorCallback" in messages[0]
+    assert fit([MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=1.0, batch_size=8)]) == []

@@ -258,3 +258,25 @@ def test_every_update_of_w_waits_for_b_minus_w(weight_decay):
     assert writes, "no update of a kp kernel found in the graph"
     for write in writes:
         assert set(differences) <= _ancestors(write), write.name
+
+
+def test_plain_float16_policy():
+    """Under the "float16" policy W, B and the update are float16: the step runs, and B − W
+    shrinks by (1 − lr·λ) per step up to float16's rounding (it cast lr·λ to float32 before)."""
+    keras.mixed_precision.set_global_policy("float16")
+    model = _kp_model(False)
+    model.compile(KolenPollack(keras.optimizers.SGD(0.1), weight_decay=0.5),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    record = _RecordDifferences()
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    assert model.layers[0].feedback_kernel.dtype == "float16"
+    for before, after in zip(record.history, record.history[1:]):
+        for b, a in zip(before, after):
+            scale = np.abs(b.astype(np.float32)).max()
+            np.testing.assert_allclose(a.astype(np.float32), 0.95 * b.astype(np.float32),
+                                       rtol=0, atol=4e-3 * scale)
+
+
+def test_wrapped_optimizer_with_use_ema_is_refused():
+    with pytest.raises(ValueError, match="use_ema=True"):
+        KolenPollack(keras.optimizers.SGD(0.1, use_ema=True))
