@@ -110,16 +110,16 @@ class TrainConfig:
     eval_steps: int = None
     eval_every: int = 1
     use_synthetic_data: bool = False
-    mirror_learning_rate: float = 0.01
+    mirror_learning_rate: float = 0.05
     mirror_noise_std: float = 1.0
     mirror_noise_distribution: str = "normal"
     mirror_decay: float = 1.0
     mirror_every: int = 1
     mirror_steps: int = 1
-    mirror_batch_size: object = 32  # an int, {layer: n} or "auto" (see MirrorCallback)
-    mirror_target_angle: float = 5.0
-    mirror_max_batch_size: int = 4096
-    mirror_warmup_steps: int = 500  # None: num_train // batch_size
+    mirror_batch_size: object = "auto"  # an int, {layer: n} or "auto" (see MirrorCallback)
+    mirror_target_angle: float = 8.0
+    mirror_max_batch_size: int = 2048
+    mirror_warmup_steps: int = 200  # None: num_train // batch_size
     alignment: str = "weights"
     alignment_probe_size: int = 64
     keep_checkpoints: bool = True
@@ -301,15 +301,15 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
 # --------------------------------------------------------------------------------------------
 
 
-def create_mirror_callback(model, learning_rate=0.01, noise_std=1.0, decay=1.0, **kwargs):
+def create_mirror_callback(model, learning_rate=0.05, noise_std=1.0, decay=1.0, **kwargs):
     """The `MirrorCallback` that trains the feedback kernels of the layers of `model` that learn
     `B` by mirroring, or `None` when it has none.
 
     The mirror step is `ΔB = η·∇_W(½‖f_W(x)‖²) ⊘ (n·C) − η·λ·B` (`keras_wt.mirror`), averaged
     over the `n` noise samples and, per kernel entry, over the `C` positions at which it reads
     real input, so every layer's `B` tends to `(σ²/λ)·W`: with the trainer's defaults
-    `σ = λ = 1`, `W` itself, whose scale the error signal then keeps; `η = 0.01` covers 1% of the
-    way per mirror step (about 100 steps to follow `W`). Each layer's noise batch (an int, a
+    `σ = λ = 1`, `W` itself, whose scale the error signal then keeps; `η = 0.05` covers 5% of the
+    way per mirror step (about 20 steps to follow `W`). Each layer's noise batch (an int, a
     `{layer: n}` dict, a callable or `"auto"`) is rounded up to a multiple of the replicas.
 
     Args:
