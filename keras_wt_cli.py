@@ -263,6 +263,8 @@ def train_from_flags(argv=None):
         parser.error(str(e))
     except FileNotFoundError as e:  # a dataset that is not on disk: the message says what to do
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except FloatingPointError:  # keras_wt.training.TrainingDiverged, logged by the trainer
+        sys.exit(1)
 
 
 def main(argv=None):

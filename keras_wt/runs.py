@@ -15,6 +15,8 @@ its `--model_dir`. `keras-wt-plot` reads these folders. Epochs are numbered from
     backup/                 Keras's BackupAndRestore: the state a resumed run continues from
     checkpoints/            per-epoch weights, when the run keeps them
     model.keras             the trained model
+    diverged.json           only if the loss became NaN or infinite: where ({epoch, batch, loss});
+                            a resumed run refuses to continue it while it is there
 
 Paths may be local or `gs://...` (read and written through `tf.io.gfile` where that matters).
 """
@@ -32,6 +34,7 @@ MODEL_FILE = "model.keras"
 TENSORBOARD_DIR = "tensorboard"
 BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
+DIVERGED_FILE = "diverged.json"
 
 
 def _gfile():

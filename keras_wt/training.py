@@ -147,9 +147,26 @@ class TrainConfig:
             )
         if self.use_synthetic_data and self.dataset != "imagenet":
             raise ValueError("use_synthetic_data gives ImageNet-shaped batches: dataset='imagenet'")
-        for name in ("batch_size", "epochs", "eval_every", "steps_per_execution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        def check(name, ok, allowed, optional=False):
+            value = getattr(self, name)
+            if not ((optional and value is None) or (value is not None and ok(value))):
+                raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
+
+        for name in ("batch_size", "epochs", "eval_every", "steps_per_execution", "image_size",
+                     "mirror_every", "mirror_steps", "alignment_probe_size",
+                     "mirror_max_batch_size"):
+            check(name, lambda v: v >= 1, "an integer >= 1")
+        check("steps_per_epoch", lambda v: v >= 1, "an integer >= 1 (or None: a full pass)", True)
+        check("eval_steps", lambda v: v >= 0, "an integer >= 0 (0: no evaluation)", True)
+        check("mirror_warmup_steps", lambda v: v >= 0, "an integer >= 0", True)
+        check("num_classes", lambda v: v >= 2, "an integer >= 2", True)
+        check("learning_rate", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+        check("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        check("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        for name in ("weight_decay", "warmup_epochs", "mirror_learning_rate", "mirror_decay"):
+            check(name, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+        check("kp_decay_budget", lambda v: math.isfinite(v) and v > 0, "a number > 0", True)
+        check("mirror_noise_std", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
         self.decay_epochs = tuple(self.decay_epochs)
         self.model_options = dict(self.model_options)
 
@@ -322,6 +339,38 @@ def create_mirror_callback(model, learning_rate=0.05, noise_std=1.0, decay=1.0, 
     return callbacks_lib.MirrorCallback(learning_rate, noise_std, decay=decay, **kwargs)
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `TrainingDiverged` at the first batch whose loss is not finite, so `fit` stops
+    there: the epoch is not completed, backed up or recorded (unlike Keras's `TerminateOnNaN`,
+    which ends the epoch as if it had finished). With a `path`, writes `{epoch, batch, loss}`
+    there first (`diverged.json` of the run folder), which a resumed run refuses to continue.
+    """
+
+    def __init__(self, path=None):
+        super().__init__()
+        self.path = path
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        record = {"epoch": self._epoch + 1, "batch": batch + 1, "loss": str(float(loss))}
+        if self.path:
+            runs.write_json(self.path, record)
+        raise TrainingDiverged(
+            f"The training loss is {float(loss)} at batch {batch + 1} of epoch {self._epoch + 1}: "
+            "the run diverged. Nothing of this epoch was recorded; lower the learning rate."
+        )
+
+
 class ResultsRecorder(keras.callbacks.Callback):
     """After every evaluated epoch (one whose `logs` hold `val_*` entries): writes the epoch into
     `results.json` and logs a summary line.
@@ -390,7 +439,8 @@ def create_callbacks(
        (`create_mirror_callback`; it reads the optimizer's step count at every epoch's start,
        after any restore);
     2. `AlignmentCallback` (on `probe` for `alignment="full"`, probe-free for `"weights"`), so
-       that what follows records its values; `TerminateOnNaN`;
+       that what follows records its values; `StopOnNonFinite` (a run whose loss becomes NaN
+       or infinite stops with `TrainingDiverged`, the epoch not completed);
     3. with a `model_dir` (on the chief only): `ResultsRecorder`, `CSVLogger`, `TensorBoard`,
        per-epoch `ModelCheckpoint`s (`keep_checkpoints`);
     4. the `extra` callbacks;
@@ -429,7 +479,8 @@ def create_callbacks(
         result.append(callbacks_lib.AlignmentCallback(
             probe if config.alignment == "full" else None, every=config.eval_every
         ))
-    result.append(keras.callbacks.TerminateOnNaN())
+    diverged = config.model_dir and os.path.join(config.model_dir, runs.DIVERGED_FILE)
+    result.append(StopOnNonFinite(diverged if strategies.is_chief(strategy) else None))
     if not config.model_dir:
         return result + [ResultsRecorder(None, config.epochs, results)] + list(extra)
     if strategies.is_chief(strategy):
@@ -480,6 +531,14 @@ def _record_config(config, flags, derived):
     from `RESUMABLE` settings (else a `ValueError` names the differences)."""
     path = os.path.join(config.model_dir, runs.CONFIG_FILE)
     current = json.loads(json.dumps(dataclasses.asdict(config)))
+    diverged = os.path.join(config.model_dir, runs.DIVERGED_FILE)
+    if runs.exists(diverged):
+        record = runs.read_json(diverged)
+        raise TrainingDiverged(
+            f"{config.model_dir} diverged (loss {record['loss']} at batch {record['batch']} of "
+            f"epoch {record['epoch']}); resuming it would diverge again. Delete {diverged} to "
+            "resume it anyway, or start a new run."
+        )
     if runs.exists(path):
         saved = runs.read_json(path).get("train_config", {})
         changed = sorted(k for k in current if k not in RESUMABLE and saved.get(k) != current[k])
@@ -572,59 +631,67 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
     if writes:
         tf.io.gfile.makedirs(config.model_dir)
     with _LogFile(config.model_dir if writes else None):
-        make_train, evaluation, input_shape, num_train = _data(config)
-        steps_per_epoch = config.resolved_steps_per_epoch(num_train)
-        warmup = config.resolved_mirror_warmup_steps(num_train)
-        if writes:
-            _record_config(config, flags, dict(
-                derived or {}, steps_per_epoch=steps_per_epoch, mirror_warmup_steps=warmup
-            ))
-        keras.utils.set_random_seed(config.seed)
-        logger.info(
-            "Training %s with feedback=%r on %s on %d replicas (%s, dtype %s): global batch %d, "
-            "%d steps per epoch, %d epochs, peak learning rate %.4g.",
-            config.model, config.algo, config.dataset, replicas, config.strategy,
-            config.resolved_dtype, config.batch_size, steps_per_epoch, config.epochs,
-            config.learning_rate,
-        )
+        try:
+            return _train(config, strategy, callbacks, flags, derived, writes)
+        except TrainingDiverged as e:
+            logger.error("%s", e)
+            raise
+
+
+def _train(config, strategy, callbacks, flags, derived, writes):
+    make_train, evaluation, input_shape, num_train = _data(config)
+    steps_per_epoch = config.resolved_steps_per_epoch(num_train)
+    warmup = config.resolved_mirror_warmup_steps(num_train)
+    if writes:
+        _record_config(config, flags, dict(
+            derived or {}, steps_per_epoch=steps_per_epoch, mirror_warmup_steps=warmup
+        ))
+    keras.utils.set_random_seed(config.seed)
+    logger.info(
+        "Training %s with feedback=%r on %s on %d replicas (%s, dtype %s): global batch %d, "
+        "%d steps per epoch, %d epochs, peak learning rate %.4g.",
+        config.model, config.algo, config.dataset, strategy.num_replicas_in_sync, config.strategy,
+        config.resolved_dtype, config.batch_size, steps_per_epoch, config.epochs,
+        config.learning_rate,
+    )
+    with strategy.scope():
+        model = build_model(config, input_shape)
+        compile_model(model, config, steps_per_epoch)
+    first_epoch, results = 0, {}
+    backup = config.model_dir and _backup(config, strategy)
+    if backup and runs.exists(backup.backup_dir):
         with strategy.scope():
-            model = build_model(config, input_shape)
-            compile_model(model, config, steps_per_epoch)
-        first_epoch, results = 0, {}
-        backup = config.model_dir and _backup(config, strategy)
-        if backup and runs.exists(backup.backup_dir):
-            with strategy.scope():
-                first_epoch = _restored_epochs(model, backup, steps_per_epoch)
-            logger.info("Resuming %s after epoch %d", config.model_dir, first_epoch)
-            path = os.path.join(config.model_dir, runs.RESULTS_FILE)
-            if runs.exists(path):
-                results = {
-                    k: v for k, v in runs.read_json(path).items()
-                    if runs.key_epoch(k) <= first_epoch
-                }
-        probe = None
-        if config.alignment == "full":
-            probe = _probe_batch(evaluation, config.alignment_probe_size)
-        all_callbacks = create_callbacks(
-            model, config, strategy, probe=probe, results=results, extra=callbacks,
-            mirror_warmup_steps=warmup,
+            first_epoch = _restored_epochs(model, backup, steps_per_epoch)
+        logger.info("Resuming %s after epoch %d", config.model_dir, first_epoch)
+        path = os.path.join(config.model_dir, runs.RESULTS_FILE)
+        if runs.exists(path):
+            results = {
+                k: v for k, v in runs.read_json(path).items()
+                if runs.key_epoch(k) <= first_epoch
+            }
+    probe = None
+    if config.alignment == "full":
+        probe = _probe_batch(evaluation, config.alignment_probe_size)
+    all_callbacks = create_callbacks(
+        model, config, strategy, probe=probe, results=results, extra=callbacks,
+        mirror_warmup_steps=warmup,
+    )
+    eval_steps = config.resolved_eval_steps
+    with multi_worker_fit(model):
+        history = model.fit(
+            make_train(first_epoch),
+            epochs=config.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=None if eval_steps == 0 else evaluation,
+            validation_steps=eval_steps or None,
+            validation_freq=evaluated_epochs(config.epochs, config.eval_every),
+            callbacks=all_callbacks,
+            shuffle=False,  # the pipelines shuffle, per epoch
+            verbose=config.verbose,
         )
-        eval_steps = config.resolved_eval_steps
-        with multi_worker_fit(model):
-            history = model.fit(
-                make_train(first_epoch),
-                epochs=config.epochs,
-                initial_epoch=first_epoch,
-                steps_per_epoch=steps_per_epoch,
-                validation_data=None if eval_steps == 0 else evaluation,
-                validation_steps=eval_steps or None,
-                validation_freq=evaluated_epochs(config.epochs, config.eval_every),
-                callbacks=all_callbacks,
-                shuffle=False,  # the pipelines shuffle, per epoch
-                verbose=config.verbose,
-            )
-        if writes:
-            path = os.path.join(config.model_dir, runs.MODEL_FILE)
-            model.save(path)
-            logger.info("Saved the trained model to %s", path)
+    if writes:
+        path = os.path.join(config.model_dir, runs.MODEL_FILE)
+        model.save(path)
+        logger.info("Saved the trained model to %s", path)
     return model, history

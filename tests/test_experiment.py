@@ -3,7 +3,6 @@ exact resumption. Runs on a tiny MNIST-format dataset written into a temporary f
 
 import subprocess
 import sys
-import time
 
 import gzip
 import json
@@ -393,3 +392,22 @@ def test_convnet_kp_decay_budget_too_large_for_a_short_run_is_a_clear_error(data
     with pytest.raises(ValueError, match="too short for that budget"):
         cli.train_from_flags(tiny_flags(data_dir, tmp_path, "kp", "--model", "cnn",
                                         "--cnn_filters", "2", "--n_epochs", "1"))
+
+
+def test_a_diverged_run_stops_with_an_error_and_is_not_resumed(data_dir, tmp_path, capsys):
+    flags = tiny_flags(data_dir, tmp_path, "bp", "--model", "cnn", "--cnn_filters", "2",
+                       "--learning_rate", "1e30", "--n_epochs", "2")
+    with pytest.raises(SystemExit) as info:
+        cli.main(flags)
+    assert info.value.code == 1
+    run_dir = os.path.join(str(tmp_path), "mnist", "bp-V0")
+    record = read(run_dir, "diverged.json")
+    assert record["epoch"] == 1 and record["batch"] >= 1
+    assert "diverged" in capsys.readouterr().out
+    with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
+        assert "the run diverged" in f.read()
+    # The aborted epoch is neither backed up nor recorded.
+    assert not os.path.exists(os.path.join(run_dir, "results.json"))
+    assert not os.path.exists(os.path.join(run_dir, "backup", "training_metadata.json"))
+    with pytest.raises(FloatingPointError, match="resuming it would diverge again"):
+        experiment.run(*cli.parse_args(flags + ["--resume", run_dir]))

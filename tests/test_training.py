@@ -481,3 +481,12 @@ def test_resumed_run_continues_exactly(algo, tmp_path):
     initial = _feedback_kernels(training.build_model(config, (12, 12, 3)))
     for name, value in feedback.items():  # B learned, so restoring it mattered
         assert np.abs(value - initial[name]).max() > 1e-4, name
+
+
+@pytest.mark.parametrize("flag", ["--lr_per_256=nan", "--lr_per_256=-1", "--steps_per_epoch=0",
+                                  "--eval_steps=-1", "--batch_size=0", "--momentum=1",
+                                  "--mirror_noise_std=0", "--num_classes=1"])
+def test_imagenet_flags_out_of_range_are_refused(flag):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_flags(["--use_synthetic_data", flag])
+    assert info.value.code == 2

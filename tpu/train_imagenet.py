@@ -157,7 +157,10 @@ def main(argv=None):
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = parse_flags(argv)
-    return training.train(config)
+    try:
+        return training.train(config)
+    except training.TrainingDiverged:  # logged by the trainer
+        sys.exit(1)
 
 
 if __name__ == "__main__":
