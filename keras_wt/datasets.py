@@ -11,10 +11,12 @@ their authors distribute, so nothing needs a network (DESIGN.md §5):
   (`cifar-10-binary.tar.gz`), or the Python pickles `data_batch_1` ... `test_batch`
   (`cifar-10-python.tar.gz`).
 
-Files are looked for in `data_dir` itself, then in `<root>/<name>`, `<root>/<name-with-dashes>`
-(and for CIFAR-10 `<root>/cifar-10-batches-bin`, `<root>/cifar-10-batches-py`) for each root in
-`data_dir`, `$KERAS_WT_DATA_DIR` (`os.pathsep`-separated), the Keras download cache
-`~/.keras/datasets` and `/usr/share/datasets`. When no complete set is found, TensorFlow
+Files are looked for in `data_dir` itself and in `<data_dir>/<name>`, `<data_dir>/<name-with-dashes>`
+(and for CIFAR-10 `cifar-10-batches-bin`, `cifar-10-batches-py`); when `data_dir` is given nowhere
+else, so an incomplete `data_dir` is an error that lists what it has and what is missing. Without
+it, the same subfolders of each root in `$KERAS_WT_DATA_DIR` (`os.pathsep`-separated), the Keras
+download cache `~/.keras/datasets` and `/usr/share/datasets` are searched. Labels outside the
+dataset's classes, images that are not uint8 and damaged files raise an error naming the file. When no complete set is found, TensorFlow
 Datasets is tried (it downloads when a network is there); when that fails too, one
 `FileNotFoundError` lists every place tried and the file names expected.
 
@@ -154,6 +156,15 @@ def _open(path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
+def _read_bytes(path):
+    """The (un-gzipped) bytes of `path`; a damaged gzip stream is a `ValueError` naming it."""
+    try:
+        with _open(path) as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise ValueError(f"{path} is damaged: {type(e).__name__}: {e}") from e
+
+
 def read_idx(path):
     """Reads one IDX file (the MNIST format, gzipped or not) into a numpy array.
 
@@ -163,8 +174,7 @@ def read_idx(path):
     Raises:
         ValueError: the file is not IDX, or its size disagrees with its header.
     """
-    with _open(path) as f:
-        data = f.read()
+    data = _read_bytes(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{path} is not an IDX file: magic number {data[:4].hex() or 'missing'} does not "
@@ -186,14 +196,36 @@ def read_idx(path):
     return array.astype(dtype.newbyteorder("="))
 
 
-def _read_idx_pair(images_path, labels_path):
+def _read_idx_pair(images_path, labels_path, num_classes):
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
             f"{images_path} (shape {images.shape}) and {labels_path} (shape {labels.shape}) "
             "are not an (N, H, W) image file and its (N,) label file"
         )
-    return images.astype(np.uint8)[..., np.newaxis], labels.astype(np.int32)
+    if images.dtype != np.uint8:
+        # Casting would truncate (floats in [0, 1] become zeros): refuse instead of guessing.
+        raise ValueError(
+            f"{images_path} holds {images.dtype} pixels in [{images.min()}, {images.max()}]; "
+            "MNIST-format images are uint8 in [0, 255]. Convert them (e.g. "
+            "np.round(x * 255).astype(np.uint8) for floats in [0, 1]) and write the file again."
+        )
+    return images[..., np.newaxis], check_labels(labels, num_classes, labels_path)
+
+
+def check_labels(labels, num_classes, source):
+    """`labels` as int32 after checking every one is a class in `[0, num_classes)`; else a
+    `ValueError` naming `source` and the first bad index."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{source} holds {labels.dtype} labels; class labels are integers")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"{source} has {bad.size} labels outside [0, {num_classes}): the first is "
+            f"{int(labels[bad[0]])} at index {int(bad[0])}"
+        )
+    return labels.astype(np.int32)
 
 
 def _chw_records_to_hwc(flat):
@@ -207,8 +239,7 @@ def read_cifar_binary(path):
     Returns:
         `(images, labels)`: uint8 `(N, 32, 32, 3)` and int32 `(N,)`.
     """
-    with _open(path) as f:
-        data = np.frombuffer(f.read(), dtype=np.uint8)
+    data = np.frombuffer(_read_bytes(path), dtype=np.uint8)
     if data.size % _CIFAR_RECORD_BYTES:
         raise ValueError(
             f"{path} has {data.size} bytes, not a multiple of the {_CIFAR_RECORD_BYTES}-byte "
@@ -256,8 +287,11 @@ def _candidate_dirs(name, data_dir):
         subdirs += [os.path.join("cifar10", d) for d in subdirs[-2:]]
     dirs = []
     if data_dir is not None:
-        dirs.append(os.fspath(data_dir))  # only an explicit data_dir may hold the files directly
-    for root in ([os.fspath(data_dir)] if data_dir is not None else []) + _default_roots():
+        # Only an explicit data_dir may hold the files directly; and when it is given it is the
+        # only root: an incomplete data_dir is an error, never a silent fallback to another copy.
+        dirs.append(os.fspath(data_dir))
+    roots = [os.fspath(data_dir)] if data_dir is not None else _default_roots()
+    for root in roots:
         dirs += [os.path.join(root, sub) for sub in subdirs]
     return list(dict.fromkeys(os.path.normpath(os.path.expanduser(d)) for d in dirs))
 
@@ -296,6 +330,23 @@ def _find_cifar(directory):
     return None
 
 
+def _missing(name, directory):
+    """`" (has ...; missing ...)"` for a directory that holds some of the files, else `""`."""
+    if not os.path.isdir(directory):
+        return ""
+    if name == "cifar10":
+        names = list(_CIFAR_TRAIN_BATCHES) + [_CIFAR_TEST_BATCH]
+        present = [n for n in names if _find(directory, n, (".bin", ""))]
+    else:
+        names = [b for pair in _IDX_FILES.values() for b in pair]
+        present = [n for n in names if _find(directory, n, (".gz", ""))
+                   or _find(directory, n.replace("-idx", ".idx"), (".gz", ""))]
+    if not present:
+        return " (none of the files)"
+    missing = [n for n in names if n not in present]
+    return f" (has {', '.join(present)}; missing {', '.join(missing)})"
+
+
 def _expected_files(name):
     if name == "cifar10":
         return (
@@ -307,6 +358,7 @@ def _expected_files(name):
 
 def _load_local(name, data_dir):
     """Returns ((x_train, y_train), (x_test, y_test), directory) or (None, tried_dirs)."""
+    num_classes = info(name).num_classes
     tried = _candidate_dirs(name, data_dir)
     for directory in tried:
         if not os.path.isdir(directory):
@@ -316,17 +368,23 @@ def _load_local(name, data_dir):
             if found is None:
                 continue
             reader, train_paths, test_path = found
-            parts = [reader(p) for p in train_paths]
+
+            def read(path):
+                images, labels = reader(path)
+                return images, check_labels(labels, num_classes, path)
+
+            parts = [read(p) for p in train_paths]
             train = (
                 np.concatenate([x for x, _ in parts]),
                 np.concatenate([y for _, y in parts]),
             )
-            test = reader(test_path)
+            test = read(test_path)
         else:
             found = _find_idx(directory)
             if found is None:
                 continue
-            train, test = _read_idx_pair(*found["train"]), _read_idx_pair(*found["test"])
+            train = _read_idx_pair(*found["train"], num_classes)
+            test = _read_idx_pair(*found["test"], num_classes)
         logger.info("Loaded %s from %s", name, directory)
         return (train, test), directory
     return None, tried
@@ -401,7 +459,7 @@ def load_numpy(name, data_dir=None):
     else:
         logger.info("Loaded %s with TensorFlow Datasets", name)
         return arrays
-    places = "\n".join(f"  {d}" for d in where)
+    places = "\n".join(f"  {d}{_missing(name, d)}" for d in where)
     raise FileNotFoundError(
         f"Could not find dataset {name!r}. Looked for the files {_expected_files(name)} in:\n"
         f"{places}\n"
@@ -611,7 +669,8 @@ def imagenet(
         drop_remainder: drop the last, smaller batch, giving static shapes (TPUs need it).
         use_synthetic_data: ignore `data_dir` and return an endless dataset of one constant batch
             of random images and labels of the right shapes (for measuring speed).
-        num_classes: number of classes (range of the synthetic labels).
+        num_classes: number of classes: the range of the synthetic labels, and of the files'
+            labels (1..num_classes; one outside raises `InvalidArgumentError` naming the feature).
         shuffle: shuffle files and examples; default: `training`.
         shuffle_buffer: examples in the shuffle buffer.
         cycle_length: files read in parallel.
@@ -645,7 +704,15 @@ def imagenet(
         def parse(record):
             example = tf.io.parse_single_example(record, _IMAGENET_FEATURES)
             label = tf.cast(example["image/class/label"], tf.int32) - 1
-            return example["image/encoded"], label
+            # A label outside 1..num_classes would train silently (one-hot of zeros): stop there.
+            with tf.control_dependencies([
+                tf.debugging.assert_greater_equal(
+                    label, 0, message=f"ImageNet feature 'image/class/label' below 1 in {data_dir}"),
+                tf.debugging.assert_less(
+                    label, num_classes, message=f"ImageNet feature 'image/class/label' above "
+                    f"num_classes={num_classes} in {data_dir}"),
+            ]):
+                return example["image/encoded"], tf.identity(label)
 
         ds = ds.map(parse, AUTOTUNE)
         logger.info("Reading ImageNet %s from %d files in %s", split, len(files), data_dir)

@@ -230,6 +230,11 @@ def _data(config):
         shape = (config.image_size, config.image_size, 3)
         return lambda first_epoch: train, evaluation, shape, datasets.info("imagenet").num_train
     (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
+    if len(x_train) < config.batch_size or not len(x_test):
+        raise ValueError(
+            f"{config.dataset} has {len(x_train)} training and {len(x_test)} test examples: "
+            f"fewer than one batch of {config.batch_size} to train on, or none to test on."
+        )
     flatten = config.model == "mlp"
 
     def make_train(first_epoch):

@@ -206,17 +206,19 @@ def test_missing_files_raise_one_error_listing_every_place(tmp_path, monkeypatch
     os.remove(tmp_path / "env" / "fashion_mnist" / "t10k-labels-idx1-ubyte")
 
     with pytest.raises(FileNotFoundError) as error:
-        datasets.load_numpy("fashion_mnist", data_dir=empty)
+        datasets.load_numpy("fashion_mnist")
     message = str(error.value)
     for place in [
-        empty,
-        empty / "fashion_mnist",
-        empty / "fashion-mnist",
-        tmp_path / "env" / "fashion_mnist",
+        tmp_path / "env" / "fashion-mnist",
+        tmp_path / "keras" / "datasets" / "fashion_mnist",
         tmp_path / "keras" / "datasets" / "fashion-mnist",
         tmp_path / "system" / "fashion-mnist",
     ]:
         assert f"  {place}\n" in message
+    # The incomplete copy says what it lacks.
+    assert (f"  {tmp_path / 'env' / 'fashion_mnist'} (has train-images-idx3-ubyte, "
+            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte; missing t10k-labels-idx1-ubyte)\n"
+            in message)
     for needed in [
         "train-images-idx3-ubyte.gz",
         "train-labels-idx1-ubyte.gz",
@@ -227,6 +229,47 @@ def test_missing_files_raise_one_error_listing_every_place(tmp_path, monkeypatch
         "KERAS_WT_DATA_DIR",
     ]:
         assert needed in message
+
+
+def test_an_incomplete_data_dir_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    """With data_dir given, a complete copy elsewhere is not used instead of it."""
+    monkeypatch.setattr(datasets, "_tfds_load", no_tfds)
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
+    make_idx_dataset(tmp_path / "system" / "fashion-mnist")
+    assert datasets.load_numpy("fashion_mnist")[0][0].shape[0] > 0  # found without data_dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.load_numpy("fashion_mnist", data_dir=empty)
+    message = str(error.value)
+    assert f"  {empty} (none of the files)\n" in message
+    assert str(tmp_path / "system") not in message
+
+
+def test_labels_outside_the_classes_name_the_file_and_index(tmp_path, offline):
+    make_idx_dataset(tmp_path)  # train labels [7, 0, 9], gzipped
+    write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.array([7, 200, 9])), gz=True)
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz has 1 labels outside "
+                                         r"\[0, 10\): the first is 200 at index 1"):
+        datasets.load_numpy("mnist", data_dir=tmp_path)
+
+
+def test_float_images_are_refused_not_truncated(tmp_path, offline):
+    (x_train, _), _ = make_idx_dataset(tmp_path)
+    images = x_train[..., 0].astype(np.float32) / 255.0
+    header = struct.pack(">BBBB", 0, 0, 0x0D, 3) + struct.pack(">3I", *images.shape)
+    write(tmp_path / "train-images-idx3-ubyte", header + images.astype(">f4").tobytes(), gz=True)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz holds float32 pixels in "
+                                         r"\[0.0, 1.0\]; MNIST-format images are uint8"):
+        datasets.load_numpy("mnist", data_dir=tmp_path)
+
+
+def test_a_damaged_gzip_file_is_named(tmp_path, offline):
+    make_idx_dataset(tmp_path)
+    damaged = tmp_path / "train-labels-idx1-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:-12])  # cut off the end of the stream
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz is damaged"):
+        datasets.load_numpy("mnist", data_dir=tmp_path)
 
 
 def test_environment_root_is_searched(tmp_path, monkeypatch):
@@ -380,3 +423,27 @@ def test_tfds_is_not_asked_to_download_when_its_source_is_unreachable(tmp_path, 
     assert probed == [datasets.TFDS_SOURCE]
     # The probe itself: a port nothing listens on is unreachable, without waiting.
     assert not reaches(("127.0.0.1", 9), timeout=1.0)
+
+
+@pytest.mark.parametrize("label", [0, 11])
+def test_imagenet_labels_outside_1_to_num_classes_stop_the_pipeline(tmp_path, label):
+    """TFRecord labels are 1-based: 0 (read as −1) or one above num_classes would otherwise train
+    as an all-zero one-hot target."""
+    images = [np.full((8, 8, 3), 100, np.uint8)] * 2
+    # write_imagenet_tfrecords takes 0-based labels and stores them 1-based.
+    datasets.write_imagenet_tfrecords(tmp_path, images, [3, label - 1], "validation")
+    ds = datasets.imagenet(str(tmp_path), "validation", None, image_size=8, training=False,
+                           num_classes=10)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"image/class/label.{0,3} (below 1|above num_classes=10)"):
+        list(ds)
+
+
+def test_fewer_examples_than_one_batch_is_an_error(tmp_path, offline):
+    from keras_wt import training
+
+    make_idx_dataset(tmp_path)  # 3 training examples
+    config = training.TrainConfig(model="mlp", dataset="mnist", data_dir=str(tmp_path),
+                                  batch_size=4, model_options={"hidden": [2]})
+    with pytest.raises(ValueError, match="fewer than one batch of 4"):
+        training.train(config)
