@@ -56,9 +56,10 @@ for algo in args.algos:
     model = keras_wt.convert(stock, algo, strict=True)
     optimizer = keras.optimizers.Adam(1e-3)
     callbacks = []
-    if algo == "kp":  # W and B get identical updates and identical decay
+    learns = keras_wt.algorithms.get(algo).learns_feedback  # None, "optimizer" or "mirror"
+    if learns == "optimizer":  # Kolen-Pollack: W and B get identical updates and decay
         optimizer = keras_wt.optimizers.KolenPollack(optimizer, weight_decay=args.kp_weight_decay)
-    if algo == "wm":  # B learns from noise between training steps
+    if learns == "mirror":  # weight mirror: B learns from noise between training steps
         callbacks.append(
             keras_wt.callbacks.MirrorCallback(
                 learning_rate=0.1, noise_std=1.0, decay=0.5, batch_size=64, warmup_steps=100
