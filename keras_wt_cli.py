@@ -231,11 +231,20 @@ def _quiet_tensorflow(verbose):
 
 
 class _Console(logging.StreamHandler):
-    """The `keras_wt` log (the per-epoch summary lines) on standard output."""
+    """The `keras_wt` log (the per-epoch summary lines) on standard output: the `sys.stdout` of
+    the moment, so a replaced stream (a test's capture, a redirection) gets it too."""
 
     def __init__(self):
-        super().__init__(sys.stdout)
+        super().__init__()
         self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler sets it; the current sys.stdout is used instead
+        pass
 
 
 def _console_log():

@@ -14,9 +14,11 @@ from keras_wt import alignment  # noqa: E402
 from keras_wt import callbacks  # noqa: E402
 from keras_wt import datasets  # noqa: E402
 from keras_wt import layers  # noqa: E402
+from keras_wt import metrics  # noqa: E402
 from keras_wt import mirror  # noqa: E402
 from keras_wt import models  # noqa: E402
 from keras_wt import optimizers  # noqa: E402
+from keras_wt import schedules  # noqa: E402  (registers WarmupSchedule for load_model)
 from keras_wt.convert import convert, strip  # noqa: E402
 from keras_wt.algorithms import ALGORITHMS  # noqa: E402
 

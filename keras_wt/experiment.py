@@ -31,7 +31,7 @@ and the noise has `σ = a/√3`. `--mirror_learning_rate` takes `η_pub` (publis
 A run writes the run folder of `keras_wt.runs` in `<save_dir>/<dataset>/<algo>-V<i>/`; evaluated
 epochs (the first, every `--test_frequency`-th after it and the last) are measured on the test
 set, and the weight and delta angles on its first `PROBE_SIZE` examples. `--resume` continues an
-interrupted run exactly (Keras's `BackupAndRestore`).
+interrupted run exactly (`keras_wt.backup.AtomicBackup`).
 """
 
 import logging

@@ -12,8 +12,8 @@ its `--model_dir`. `keras-wt-plot` reads these folders. Epochs are numbered from
                             `weight_angles`, `delta_angles` ({layer: degrees}), `seconds`, ...
     history.csv             every epoch's logs (Keras's CSVLogger)
     tensorboard/            Keras's TensorBoard callback (train/ and validation/)
-    backup/                 Keras's BackupAndRestore: the state a resumed run continues from
-    checkpoints/            per-epoch weights, when the run keeps them
+    backup/                 keras_wt.backup.AtomicBackup: manifest.json and epoch-NNNN.weights.h5,
+                            the state a resumed run continues from (every epoch's, when kept)
     model.keras             the trained model
     diverged.json           only if the loss became NaN or infinite: where ({epoch, batch, loss});
                             a resumed run refuses to continue it while it is there
@@ -33,7 +33,6 @@ HISTORY_FILE = "history.csv"
 MODEL_FILE = "model.keras"
 TENSORBOARD_DIR = "tensorboard"
 BACKUP_DIR = "backup"
-CHECKPOINT_DIR = "checkpoints"
 DIVERGED_FILE = "diverged.json"
 
 

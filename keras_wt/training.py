@@ -13,10 +13,13 @@ compile → callbacks → `fit` and writes the run folder of `keras_wt.runs`:
 * evaluation by `fit(validation_data=...)` on the evaluated epochs (`evaluated_epochs`);
 * callbacks: the weight mirror where a layer learns `B` by mirroring (`create_mirror_callback`),
   `AlignmentCallback`, `ResultsRecorder` (`results.json` and the summary line), `CSVLogger`,
-  `TensorBoard`, optionally per-epoch `ModelCheckpoint`s, and `BackupAndRestore`.
+  `TensorBoard`, `StopOnNonFinite`, and `keras_wt.backup.AtomicBackup` (every epoch's backup
+  kept with `keep_checkpoints`).
 
-Resuming: `BackupAndRestore` saves the model's weights (W, the feedback kernels B, batch-norm
-statistics) and the optimizer's variables (momentum, step count) at the end of every epoch. The
+Resuming: `AtomicBackup` saves the model's weights (W, the feedback kernels B, batch-norm
+statistics) and the optimizer's variables (momentum, step count) at the end of every epoch, so
+that a kill at any instant leaves a complete backup (Keras's `BackupAndRestore` does not; see
+`keras_wt.backup`). The
 learning rate is a function of the step count, the weight-mirror noise is seeded by it and the
 in-memory data order by the epoch, so a run restarted on the same run folder continues exactly
 where its last completed epoch ended.
@@ -35,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_wt import algorithms
+from keras_wt import backup as backup_lib
 from keras_wt import callbacks as callbacks_lib
 from keras_wt import datasets
 from keras_wt import metrics
@@ -446,12 +450,12 @@ def create_callbacks(
     2. `AlignmentCallback` (on `probe` for `alignment="full"`, probe-free for `"weights"`), so
        that what follows records its values; `StopOnNonFinite` (a run whose loss becomes NaN
        or infinite stops with `TrainingDiverged`, the epoch not completed);
-    3. with a `model_dir` (on the chief only): `ResultsRecorder`, `CSVLogger`, `TensorBoard`,
-       per-epoch `ModelCheckpoint`s (`keep_checkpoints`);
+    3. with a `model_dir` (on the chief only): `ResultsRecorder`, `CSVLogger`, `TensorBoard`;
     4. the `extra` callbacks;
-    5. `BackupAndRestore` (`<model_dir>/backup`, kept after training, so re-running a finished
-       command is a no-op): last, so the backup of an epoch is written after everything else of
-       that epoch; a run killed before it redoes the whole epoch.
+    5. `keras_wt.backup.AtomicBackup` (`<model_dir>/backup`, kept after training, so re-running
+       a finished command is a no-op; every epoch's with `keep_checkpoints`): last, so the
+       backup of an epoch is written after everything else of that epoch; a run killed before
+       it redoes the whole epoch.
 
     Non-chief workers of a multi-worker job back up to `<model_dir>/backup-<task>` and write
     nothing else. `mirror_warmup_steps` replaces `config.mirror_warmup_steps` (resolved).
@@ -498,21 +502,18 @@ def create_callbacks(
                 path(runs.TENSORBOARD_DIR), write_graph=False, profile_batch=0
             ),
         ]
-        if config.keep_checkpoints:
-            result.append(keras.callbacks.ModelCheckpoint(
-                os.path.join(path(runs.CHECKPOINT_DIR), "epoch-{epoch:03d}.weights.h5"),
-                save_weights_only=True,
-            ))
     return result + list(extra) + [_backup(config, strategy)]
 
 
 def _backup(config, strategy):
-    """`BackupAndRestore` in `<model_dir>/backup` (`backup-<task>` on non-chief workers)."""
+    """`AtomicBackup` in `<model_dir>/backup` (`backup-<task>` on non-chief workers), keeping
+    every epoch's backup on the chief with `keep_checkpoints`."""
     name = runs.BACKUP_DIR
-    if not strategies.is_chief(strategy):
+    chief = strategies.is_chief(strategy)
+    if not chief:
         name = f"{name}-{strategies.task_name(strategy)}"
-    return keras.callbacks.BackupAndRestore(
-        os.path.join(config.model_dir, name), delete_checkpoint=False
+    return backup_lib.AtomicBackup(
+        os.path.join(config.model_dir, name), keep=config.keep_checkpoints and chief
     )
 
 
@@ -586,15 +587,6 @@ class _LogFile:
         logger.setLevel(self._level)
 
 
-def _restored_epochs(model, backup, steps_per_epoch):
-    """Restores the state of the `BackupAndRestore` callback `backup`, if any, before `fit`
-    (whose own copy restores it again) and returns the number of epochs it completed: the
-    in-memory data pipeline and the results start there."""
-    backup.set_model(model)
-    backup.on_train_begin()
-    return int(model.optimizer.iterations.numpy()) // steps_per_epoch
-
-
 def _probe_batch(evaluation, size):
     """The first `size` evaluation examples `(x, y)`."""
     xs, ys, n = [], [], 0
@@ -663,10 +655,10 @@ def _train(config, strategy, callbacks, flags, derived, writes):
         model = build_model(config, input_shape)
         compile_model(model, config, steps_per_epoch)
     first_epoch, results = 0, {}
-    backup = config.model_dir and _backup(config, strategy)
-    if backup and runs.exists(backup.backup_dir):
+    if config.model_dir:
         with strategy.scope():
-            first_epoch = _restored_epochs(model, backup, steps_per_epoch)
+            first_epoch = _backup(config, strategy).restore(model)
+    if first_epoch:
         logger.info("Resuming %s after epoch %d", config.model_dir, first_epoch)
         path = os.path.join(config.model_dir, runs.RESULTS_FILE)
         if runs.exists(path):

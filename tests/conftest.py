@@ -1,7 +1,9 @@
 """Test setup: quiet TensorFlow, two logical CPU devices for MirroredStrategy, fixed seeds."""
 
 import gc
+import gzip
 import os
+import struct
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -44,3 +46,41 @@ def two_cpu_strategy():
 
 def assert_allclose(actual, expected, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol)
+
+
+# --- a tiny MNIST-format dataset for the command-line tests ----------------------------------
+
+N_TRAIN, N_TEST, BATCH = 48, 24, 16
+
+
+def write_idx(path, array):
+    """Writes a uint8 array as a gzipped IDX file (the MNIST format)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for k, label in enumerate(labels):
+            images[k, 2 * label:2 * label + 4, 4:24] = 250
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(directory)
+
+
+def tiny_flags(data_dir, save_dir, algo, *extra):
+    return [
+        "--dataset", "mnist", "--data_dir", data_dir, "--algo", algo,
+        "--size_hidden_layers", "6", "--batch_size", str(BATCH), "--save_dir", str(save_dir),
+        "--verbose", "0", *extra,
+    ]
+
+

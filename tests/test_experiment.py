@@ -4,11 +4,9 @@ exact resumption. Runs on a tiny MNIST-format dataset written into a temporary f
 import subprocess
 import sys
 
-import gzip
 import json
 import math
 import os
-import struct
 
 import keras
 import numpy as np
@@ -17,7 +15,7 @@ import tensorflow as tf
 
 import keras_wt
 import keras_wt_cli as cli
-from conftest import assert_allclose
+from conftest import BATCH, N_TRAIN, assert_allclose, tiny_flags
 from keras_wt import datasets
 from keras_wt import experiment
 from keras_wt import models
@@ -27,40 +25,6 @@ from keras_wt import runs
 from keras_wt import training
 from keras_wt.algorithms import ALGORITHMS
 from keras_wt.callbacks import MirrorCallback
-
-N_TRAIN, N_TEST, BATCH = 48, 24, 16
-
-
-def write_idx(path, array):
-    """Writes a uint8 array as a gzipped IDX file (the MNIST format)."""
-    array = np.asarray(array, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_mnist")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28))
-        for k, label in enumerate(labels):
-            images[k, 2 * label:2 * label + 4, 4:24] = 250
-        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return str(directory)
-
-
-def tiny_flags(data_dir, save_dir, algo, *extra):
-    return [
-        "--dataset", "mnist", "--data_dir", data_dir, "--algo", algo,
-        "--size_hidden_layers", "6", "--batch_size", str(BATCH), "--save_dir", str(save_dir),
-        "--verbose", "0", *extra,
-    ]
-
 
 def build_model(config, image_shape):
     """The compiled model `keras-wt-train` trains for the flag dict `config`."""
@@ -282,7 +246,7 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
     run_dir = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
     assert run_dir == os.path.join(str(tmp_path), "mnist", f"{algo}-V0")
     for name in ("experiment_config.json", "log.txt", "results.json", "model.keras",
-                 "history.csv", "backup/latest.weights.h5"):
+                 "history.csv", "backup/manifest.json", "backup/epoch-0001.weights.h5"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     tags = {}
     for split in ("train", "validation"):
@@ -333,7 +297,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, algo):
     """2 epochs straight == 1 epoch, interrupted, then `--resume` to 2 epochs."""
     straight = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2"))
     interrupted = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "1"))
-    assert read(os.path.join(interrupted, "backup"), "training_metadata.json")["epoch"] == 1
+    assert read(os.path.join(interrupted, "backup"), "manifest.json")["epochs"] == 1
     # Without a folder, --resume picks the latest run of the algorithm.
     resumed = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2",
                                          "--resume"))
@@ -408,6 +372,6 @@ def test_a_diverged_run_stops_with_an_error_and_is_not_resumed(data_dir, tmp_pat
         assert "the run diverged" in f.read()
     # The aborted epoch is neither backed up nor recorded.
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
-    assert not os.path.exists(os.path.join(run_dir, "backup", "training_metadata.json"))
+    assert not os.path.exists(os.path.join(run_dir, "backup", "manifest.json"))
     with pytest.raises(FloatingPointError, match="resuming it would diverge again"):
         experiment.run(*cli.parse_args(flags + ["--resume", run_dir]))

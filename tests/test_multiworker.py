@@ -108,7 +108,7 @@ def test_kolen_pollack_invariant_across_workers(worker_outputs):
 
 def test_only_the_chief_writes_checkpoints(worker_outputs):
     run = os.path.join(worker_outputs, "run-kp")
-    assert os.path.exists(os.path.join(run, "checkpoints", "epoch-001.weights.h5"))
-    assert os.path.exists(os.path.join(run, "backup", "latest.weights.h5"))
-    assert os.path.exists(os.path.join(run, "backup-worker-1", "latest.weights.h5"))
+    assert os.path.exists(os.path.join(run, "backup", "epoch-0001.weights.h5"))
+    assert os.path.exists(os.path.join(run, "backup", "manifest.json"))
+    assert os.path.exists(os.path.join(run, "backup-worker-1", "manifest.json"))
     assert os.path.exists(os.path.join(run, "history.csv"))

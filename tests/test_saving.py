@@ -97,3 +97,25 @@ def test_backup_and_restore_resume_continues_exactly(feedback, tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
     for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_models_load_after_import_keras_wt_alone(tmp_path):
+    """What keras.saving needs to load a model keras_wt's trainer saved (its accuracy metric and
+    learning-rate schedule) is registered by `import keras_wt`, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from keras_wt import metrics, schedules
+
+    model = _model("kp")
+    model.compile(KolenPollack(keras.optimizers.SGD(schedules.WarmupSchedule(0.1, 2, "cosine",
+                                                                              total_steps=8))),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  weighted_metrics=[metrics.accuracy, metrics.top5_accuracy])
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    code = ("import keras, keras_wt; m = keras.saving.load_model(%r); "
+            "print(type(m.optimizer).__name__, m.compiled_metrics is not None)" % str(tmp_path / "m.keras"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "KolenPollack" in out.stdout

@@ -250,14 +250,15 @@ def test_callbacks_measure_before_logging_and_back_up_last(tmp_path):
     # The mirror and the alignment write before anything reads `logs`; the backup of an epoch
     # is written after everything else of the epoch (the user's callbacks included).
     assert kinds.index("AlignmentCallback") > kinds.index("MirrorCallback")
-    for reader in ("ResultsRecorder", "CSVLogger", "TensorBoard", "ModelCheckpoint"):
+    for reader in ("ResultsRecorder", "CSVLogger", "TensorBoard"):
         assert kinds.index(reader) > kinds.index("AlignmentCallback"), reader
-    assert kinds[-1] == "BackupAndRestore" and callbacks[-2] is extra
+    assert kinds[-1] == "AtomicBackup" and callbacks[-2] is extra
+    assert callbacks[-1].keep  # every epoch's backup kept: the per-epoch checkpoints
     config = dataclasses.replace(config, algo="kp", keep_checkpoints=False)
     model = models.cnn(input_shape=(8, 8, 3), num_classes=4, feedback="kp")
     kinds = [type(cb).__name__ for cb in training.create_callbacks(
         model, config, tf.distribute.get_strategy())]
-    assert "MirrorCallback" not in kinds and "ModelCheckpoint" not in kinds
+    assert "MirrorCallback" not in kinds
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,8 +423,8 @@ def test_trainer_runs_on_tfrecords_under_mirrored_strategy(
         assert f"weight_angle/{layer.name}" in logs
         first, second = _local(layer.feedback_kernel, two_cpu_strategy)
         np.testing.assert_array_equal(first, second)
-    assert os.path.exists(tmp_path / "checkpoints" / "epoch-001.weights.h5")
-    assert os.path.exists(tmp_path / "backup" / "latest.weights.h5")
+    assert os.path.exists(tmp_path / "backup" / "epoch-0001.weights.h5")
+    assert os.path.exists(tmp_path / "backup" / "manifest.json")
     with open(tmp_path / "history.csv") as f:
         header = f.readline()
     assert "val_top5_accuracy" in header and "weight_angle/classifier" in header

@@ -64,8 +64,8 @@ def flag_parser():
                    help="ImageNet TFRecords train-*/validation-* (a gs:// path works).")
     g.add_argument("--use_synthetic_data", action="store_true",
                    help="train and evaluate on one random batch (speed and smoke runs).")
-    g.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet18",
-                   help="ResNet v1.5 network.")
+    g.add_argument("--model", choices=("resnet18", "resnet50", "cnn"), default="resnet18",
+                   help="ResNet v1.5 network (cnn: keras_wt.models.cnn, for smoke tests).")
     g.add_argument("--algo", choices=training.ALGORITHMS, default="bp",
                    help="bp: backprop; fa: feedback alignment; ss: sign symmetry; wm: weight "
                    "mirror; kp: Kolen-Pollack.")
@@ -145,7 +145,9 @@ def parse_flags(argv=None):
     kwargs["learning_rate"] = schedules.peak_learning_rate(
         kwargs["batch_size"], kwargs.pop("lr_per_256")
     )
-    kwargs["model_options"] = {"zero_init_residual": kwargs.pop("zero_init_residual")}
+    zero_init_residual = kwargs.pop("zero_init_residual")
+    if kwargs["model"].startswith("resnet"):
+        kwargs["model_options"] = {"zero_init_residual": zero_init_residual}
     try:
         return training.TrainConfig(dataset="imagenet", **kwargs)
     except ValueError as e:
