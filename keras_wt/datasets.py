@@ -578,11 +578,14 @@ def _normalize(image):
 
 
 def _train_crop(image_bytes, image_size, seed):
-    """Random-resized crop (area 8%-100%, aspect 3/4-4/3) decoded from the JPEG + random flip."""
+    """Random-resized crop (area 8%-100%, aspect 3/4-4/3) decoded from the JPEG + random flip.
+
+    `seed`: a stateless seed (shape `[2]`), drawn per example, so that the augmentation does not
+    depend on the order in which parallel calls run."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
     whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
     # If no box is found in max_attempts, the op returns the whole image.
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
         bounding_boxes=whole_image,
         seed=seed,
@@ -595,7 +598,8 @@ def _train_crop(image_bytes, image_size, seed):
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
-    image = tf.image.random_flip_left_right(image, seed=seed)
+    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
@@ -674,11 +678,16 @@ def imagenet(
         shuffle: shuffle files and examples; default: `training`.
         shuffle_buffer: examples in the shuffle buffer.
         cycle_length: files read in parallel.
-        seed: seed of the shuffles and the augmentation.
+        seed: seed of the shuffles and the augmentation; with a seed the stream is the same in
+            every run (a fixed order of files and examples, each example's crop and flip drawn
+            from a stateless seed), without one parallel reads may reorder it for speed.
     """
     split = _check_split("imagenet", split)
     training = split == "train" if training is None else training
     shuffle = training if shuffle is None else shuffle
+    # With a seed the stream is reproducible (examples in a fixed order, augmentation seeded per
+    # example); without one, parallel reads may reorder examples for speed.
+    deterministic = seed is not None or not shuffle
     if use_synthetic_data:
         shape = [image_size, image_size, 3] if batch_size is None else [
             batch_size, image_size, image_size, 3
@@ -698,7 +707,7 @@ def imagenet(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=8 * 1024 * 1024),
             cycle_length=cycle_length,
             num_parallel_calls=AUTOTUNE,
-            deterministic=not shuffle,
+            deterministic=deterministic,
         )
 
         def parse(record):
@@ -734,18 +743,23 @@ def imagenet(
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
-    def preprocess(image_bytes, label):
+    def preprocess(index, example):
+        image_bytes, label = example
         if training:
-            image = _train_crop(image_bytes, image_size, seed)
+            # A stateless seed per example (its position in the stream): the same crop whatever
+            # the order in which the parallel map runs.
+            key = tf.random.experimental.stateless_fold_in(
+                tf.constant([seed or 0, 3], tf.int64), index)
+            image = _train_crop(image_bytes, image_size, key)
         else:
             image = _eval_crop(image_bytes, image_size)
         return _normalize(image), label
 
-    ds = ds.map(preprocess, AUTOTUNE)
+    ds = ds.enumerate().map(preprocess, AUTOTUNE, deterministic=deterministic)
     if batch_size is not None:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     options = tf.data.Options()
-    options.deterministic = not shuffle
+    options.deterministic = deterministic
     return ds.with_options(options).prefetch(AUTOTUNE)
 
 

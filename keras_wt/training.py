@@ -636,6 +636,8 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
 
 
 def _train(config, strategy, callbacks, flags, derived, writes):
+    # First: the seed of every random op created from here on (data shuffles included).
+    keras.utils.set_random_seed(config.seed)
     make_train, evaluation, input_shape, num_train = _data(config)
     steps_per_epoch = config.resolved_steps_per_epoch(num_train)
     warmup = config.resolved_mirror_warmup_steps(num_train)
@@ -643,7 +645,6 @@ def _train(config, strategy, callbacks, flags, derived, writes):
         _record_config(config, flags, dict(
             derived or {}, steps_per_epoch=steps_per_epoch, mirror_warmup_steps=warmup
         ))
-    keras.utils.set_random_seed(config.seed)
     logger.info(
         "Training %s with feedback=%r on %s on %d replicas (%s, dtype %s): global batch %d, "
         "%d steps per epoch, %d epochs, peak learning rate %.4g.",

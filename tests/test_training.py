@@ -491,3 +491,33 @@ def test_imagenet_flags_out_of_range_are_refused(flag):
     with pytest.raises(SystemExit) as info:
         cli.parse_flags(["--use_synthetic_data", flag])
     assert info.value.code == 2
+
+
+def test_augmented_imagenet_stream_is_the_same_in_every_run(imagenet_dir):
+    def first_batches():
+        ds = datasets.imagenet(imagenet_dir, "train", 4, image_size=IMAGE_SIZE, training=True,
+                               seed=5).repeat()
+        return [x.numpy() for x, _ in ds.take(6)]
+
+    a, b = first_batches(), first_batches()
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("algo", keras_wt.ALGORITHMS)
+def test_two_runs_on_tfrecords_are_bit_identical(imagenet_dir, tmp_path, algo):
+    """A fixed --seed makes the ImageNet trainer reproducible on CPU (XLA): file and example
+    order, augmentation, weights, B and the mirror noise."""
+    config = training.TrainConfig(
+        model="cnn", algo=algo, data_dir=imagenet_dir, image_size=IMAGE_SIZE,
+        num_classes=NUM_CLASSES, batch_size=BATCH, epochs=1, steps_per_epoch=4, eval_steps=0,
+        learning_rate=0.1, warmup_epochs=0, weight_decay=0.01, mirror_warmup_steps=2,
+        mirror_batch_size=8, alignment="none", verbose=0, seed=3,
+    )
+    first, _ = training.train(config)
+    second, _ = training.train(config)
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for a, b in zip(first.optimizer.variables, second.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
