@@ -271,6 +271,17 @@ def resolve_resume(config, explicit):
     return resume, validate(dict(config, **flags))
 
 
+def ignored_flags(config, explicit):
+    """The flags given that the algorithm does not use: the `--mirror_*` flags unless its `B`
+    learns by mirroring, `--kp_weight_decay` unless it learns through the optimizer."""
+    learns = algorithms.get(config["algo"]).learns_feedback
+    return sorted(
+        flag for flag in explicit
+        if (flag.startswith("mirror_") and learns != "mirror")
+        or (flag == "kp_weight_decay" and learns != "optimizer")
+    )
+
+
 def run(config, explicit=frozenset()):
     """Runs (or resumes) one experiment; returns its run folder.
 
@@ -278,6 +289,10 @@ def run(config, explicit=frozenset()):
         config: the flag dict of `keras_wt_cli.parse_args`.
         explicit: the flags given on the command line (used to check a `--resume`).
     """
+    ignored = ignored_flags(config, explicit)
+    if ignored:
+        logger.warning("%s: not used by --algo %s, ignored",
+                       ", ".join(f"--{flag}" for flag in ignored), config["algo"])
     run_dir, config = resolve_resume(config, set(explicit)) if config["resume"] else (None, config)
     new = run_dir is None
     if new:

@@ -375,3 +375,14 @@ def test_a_diverged_run_stops_with_an_error_and_is_not_resumed(data_dir, tmp_pat
     assert not os.path.exists(os.path.join(run_dir, "backup", "manifest.json"))
     with pytest.raises(FloatingPointError, match="resuming it would diverge again"):
         experiment.run(*cli.parse_args(flags + ["--resume", run_dir]))
+
+
+def test_flags_the_algorithm_does_not_use_are_named():
+    config, explicit = cli.parse_args(["--algo", "fa", "--mirror_decay", "1", "--kp_weight_decay",
+                                       "0.1", "--mirror_every", "2"])
+    assert experiment.ignored_flags(config, explicit) == ["kp_weight_decay", "mirror_decay",
+                                                          "mirror_every"]
+    config, explicit = cli.parse_args(["--algo", "wm", "--mirror_decay", "1"])
+    assert experiment.ignored_flags(config, explicit) == []
+    config, explicit = cli.parse_args(["--algo", "kp", "--kp_weight_decay", "0.1"])
+    assert experiment.ignored_flags(config, explicit) == []
