@@ -521,3 +521,11 @@ def test_two_runs_on_tfrecords_are_bit_identical(imagenet_dir, tmp_path, algo):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     for a, b in zip(first.optimizer.variables, second.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mirror_flags_without_the_weight_mirror_are_named():
+    assert cli.ignored_flags(cli.parse_flags(
+        ["--use_synthetic_data", "--algo=kp", "--mirror_decay=0.5", "--mirror_every=2"])) == [
+        "mirror_decay", "mirror_every"]
+    assert cli.ignored_flags(cli.parse_flags(
+        ["--use_synthetic_data", "--algo=wm", "--mirror_decay=0.5"])) == []

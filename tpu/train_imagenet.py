@@ -149,9 +149,24 @@ def parse_flags(argv=None):
     if kwargs["model"].startswith("resnet"):
         kwargs["model_options"] = {"zero_init_residual": zero_init_residual}
     try:
-        return training.TrainConfig(dataset="imagenet", **kwargs)
+        config = training.TrainConfig(dataset="imagenet", **kwargs)
     except ValueError as e:
         flag_parser().error(str(e))
+    ignored = ignored_flags(config)
+    if ignored:
+        logging.getLogger("keras_wt").warning(
+            "%s: not used by --algo=%s, ignored", ", ".join(f"--{f}" for f in ignored), config.algo)
+    return config
+
+
+def ignored_flags(config):
+    """The `--mirror_*` flags set away from their defaults when `--algo`'s `B` does not learn by
+    mirroring (the flags the algorithm does not use)."""
+    if training.algorithms.get(config.algo).learns_feedback == "mirror":
+        return []
+    defaults = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
+    return sorted(name for name in defaults if name.startswith("mirror_")
+                  and getattr(config, name) != defaults[name])
 
 
 def main(argv=None):
