@@ -381,8 +381,8 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 class ResultsRecorder(keras.callbacks.Callback):
-    """After every evaluated epoch (one whose `logs` hold `val_*` entries): writes the epoch into
-    `results.json` and logs a summary line.
+    """After every evaluated epoch (`evaluated_epochs`, whether or not it has test data):
+    writes the epoch into `results.json` and logs a summary line.
 
     An entry holds every number of the epoch's `logs`: `val_<m>` as `test_<m>`, and
     `<kind>/<layer>` (the alignment keys) grouped as `<kind>s: {layer: value}`
@@ -390,14 +390,16 @@ class ResultsRecorder(keras.callbacks.Callback):
 
     Args:
         path: the `results.json` to write, or `None` to only log.
-        epochs: the run's number of epochs (for the summary line).
+        epochs: the run's number of epochs.
+        every: evaluate every this many epochs (`evaluated_epochs`).
         results: the entries of earlier epochs (when resuming).
     """
 
-    def __init__(self, path, epochs, results=None):
+    def __init__(self, path, epochs, every=1, results=None):
         super().__init__()
         self.path = path
         self.epochs = epochs
+        self.evaluated = set(evaluated_epochs(epochs, every))
         self.results = dict(results or {})
         self._start = None
 
@@ -406,7 +408,7 @@ class ResultsRecorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if not any(key.startswith("val_") for key in logs):
+        if epoch + 1 not in self.evaluated:
             return
         entry = {}
         for key, value in logs.items():
@@ -491,12 +493,13 @@ def create_callbacks(
     diverged = config.model_dir and os.path.join(config.model_dir, runs.DIVERGED_FILE)
     result.append(StopOnNonFinite(diverged if strategies.is_chief(strategy) else None))
     if not config.model_dir:
-        return result + [ResultsRecorder(None, config.epochs, results)] + list(extra)
+        return result + [
+            ResultsRecorder(None, config.epochs, config.eval_every, results)] + list(extra)
     if strategies.is_chief(strategy):
         tf.io.gfile.makedirs(config.model_dir)
         path = lambda name: os.path.join(config.model_dir, name)  # noqa: E731
         result += [
-            ResultsRecorder(path(runs.RESULTS_FILE), config.epochs, results),
+            ResultsRecorder(path(runs.RESULTS_FILE), config.epochs, config.eval_every, results),
             keras.callbacks.CSVLogger(path(runs.HISTORY_FILE), append=True),
             keras.callbacks.TensorBoard(
                 path(runs.TENSORBOARD_DIR), write_graph=False, profile_batch=0
