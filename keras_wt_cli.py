@@ -282,5 +282,13 @@ def main(argv=None):
     return 0
 
 
+def plot_main(argv=None):
+    """The `keras-wt-plot` console script (`keras_wt.plots`), with TensorFlow's C++ log silenced
+    as for `keras-wt-train` (it imports keras_wt, hence TensorFlow)."""
+    with _quiet_tensorflow(0):
+        from keras_wt import plots
+    return plots.main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ setup(
     entry_points={
         "console_scripts": [
             "keras-wt-train=keras_wt_cli:main",
-            "keras-wt-plot=keras_wt.plots:main",
+            "keras-wt-plot=keras_wt_cli:plot_main",
         ]
     },
 )
