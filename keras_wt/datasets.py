@@ -678,7 +678,8 @@ def imagenet(
         shuffle: shuffle files and examples; default: `training`.
         shuffle_buffer: examples in the shuffle buffer.
         cycle_length: files read in parallel.
-        seed: seed of the shuffles and the augmentation; with a seed the stream is the same in
+        seed: seed (an int or an int64 tensor) of the shuffles and the augmentation; with a seed
+            the stream is the same in
             every run (a fixed order of files and examples, each example's crop and flip drawn
             from a stateless seed), without one parallel reads may reorder it for speed.
     """
@@ -749,7 +750,8 @@ def imagenet(
             # A stateless seed per example (its position in the stream): the same crop whatever
             # the order in which the parallel map runs.
             key = tf.random.experimental.stateless_fold_in(
-                tf.constant([seed or 0, 3], tf.int64), index)
+                tf.stack([tf.cast(0 if seed is None else seed, tf.int64),
+                          tf.constant(3, tf.int64)]), index)
             image = _train_crop(image_bytes, image_size, key)
         else:
             image = _eval_crop(image_bytes, image_size)

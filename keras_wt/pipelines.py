@@ -86,14 +86,21 @@ def imagenet_datasets(
     num_classes=1000,
     use_synthetic_data=False,
     seed=None,
+    first_epoch=0,
+    epochs=None,
+    steps_per_epoch=None,
 ):
     """The training and evaluation datasets of the trainer.
 
-    Training: endless batches `(images, one_hot_labels)` of `batch_size` with the ImageNet
-    augmentation (`keras_wt.datasets.imagenet`). Evaluation: one pass over the validation split in
-    batches `(images, one_hot_labels, weights)`, padded to full batches (`pad_to_batches`). With
-    `use_synthetic_data` both are endless repetitions of one random batch (for speed runs and
-    smoke tests; give the number of evaluation steps).
+    Training: batches `(images, one_hot_labels)` of `batch_size` with the ImageNet augmentation
+    (`keras_wt.datasets.imagenet`). With `epochs` and `steps_per_epoch`, the batches of epochs
+    `first_epoch .. epochs − 1`, epoch `e` being `steps_per_epoch` batches of a pass seeded by
+    `(seed, e)` (repeated if one pass has fewer batches): every epoch's batches are a function of
+    the seed and the epoch alone, so a run resumed at an epoch sees exactly the batches the
+    uninterrupted run saw there. Otherwise an endless stream. Evaluation: one pass over the
+    validation split in batches `(images, one_hot_labels, weights)`, padded to full batches
+    (`pad_to_batches`). With `use_synthetic_data` both are endless repetitions of one random
+    batch (for speed runs and smoke tests; give the number of evaluation steps).
     """
     if use_synthetic_data:
         train = datasets.imagenet(
@@ -108,10 +115,21 @@ def imagenet_datasets(
             lambda x, y: (x, tf.one_hot(y, num_classes), tf.ones([batch_size], tf.float32))
         )
     else:
-        train = datasets.imagenet(
-            data_dir, "train", batch_size, image_size=image_size, training=True,
-            drop_remainder=True, num_classes=num_classes, seed=seed,
-        ).repeat()
+        def one_pass(pass_seed):
+            return datasets.imagenet(
+                data_dir, "train", batch_size, image_size=image_size, training=True,
+                drop_remainder=True, num_classes=num_classes, seed=pass_seed,
+            )
+
+        if epochs is None or steps_per_epoch is None:
+            train = one_pass(seed).repeat()
+        else:
+            base = tf.constant(0 if seed is None else seed, tf.int64) * 1_000_003
+
+            def epoch(e):
+                return one_pass(base + e).repeat().take(steps_per_epoch)
+
+            train = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
         evaluation = datasets.imagenet(
             data_dir, "validation", None, image_size=image_size, training=False,
             num_classes=num_classes,

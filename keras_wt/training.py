@@ -226,13 +226,20 @@ def _data(config):
     """`(make_train, evaluation, input_shape, num_train)` of the run: `make_train(first_epoch)`
     is the training data from epoch `first_epoch` (0-based) on."""
     if config.dataset == "imagenet":
-        train, evaluation = pipelines.imagenet_datasets(
-            config.data_dir, config.batch_size, image_size=config.image_size,
-            num_classes=config.resolved_num_classes,
-            use_synthetic_data=config.use_synthetic_data, seed=config.seed,
-        )
+        num_train = datasets.info("imagenet").num_train
+
+        def make_imagenet(first_epoch=0):
+            return pipelines.imagenet_datasets(
+                config.data_dir, config.batch_size, image_size=config.image_size,
+                num_classes=config.resolved_num_classes,
+                use_synthetic_data=config.use_synthetic_data, seed=config.seed,
+                first_epoch=first_epoch, epochs=config.epochs,
+                steps_per_epoch=config.resolved_steps_per_epoch(num_train),
+            )
+
         shape = (config.image_size, config.image_size, 3)
-        return lambda first_epoch: train, evaluation, shape, datasets.info("imagenet").num_train
+        return (lambda first_epoch: make_imagenet(first_epoch)[0]), make_imagenet()[1], shape, \
+            num_train
     (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
     if len(x_train) < config.batch_size or not len(x_test):
         raise ValueError(

@@ -5,8 +5,9 @@ ends: the same weights, feedback kernels `B`, optimizer state and results, bit f
 Each chain runs one command line in a subprocess again and again on the same run folder. Every
 run but the last is killed by the `KERAS_WT_FAULT` hook of `keras_wt.backup` at the next point of
 the list, so the chain passes through every such point once; the last run finishes. The final
-model is compared with an uninterrupted run's. Slow (a subprocess per point; about two minutes on
-two cores), but the README's test command runs it.
+model is compared with an uninterrupted run's (keras-wt-train on a tiny MNIST-format dataset,
+the ImageNet trainer on fake TFRecords). Slow (a subprocess per point; about two minutes on two
+cores), but the README's test command runs it.
 """
 
 import json
@@ -92,15 +93,29 @@ def test_keras_wt_train_survives_a_kill_anywhere(data_dir, tmp_path, algo, point
     _assert_same_run(str(tmp_path / "straight" / "mnist" / f"{algo}-V0"), run_dir)
 
 
+@pytest.fixture(scope="module")
+def fake_imagenet(tmp_path_factory):
+    """24 training and 8 validation JPEGs in the standard TFRecord layout."""
+    from keras_wt import datasets
+
+    directory = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("validation", 8)):
+        images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(n)]
+        datasets.write_imagenet_tfrecords(directory, images, rng.integers(0, 4, n), split,
+                                          num_shards=2)
+    return str(directory)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["kp", "wm"])
-def test_imagenet_trainer_survives_a_kill_anywhere(tmp_path, algo):
+def test_imagenet_trainer_survives_a_kill_anywhere(fake_imagenet, tmp_path, algo):
     def flags(model_dir):
-        return ["tpu/train_imagenet.py", "--strategy=default", "--use_synthetic_data", "--model=cnn",
-                f"--model_dir={model_dir}", f"--algo={algo}", "--image_size=16",
+        return ["tpu/train_imagenet.py", "--strategy=default", f"--data_dir={fake_imagenet}",
+                "--model=cnn", f"--model_dir={model_dir}", f"--algo={algo}", "--image_size=16",
                 "--num_classes=4", "--batch_size=8", "--epochs=3", "--steps_per_epoch=3",
-                "--eval_steps=1", "--lr_per_256=0.32", "--warmup_epochs=1",
-                "--mirror_warmup_steps=2", "--mirror_batch_size=8", "--verbose=0"]
+                "--lr_per_256=0.32", "--warmup_epochs=1", "--mirror_warmup_steps=2",
+                "--mirror_batch_size=8", "--seed=1", "--verbose=0"]
 
     assert _run(flags(tmp_path / "straight")).returncode == 0
     _chain(flags(tmp_path / "killed"), ["manifest:1", "batch:2:2", "written:2"])

@@ -529,3 +529,23 @@ def test_mirror_flags_without_the_weight_mirror_are_named():
         "mirror_decay", "mirror_every"]
     assert cli.ignored_flags(cli.parse_flags(
         ["--use_synthetic_data", "--algo=wm", "--mirror_decay=0.5"])) == []
+
+
+@pytest.mark.parametrize("algo", ["kp", "wm"])
+def test_resumed_run_on_tfrecords_continues_exactly(imagenet_dir, tmp_path, algo):
+    """Every epoch's batches depend on (seed, epoch) alone, so a run preempted after epoch 1 and
+    resumed on real TFRecords ends bit for bit where the uninterrupted run ends."""
+    run, preempted = str(tmp_path / "run"), str(tmp_path / "preempted")
+    config = training.TrainConfig(
+        model="cnn", algo=algo, data_dir=imagenet_dir, model_dir=run, image_size=IMAGE_SIZE,
+        num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=3, eval_steps=0,
+        learning_rate=0.1, warmup_epochs=0.5, weight_decay=0.01, mirror_warmup_steps=2,
+        mirror_batch_size=8, alignment="none", verbose=0, seed=4,
+    )
+    uninterrupted, _ = training.train(config, callbacks=[_Preempt(run, preempted, epoch=1)])
+    resumed, history = training.train(dataclasses.replace(config, model_dir=preempted))
+    assert history.epoch == [1]
+    for a, b in zip(uninterrupted.weights, resumed.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for a, b in zip(uninterrupted.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
