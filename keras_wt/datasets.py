@@ -650,6 +650,7 @@ def imagenet(
     shuffle_buffer=10000,
     cycle_length=16,
     seed=None,
+    epoch=None,
 ):
     """Returns a `tf.data.Dataset` of preprocessed ImageNet `(image, label)` batches.
 
@@ -678,10 +679,12 @@ def imagenet(
         shuffle: shuffle files and examples; default: `training`.
         shuffle_buffer: examples in the shuffle buffer.
         cycle_length: files read in parallel.
-        seed: seed (an int or an int64 tensor) of the shuffles and the augmentation; with a seed
-            the stream is the same in
+        seed: seed of the shuffles and the augmentation; with a seed the stream is the same in
             every run (a fixed order of files and examples, each example's crop and flip drawn
             from a stateless seed), without one parallel reads may reorder it for speed.
+        epoch: with `shuffle`, one pass for this epoch (an int or an int64 tensor): its file
+            order and augmentation drawn without state from `(seed, epoch)`, so every epoch's
+            pass can be rebuilt alone (a resumed run). Default: `reshuffle_each_iteration`.
     """
     split = _check_split("imagenet", split)
     training = split == "train" if training is None else training
@@ -702,7 +705,12 @@ def imagenet(
     files = _imagenet_files(data_dir, split)
     if files:
         ds = tf.data.Dataset.from_tensor_slices(files)
-        if shuffle:
+        if shuffle and epoch is not None:
+            # The file order of this epoch's pass, drawn without state from (seed, epoch).
+            key = tf.stack([tf.constant(seed or 0, tf.int64), tf.cast(epoch, tf.int64)])
+            order = tf.argsort(tf.random.stateless_uniform([len(files)], seed=key))
+            ds = tf.data.Dataset.from_tensor_slices(tf.gather(files, order))
+        elif shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=8 * 1024 * 1024),
@@ -750,8 +758,8 @@ def imagenet(
             # A stateless seed per example (its position in the stream): the same crop whatever
             # the order in which the parallel map runs.
             key = tf.random.experimental.stateless_fold_in(
-                tf.stack([tf.cast(0 if seed is None else seed, tf.int64),
-                          tf.constant(3, tf.int64)]), index)
+                tf.stack([tf.constant(seed or 0, tf.int64),
+                          tf.cast(0 if epoch is None else epoch, tf.int64) + 3]), index)
             image = _train_crop(image_bytes, image_size, key)
         else:
             image = _eval_crop(image_bytes, image_size)

@@ -115,21 +115,18 @@ def imagenet_datasets(
             lambda x, y: (x, tf.one_hot(y, num_classes), tf.ones([batch_size], tf.float32))
         )
     else:
-        def one_pass(pass_seed):
+        def one_pass(epoch=None):
             return datasets.imagenet(
                 data_dir, "train", batch_size, image_size=image_size, training=True,
-                drop_remainder=True, num_classes=num_classes, seed=pass_seed,
+                drop_remainder=True, num_classes=num_classes, seed=seed, epoch=epoch,
             )
 
         if epochs is None or steps_per_epoch is None:
-            train = one_pass(seed).repeat()
+            train = one_pass().repeat()
         else:
-            base = tf.constant(0 if seed is None else seed, tf.int64) * 1_000_003
-
-            def epoch(e):
-                return one_pass(base + e).repeat().take(steps_per_epoch)
-
-            train = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
+            train = tf.data.Dataset.range(first_epoch, epochs).flat_map(
+                lambda e: one_pass(e).repeat().take(steps_per_epoch)
+            )
         evaluation = datasets.imagenet(
             data_dir, "validation", None, image_size=image_size, training=False,
             num_classes=num_classes,

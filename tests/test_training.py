@@ -540,7 +540,7 @@ def test_resumed_run_on_tfrecords_continues_exactly(imagenet_dir, tmp_path, algo
         model="cnn", algo=algo, data_dir=imagenet_dir, model_dir=run, image_size=IMAGE_SIZE,
         num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=3, eval_steps=0,
         learning_rate=0.1, warmup_epochs=0.5, weight_decay=0.01, mirror_warmup_steps=2,
-        mirror_batch_size=8, alignment="none", verbose=0, seed=4,
+        mirror_batch_size=8, alignment="none", verbose=0, seed=0,  # 0: the global seed too
     )
     uninterrupted, _ = training.train(config, callbacks=[_Preempt(run, preempted, epoch=1)])
     resumed, history = training.train(dataclasses.replace(config, model_dir=preempted))
