@@ -141,6 +141,19 @@ def test_padded_convolutions_reach_the_exact_fixed_point(name):
     assert np.linalg.norm(b) / np.linalg.norm(w) == pytest.approx(2.0, rel=0.015)
 
 
+
+def _stationary_angle(mirror, layer, steps, burn_in):
+    """The RMS angle (`atan √mean tan²θ`, degrees) between `layer`'s W and B over mirror steps
+    `burn_in .. steps − 1`, W fixed: the stationary residual angle of a finite noise batch."""
+    tan2 = []
+    for counter in range(steps):
+        mirror(counter)
+        if counter >= burn_in:
+            degrees = keras_wt.alignment.angle(layer.kernel.numpy(), layer.feedback_kernel.numpy())
+            tan2.append(np.tan(np.radians(degrees)) ** 2)
+    return np.degrees(np.arctan(np.sqrt(np.mean(tan2))))
+
+
 def test_residual_angle_of_a_frozen_dense_layer_follows_the_finite_sample_law():
     """With W frozen, B_{t+1} = (1 − ηλ)·B_t + η·S_t·W with S_t = XᵀX/n, E[S_t] = σ²·I: B is
     stationary around (σ²/λ)·W, and each step adds noise (S_t − σ²I)·W of variance
@@ -158,13 +171,7 @@ def test_residual_angle_of_a_frozen_dense_layer_follows_the_finite_sample_law():
         layer = wt.Dense(10, feedback="wm")
         layer.build((None, d_in))
         mirror = WeightMirror([layer], eta, noise_std=1.5, decay=lam, batch_size=n, seed=n)
-        tan2 = []
-        for counter in range(600):
-            mirror(counter)
-            if counter >= 100:
-                degrees = keras_wt.alignment.angle(layer.kernel.numpy(), layer.feedback_kernel.numpy())
-                tan2.append(np.tan(np.radians(degrees)) ** 2)
-        measured[n] = np.degrees(np.arctan(np.sqrt(np.mean(tan2))))
+        measured[n] = _stationary_angle(mirror, layer, steps=600, burn_in=100)
         law = np.degrees(np.arctan(np.sqrt(d_in * eta * lam / (2 * n))))
         refined = np.degrees(np.arctan(np.sqrt(eta * lam * (d_in + 1) / ((2 - eta * lam) * n))))
         assert measured[n] == pytest.approx(law, rel=0.06), (n, measured[n], law)
@@ -361,13 +368,7 @@ def test_auto_batch_size_reaches_the_target_angle(kind):
         layer = wt.Conv2D(8, 3, padding="same", feedback="wm")
         layer.build((None, 5, 5, 16))
     mirror = WeightMirror([layer], 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=4.0)
-    tan2 = []
-    for counter in range(500):
-        mirror(counter)
-        if counter >= 100:
-            degrees = keras_wt.alignment.angle(layer.kernel.numpy(), layer.feedback_kernel.numpy())
-            tan2.append(np.tan(np.radians(degrees)) ** 2)
-    measured = np.degrees(np.arctan(np.sqrt(np.mean(tan2))))
+    measured = _stationary_angle(mirror, layer, steps=500, burn_in=100)
     assert measured == pytest.approx(4.0, rel=0.05), (mirror.batch_sizes, measured)
 
 
