@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import keras_wt
 from keras_wt import algorithms
 from keras_wt import backup as backup_lib
 from keras_wt import callbacks as callbacks_lib
@@ -534,7 +535,7 @@ def _backup(config, strategy):
 
 def _versions():
     return {
-        "keras_wt_version": __import__("keras_wt").__version__,
+        "keras_wt_version": keras_wt.__version__,
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} "
