@@ -1,7 +1,9 @@
 """Figures of the reference experiments: the `keras-wt-plot` command line.
 
 Reads the runs that `keras-wt-train` wrote in `<save_dir>/<dataset>/<algo>-V<i>/` and draws the
-four figures of the published code, one curve per algorithm (and per layer for the angles):
+four figures of the published code, one curve per algorithm (and per layer for the angles;
+with more than `MAX_LAYER_CURVES` layers, as in a ResNet, one curve per algorithm for the mean
+over the layers, with the band from the smallest to the largest layer's angle):
 
     figures/<dataset>/test_accuracies.png   test accuracy (%) per epoch
     figures/<dataset>/loss.png              training loss per epoch (log scale)
@@ -40,6 +42,13 @@ COLORS = {
     "kp": "tab:red",
 }
 LINESTYLES = ("-", "--", ":", "-.")
+# Beyond this many layers the angle figures draw, per algorithm, the mean over layers and the
+# min-max band: one curve per layer would give an unreadable legend of 100 entries.
+MAX_LAYER_CURVES = 6
+LOSS_NAMES = {
+    "summed_sigmoid": "summed sigmoid cross-entropy",
+    "softmax": "softmax cross-entropy",
+}
 MARKERS = ("o", "s", "^", "v", "D", "x")
 
 
@@ -109,9 +118,13 @@ def make_figures(runs, dataset):
     title = dataset.replace("_", "-")
     figures = {}
 
+    losses = {(run["config"].get("derived") or {}).get("loss") for run in runs}
+    loss_label = "training loss"
+    if len(losses) == 1 and next(iter(losses)) in LOSS_NAMES:
+        loss_label += f" ({LOSS_NAMES[losses.pop()]})"
     specs = {
         "test_accuracies": ("test_accuracy", "test accuracy (%)", "Test accuracy"),
-        "loss": ("loss", "training loss (summed sigmoid cross-entropy)", "Training loss"),
+        "loss": ("loss", loss_label, "Training loss"),
     }
     for name, (field, ylabel, heading) in specs.items():
         fig = Figure(figsize=(6.4, 4.4), dpi=100)
@@ -138,7 +151,11 @@ def make_figures(runs, dataset):
             layers = layers[:-1]  # the output layer receives the exact loss gradient
         fig = Figure(figsize=(8.4, 4.4), dpi=100)
         ax = fig.add_subplot()
-        for run in runs:
+        if len(layers) > MAX_LAYER_CURVES:
+            for run in runs:
+                _draw_layer_band(ax, run, field, layers, several_models)
+            heading += f" (mean and range over {len(layers)} layers)"
+        for run in runs if len(layers) <= MAX_LAYER_CURVES else ():
             for i, layer in enumerate(layers):
                 epochs, values = _series(run["results"], field, layer)
                 if not epochs:
@@ -158,12 +175,30 @@ def make_figures(runs, dataset):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            if name in angle_specs:  # many curves: the legend goes beside the axes
+            if name in angle_specs and len(ax.get_legend_handles_labels()[0]) > len(runs):
+                # a curve per layer: the legend goes beside the axes
                 ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             else:
                 ax.legend(fontsize=8)
         fig.tight_layout()
     return figures
+
+
+def _draw_layer_band(ax, run, field, layers, several_models):
+    """One run's angles as the mean over `layers` per epoch and the min-max band around it."""
+    by_epoch = {}
+    for layer in layers:
+        for epoch, value in zip(*_series(run["results"], field, layer)):
+            by_epoch.setdefault(epoch, []).append(value)
+    if not by_epoch:
+        return
+    epochs = sorted(by_epoch)
+    values = [by_epoch[e] for e in epochs]
+    color = COLORS[run["algo"]]
+    ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
+                    color=color, alpha=0.2, linewidth=0)
+    ax.plot(epochs, [sum(v) / len(v) for v in values], color=color, marker="o", markersize=3,
+            label=_label(run, several_models))
 
 
 def plot_dataset(save_dir, dataset, figures_dir="figures", model=None):

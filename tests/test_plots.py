@@ -99,3 +99,30 @@ def test_no_runs_is_a_clear_error(tmp_path):
         plots.main(["--save_dir", str(tmp_path), "--dataset", "mnist"])
     with pytest.raises(FileNotFoundError, match="run keras-wt-train --dataset mnist"):
         plots.plot_dataset(str(tmp_path), "mnist", str(tmp_path / "figures"))
+
+
+def test_deep_models_draw_the_mean_and_range_over_layers(tmp_path):
+    save_dir = str(tmp_path / "experiments")
+    run_dir = fake_run(save_dir, "kp", 0, n_epochs=2, model="resnet20")
+    layers = [f"conv_{i}" for i in range(plots.MAX_LAYER_CURVES + 2)] + ["classifier"]
+    angles = {name: 10.0 + 3 * i for i, name in enumerate(layers)}
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    for j, entry in enumerate(results.values()):
+        entry["weight_angles"] = {name: a - j for name, a in angles.items()}
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(run_dir, "experiment_config.json"), "w") as f:
+        json.dump({"algo": "kp", "dataset": "fashion_mnist", "model": "resnet20",
+                   "derived": {"loss": "softmax"}}, f)
+
+    figures = plots.make_figures(plots.collect_runs(save_dir, "fashion_mnist"), "fashion_mnist")
+    ax = figures["weight_angles"].axes[0]
+    assert len(ax.lines) == 1  # one curve for the run, not one per layer
+    expected_mean = np.mean(list(angles.values()))  # 10 + 3·(0..8): mean 22
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [expected_mean, expected_mean - 1])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(min(angles.values()) - 1)
+    assert band.max() == pytest.approx(max(angles.values()))
+    assert f"over {len(layers)} layers" in ax.get_title()
+    assert "softmax" in figures["loss"].axes[0].get_ylabel()
