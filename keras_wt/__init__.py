@@ -13,6 +13,8 @@ from keras_wt import algorithms  # noqa: E402
 from keras_wt import alignment  # noqa: E402
 from keras_wt import callbacks  # noqa: E402
 from keras_wt import datasets  # noqa: E402
+from keras_wt import dfa  # noqa: E402
+from keras_wt import local  # noqa: E402
 from keras_wt import layers  # noqa: E402
 from keras_wt import metrics  # noqa: E402
 from keras_wt import mirror  # noqa: E402

@@ -28,6 +28,7 @@ import math
 import keras
 
 from keras_wt import algorithms
+from keras_wt import dfa
 from keras_wt import layers as wt_layers
 
 # Batch norm of the reference ResNets (PyTorch's momentum 0.1 is Keras's 0.9).
@@ -674,10 +675,12 @@ BUILDERS = {
 
 
 def get(name, **kwargs):
-    """Builds the model `name` (one of `BUILDERS`: `"mlp"`, `"cnn"`, `"resnet18"`, ...)."""
+    """Builds the model `name` (one of `BUILDERS`: `"mlp"`, `"cnn"`, `"resnet18"`, ...); with
+    `feedback="dfa"`, with its `keras_wt.dfa.DirectFeedback` marker."""
     if not isinstance(name, str) or name not in BUILDERS:
         raise ValueError(f"model name={name!r} is not one of {tuple(BUILDERS)}")
-    return BUILDERS[name](**kwargs)
+    # A direct algorithm (dfa) routes the output error to every layer (keras_wt.dfa).
+    return dfa.maybe_direct(BUILDERS[name](**kwargs), kwargs.get("feedback", "bp"))
 
 
 def _size(variable):
