@@ -48,10 +48,19 @@ def _fixed_random_sign(layer, kernel):
 
 def _batchwise_random_sign(layer, kernel):
     # R is redrawn at every step from the layer's (seed, step) state: reproducible, resumable.
-    magnitude = tf.abs(tf.random.stateless_normal(
-        tf.shape(kernel), seed=layer.feedback_seed(), alg="philox"
-    )) * sign_symmetry_scale(layer)
-    return tf.cast(magnitude, kernel.dtype) * tf.sign(kernel)
+    magnitude = tf.abs(stateless_normal(tf.shape(kernel), layer.feedback_seed()))
+    return tf.cast(magnitude * sign_symmetry_scale(layer), kernel.dtype) * tf.sign(kernel)
+
+
+def stateless_normal(shape, seed):
+    """Standard normal float32 numbers drawn from `seed` (`[seed, step]`), the same with and
+    without XLA: Philox's integer bits agree between TensorFlow's kernels and XLA (its floats do
+    not), so the bits are mapped to `u ∈ (0, 1)` and to `√2·erfinv(2u − 1)` here."""
+    bits = tf.random.stateless_uniform(
+        shape, seed=seed, alg="philox", dtype=tf.int32, minval=None, maxval=None
+    )
+    u = (tf.cast(tf.bitwise.bitwise_and(bits, 0x7FFFFF), tf.float32) + 0.5) / float(1 << 23)
+    return math.sqrt(2.0) * tf.math.erfinv(2.0 * u - 1.0)
 
 
 def _cut(layer, kernel):
@@ -139,7 +148,7 @@ _REGISTRY = {
     "sa": Algorithm("sa", LONG_NAMES["sa"], stores_feedback=True, learns_feedback="loss",
                     local_loss=SA_LOSS, inputs=("real", "noise"), steps=True),
     "ia": Algorithm("ia", LONG_NAMES["ia"], stores_feedback=True, learns_feedback="loss",
-                    local_loss=IA_LOSS, inputs=("real", "noise"), steps=True),
+                    local_loss=IA_LOSS, inputs=("noise", "real"), steps=True),
 }
 
 

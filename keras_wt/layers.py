@@ -245,14 +245,16 @@ class FeedbackLayer(WithFeedback):
             # attention layer is built for any sequence length) learns it from its first call.
             self.feedback_input_shape = (None,) + shape[1:]
         kernel = tf.convert_to_tensor(kernel)
+        # A measurement (keras_wt.alignment) is not a training step: decided here, since its
+        # backward pass runs after the tap is closed.
+        tap = feedback_lib.linear_tap()
         outputs = feedback_lib.linear_with_feedback(
             self.linear,
             inputs,
             kernel,
             self.feedback_tensor(kernel),
-            on_backward=self._on_backward,
+            on_backward=self._on_backward if tap is None else None,
         )
-        tap = feedback_lib.linear_tap()
         if tap is not None:
             outputs = tap(self, outputs)
         elif self.feedback_learning == "loss" and not feedback_lib.backprop_forced():
@@ -266,17 +268,23 @@ class FeedbackLayer(WithFeedback):
 
     def _local_input(self, inputs):
         """What `B`'s local loss sees: the layer's input, or standard normal noise of its shape
-        drawn from `feedback_state` (`feedback_input="noise"`)."""
+        drawn from `feedback_state` (`feedback_input="noise"`; under `tf.distribute`, from the
+        state and the replica: every replica draws its own share of the noise)."""
         if self.resolved_feedback_input == "noise":
-            noise = tf.random.stateless_normal(
-                tf.shape(inputs), seed=self.feedback_seed(), alg="philox"
-            )
+            seed = self.feedback_seed()
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                # Each replica draws its own share of the noise batch.
+                seed = tf.random.experimental.stateless_fold_in(
+                    seed, replica.replica_id_in_sync_group
+                )
+            noise = algorithms.stateless_normal(tf.shape(inputs), seed)
             return tf.cast(noise, inputs.dtype)
         return inputs
 
     def _on_backward(self):
         self._check_feedback_learner()
-        if self.feedback_state is not None and feedback_lib.linear_tap() is None:
+        if self.feedback_state is not None:
             self.feedback_state.assign_add(tf.constant([0, 1], tf.int64))
 
     def _check_feedback_learner(self):
@@ -307,10 +315,12 @@ class FeedbackLayer(WithFeedback):
             return
         for i, variable in enumerate(self._forward_variables()):
             store[str(i)] = variable
-        for name, variable in self._feedback_variables():
+        for name, variable in self.feedback_variables():
             store[name] = variable
 
-    def _feedback_variables(self):
+    def feedback_variables(self):
+        """`[(name, variable)]` of the layer's feedback variables (`feedback_kernel`,
+        `feedback_state`): what the stock twin does not have."""
         return [(name, variable) for name, variable in (
             ("feedback_kernel", self.feedback_kernel), ("feedback_state", self.feedback_state)
         ) if variable is not None]
@@ -320,14 +330,14 @@ class FeedbackLayer(WithFeedback):
             return
         variables = self._forward_variables()
         expected = [str(i) for i in range(len(variables))]
-        expected += [name for name, _ in self._feedback_variables()]
+        expected += [name for name, _ in self.feedback_variables()]
         if sorted(store.keys()) != sorted(expected):
             raise ValueError(
                 f"Layer {self.name!r} (feedback={self.feedback!r}) expected the variables "
                 f"{expected} but the file has {sorted(store.keys())}: was it saved with another "
                 "feedback algorithm? Load it with that one, then keras_wt.convert it."
             )
-        variables += [variable for _, variable in self._feedback_variables()]
+        variables += [variable for _, variable in self.feedback_variables()]
         for key, variable in zip(expected, variables):
             variable.assign(store[key])
 
@@ -725,7 +735,7 @@ def stock_weights(layer):
         id(variable)
         for sublayer in _compat.flatten_layers(layer)
         if isinstance(sublayer, FeedbackLayer)
-        for _, variable in sublayer._feedback_variables()
+        for _, variable in sublayer.feedback_variables()
     }
     return [weight for weight in getattr(layer, "weights", ()) if id(weight) not in feedback]
 

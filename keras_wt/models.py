@@ -700,14 +700,14 @@ def count_forward_params(model):
     """Parameters of the forward model, counted as the usual tables count them.
 
     `model.count_params()` minus the feedback kernels `B` (extra weights of `fa`, `wm`, `kp`
-    layers) and minus the moving mean and variance of batch norm (statistics, not parameters;
+    layers, ...), the `(seed, step)` states of `brsf`, `sa`, `ia` layers, and minus the moving mean and variance of batch norm (statistics, not parameters;
     PyTorch's `parameters()` and the published ResNet counts leave them out). The count is the
     same for every algorithm and does not depend on which weights are frozen.
     """
     excluded = set()
     for layer in model._flatten_layers():
-        if isinstance(layer, wt_layers.FeedbackLayer) and layer.feedback_kernel is not None:
-            excluded.add(id(layer.feedback_kernel))
+        if isinstance(layer, wt_layers.FeedbackLayer):
+            excluded.update(id(variable) for _, variable in layer.feedback_variables())
         if isinstance(layer, keras.layers.BatchNormalization):
             excluded.update((id(layer.moving_mean), id(layer.moving_variance)))
     return sum(_size(w) for w in model.weights if id(w) not in excluded)

@@ -38,6 +38,11 @@ COLORS = {
     "ss": "tab:green",
     "wm": "tab:orange",
     "kp": "tab:red",
+    "frsf": "tab:olive",
+    "brsf": "tab:cyan",
+    "dfa": "tab:purple",
+    "sa": "tab:brown",
+    "ia": "tab:pink",
 }
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "v", "D", "x")

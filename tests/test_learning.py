@@ -27,6 +27,7 @@ def _train(feedback, epochs=15):
             wt.Dense(3, feedback=feedback),
         ]
     )
+    model = keras_wt.dfa.maybe_direct(model, feedback)  # dfa: the output error's route
     sgd = keras.optimizers.SGD(0.05, momentum=0.9)
     optimizer = KolenPollack(sgd, weight_decay=0.5) if feedback == "kp" else sgd
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
