@@ -47,7 +47,7 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
         copy_weights: copy the weights of `model` into the copy.
         strict: raise instead of warning when a layer with a kernel is left unconverted.
         **layer_kwargs: extra arguments of every converted layer (`feedback_initializer`,
-            `feedback_scale`).
+            `feedback_scale`, `feedback_input`, `feedback_loss`).
 
     Returns:
         The converted `keras.Model`.
@@ -62,7 +62,7 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
     if unknown:
         raise ValueError(
             f"convert() got {sorted(unknown)}; the extra arguments it passes to every converted "
-            "layer are feedback_initializer and feedback_scale."
+            f"layer are {layers_lib.FEEDBACK_ARGUMENTS[1:]}."
         )
     converted = collections.Counter()
 

@@ -5,8 +5,13 @@ Every layer here subclasses its stock Keras twin, takes every stock argument, pl
 * `feedback`: one of `keras_wt.ALGORITHMS` (`"bp"`, `"fa"`, `"ss"`, `"wm"`, `"kp"`).
 * `feedback_initializer`: initializer of the stored `B` (`fa`, `wm`, `kp`). `None` (default)
   draws `B` from the same distribution as the kernel, independently of it.
-* `feedback_scale`: for `ss`, the magnitude `s` in `B = sign(W)·s`; `None` means
+* `feedback_scale`: for `ss` (and `brsf`), the magnitude `s` in `B = sign(W)·s`; `None` means
   `sqrt(2 / fan_out)`.
+* `feedback_input`: for the rules whose `B` learns from a local alignment loss (`sa`, `ia`, and
+  `wm` on real inputs): `"real"` (the layer's input of the batch) or `"noise"`; `None`: the
+  algorithm's default (`keras_wt.algorithms.Algorithm.inputs`).
+* `feedback_loss`: `{primitive: coefficient}` of that loss (`keras_wt.local.PRIMITIVES`); `None`:
+  the algorithm's (`Algorithm.local_loss`).
 
 The forward pass is the stock one. Only the gradient with respect to the layer's input changes
 (DESIGN.md §1); the gradients of `W` and of the bias are the stock ones.
@@ -76,8 +81,8 @@ def _independent_initializer(kernel_initializer, **config_updates):
 
 
 class WithFeedback:
-    """Mixin of every keras_wt layer: the `feedback`, `feedback_initializer` and
-    `feedback_scale` arguments, their validation and their config."""
+    """Mixin of every keras_wt layer: the `FEEDBACK_ARGUMENTS`, their validation and their
+    config."""
 
     def _init_feedback(
         self, feedback, feedback_initializer, feedback_scale, feedback_input=None,
@@ -135,7 +140,7 @@ class WithFeedback:
         return dict(self.algorithm.local_loss)
 
     def feedback_config(self):
-        """`{feedback, feedback_initializer, feedback_scale}`: what a sublayer or a copy needs."""
+        """The `FEEDBACK_ARGUMENTS` of the layer: what a sublayer or a copy needs."""
         return dict(
             feedback=self.feedback,
             feedback_initializer=(
@@ -383,6 +388,10 @@ class Dense(_Twin, FeedbackLayer, keras.layers.Dense):
         feedback_initializer: initializer of `B` for `fa`, `wm`, `kp`; `None` draws it like the
             kernel, independently.
         feedback_scale: `s` of sign symmetry, `B = sign(W)·s`; `None` is `sqrt(2 / units)`.
+        feedback_input: `"real"` or `"noise"`: what the local alignment loss of `B` sees (`sa`,
+            `ia`, `wm`); `None`: the algorithm's default.
+        feedback_loss: `{primitive: coefficient}` of that loss (`keras_wt.local`); `None`: the
+            algorithm's.
 
     Example:
 
