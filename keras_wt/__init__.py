@@ -2,7 +2,10 @@
 
 Backprop (`bp`), feedback alignment (`fa`), sign symmetry (`ss`), the weight mirror (`wm`) and
 the Kolen–Pollack circuit (`kp`) of Akrout et al., "Deep Learning without Weight Transport"
-(NeurIPS 2019). See DESIGN.md for the math and the README for a tour.
+(NeurIPS 2019), and the rest of the field's rules in the same registry: sign-concordant feedback
+with fixed or batchwise random magnitudes (`frsf`, `brsf`), direct feedback alignment (`dfa`),
+and Kunin et al.'s symmetric and information alignment (`sa`, `ia`). See DESIGN.md for the math
+and the README for a tour.
 """
 
 from keras_wt._backend import check_backend
