@@ -1,7 +1,8 @@
 """The feedback rule of every algorithm, written once for every layer type.
 
 `B` always has exactly the forward kernel `W`'s shape and layout (DESIGN.md §1), so a rule is a
-function of the layer and of `W`'s current value and serves Dense and every convolution alike.
+function of the layer and of `W`'s current value and serves Dense and every convolution alike
+(`dfa` sends nothing through its layers: its matrices live in `keras_wt.dfa.DirectFeedback`).
 """
 
 import collections.abc
@@ -24,10 +25,6 @@ LONG_NAMES = {
     "sa": "symmetric alignment",
     "ia": "information alignment",
 }
-
-# How a feedback layer's own input reaches its local alignment loss (`feedback_input=`).
-FEEDBACK_INPUTS = ("noise", "real")
-
 
 def _exact(layer, kernel):
     return None
