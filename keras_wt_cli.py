@@ -15,15 +15,16 @@ import os
 import sys
 
 # keras_wt.ALGORITHMS, keras_wt.experiment's datasets and models (tests check they agree).
-ALGORITHMS = ("bp", "fa", "ss", "wm", "kp")
+ALGORITHMS = ("bp", "fa", "ss", "wm", "kp", "frsf", "brsf", "dfa", "sa", "ia")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet20")
 SCHEDULES = ("constant", "cosine")
 LOSSES = ("summed_sigmoid", "softmax")
 
-# The learning rates of the published code (Akrout et al.); sign symmetry was not in it and
-# uses backprop's.
-PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3}
+# The learning rates of the published code (Akrout et al.); sign symmetry and the rules of
+# keras_wt.algorithms that were not in it (frsf, brsf, dfa, sa, ia) use backprop's.
+PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3,
+                            "frsf": 0.2, "brsf": 0.2, "dfa": 0.2, "sa": 0.2, "ia": 0.2}
 
 
 
@@ -62,7 +63,9 @@ def build_parser(defaults=True):
         help="dataset to train on (fashion_mnist is on disk after script/up)")
     add("--algo", default="bp", choices=ALGORITHMS,
         help="bp: backprop, fa: feedback alignment, ss: sign symmetry, wm: weight mirror, "
-        "kp: Kolen-Pollack")
+        "kp: Kolen-Pollack, frsf/brsf: fixed/batchwise random-magnitude sign-concordant "
+        "feedback, dfa: direct feedback alignment, sa/ia: symmetric/information alignment "
+        "(Kunin et al. 2020)")
     add("--model", default="mlp", choices=MODELS,
         help="mlp: the reference MLP with the published configuration; cnn (keras_wt.models.cnn) "
         "and resnet20: convnets with the convnet recipe (batch norm, softmax cross-entropy, SGD "

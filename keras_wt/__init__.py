@@ -2,7 +2,10 @@
 
 Backprop (`bp`), feedback alignment (`fa`), sign symmetry (`ss`), the weight mirror (`wm`) and
 the Kolen–Pollack circuit (`kp`) of Akrout et al., "Deep Learning without Weight Transport"
-(NeurIPS 2019). See DESIGN.md for the math and the README for a tour.
+(NeurIPS 2019), and the rest of the field's rules in the same registry: sign-concordant feedback
+with fixed or batchwise random magnitudes (`frsf`, `brsf`), direct feedback alignment (`dfa`),
+and Kunin et al.'s symmetric and information alignment (`sa`, `ia`). See DESIGN.md for the math
+and the README for a tour.
 """
 
 from keras_wt._backend import check_backend
@@ -13,6 +16,8 @@ from keras_wt import algorithms  # noqa: E402
 from keras_wt import alignment  # noqa: E402
 from keras_wt import callbacks  # noqa: E402
 from keras_wt import datasets  # noqa: E402
+from keras_wt import dfa  # noqa: E402
+from keras_wt import local  # noqa: E402
 from keras_wt import layers  # noqa: E402
 from keras_wt import metrics  # noqa: E402
 from keras_wt import mirror  # noqa: E402

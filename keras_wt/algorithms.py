@@ -1,15 +1,17 @@
 """The feedback rule of every algorithm, written once for every layer type.
 
 `B` always has exactly the forward kernel `W`'s shape and layout (DESIGN.md §1), so a rule is a
-function of the layer and of `W`'s current value and serves Dense and every convolution alike.
+function of the layer and of `W`'s current value and serves Dense and every convolution alike
+(`dfa` sends nothing through its layers: its matrices live in `keras_wt.dfa.DirectFeedback`).
 """
 
+import collections.abc
 import dataclasses
 import math
 
 import tensorflow as tf
 
-ALGORITHMS = ("bp", "fa", "ss", "wm", "kp")
+ALGORITHMS = ("bp", "fa", "ss", "wm", "kp", "frsf", "brsf", "dfa", "sa", "ia")
 
 LONG_NAMES = {
     "bp": "backprop",
@@ -17,7 +19,51 @@ LONG_NAMES = {
     "ss": "sign symmetry",
     "wm": "weight mirror",
     "kp": "Kolen-Pollack",
+    "frsf": "fixed random-magnitude sign-concordant feedback",
+    "brsf": "batchwise random-magnitude sign-concordant feedback",
+    "dfa": "direct feedback alignment",
+    "sa": "symmetric alignment",
+    "ia": "information alignment",
 }
+
+def _exact(layer, kernel):
+    return None
+
+
+def _stored(layer, kernel):
+    return tf.cast(layer.feedback_kernel, kernel.dtype)
+
+
+def _sign(layer, kernel):
+    return tf.sign(kernel) * tf.cast(sign_symmetry_scale(layer), kernel.dtype)
+
+
+def _fixed_random_sign(layer, kernel):
+    # The stored variable holds R; only its magnitude is used.
+    return tf.abs(tf.cast(layer.feedback_kernel, kernel.dtype)) * tf.sign(kernel)
+
+
+def _batchwise_random_sign(layer, kernel):
+    # R is redrawn at every step from the layer's (seed, step) state: reproducible, resumable.
+    magnitude = tf.abs(stateless_normal(tf.shape(kernel), layer.feedback_seed()))
+    return tf.cast(magnitude * sign_symmetry_scale(layer), kernel.dtype) * tf.sign(kernel)
+
+
+def stateless_normal(shape, seed):
+    """Standard normal float32 numbers drawn from `seed` (`[seed, step]`), the same with and
+    without XLA: Philox's integer bits agree between TensorFlow's kernels and XLA (its floats do
+    not), so the bits are mapped to `u ∈ (0, 1)` and to `√2·erfinv(2u − 1)` here."""
+    bits = tf.random.stateless_uniform(
+        shape, seed=seed, alg="philox", dtype=tf.int32, minval=None, maxval=None
+    )
+    u = (tf.cast(tf.bitwise.bitwise_and(bits, 0x7FFFFF), tf.float32) + 0.5) / float(1 << 23)
+    return math.sqrt(2.0) * tf.math.erfinv(2.0 * u - 1.0)
+
+
+def _cut(layer, kernel):
+    # Direct feedback alignment: nothing flows down through the layer; the output error reaches
+    # every layer directly (`keras_wt.dfa.DirectFeedback`).
+    return tf.zeros_like(kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +73,39 @@ class Algorithm:
     Attributes:
         name: the short code (`"bp"`, `"fa"`, ...).
         long_name: the name shown in docs and plots.
-        stores_feedback: whether `B` is a variable of the layer (`layer.feedback_kernel`).
-        learns_feedback: who changes the stored `B`: `None` (fixed), `"mirror"` or `"optimizer"`.
+        stores_feedback: whether `B` (or, for `frsf`, the `R` of `B = |R|·sign(W)`) is a
+            variable of the layer (`layer.feedback_kernel`).
+        learns_feedback: who changes the stored `B`: `None` (fixed), `"mirror"` (the weight
+            mirror on noise), `"optimizer"` (Kolen–Pollack) or `"loss"` (a local alignment loss
+            the layer adds to the model's losses, `keras_wt.local`).
+        rule: `(layer, kernel) -> B`, the tensor that replaces `W` in the input gradient, or
+            `None` for exact backprop.
+        steps: whether the layer keeps a `(seed, step)` state (`layer.feedback_state`), advanced
+            at every backward pass, from which per-step random draws are made.
+        direct: whether the error reaches the layer directly from the model's output (`dfa`):
+            the model must end in a `keras_wt.dfa.DirectFeedback` marker.
+        local_loss: `{primitive: coefficient}` of the local alignment loss of `B`
+            (`keras_wt.local.PRIMITIVES`), for `learns_feedback="loss"` (or the real-input
+            option of `wm`).
+        inputs: the `feedback_input` values the layer accepts (the first is the default):
+            `"real"`, the layer's input of the current batch, or `"noise"`.
+        real_input_learning: how `B` learns when `feedback_input="real"`, if not
+            `learns_feedback` (`wm`: a local loss instead of the mirror on noise).
+        weight_angle: whether the angle between `W` and `B` is defined (`dfa`'s `Bₗ` has another
+            shape: its layers have no `weight_angle` nor `norm_ratio`).
     """
 
     name: str
     long_name: str
     stores_feedback: bool
     learns_feedback: str = None
+    rule: collections.abc.Callable = _stored
+    steps: bool = False
+    direct: bool = False
+    local_loss: tuple = ()
+    inputs: tuple = ()
+    real_input_learning: str = None
+    weight_angle: bool = True
 
     def feedback(self, layer, kernel):
         """Returns the tensor that replaces `kernel` in the input gradient, or `None` for exact BP.
@@ -43,19 +114,38 @@ class Algorithm:
             layer: a built feedback layer.
             kernel: the forward kernel `W` as read in the forward pass (already autocast).
         """
-        if self.name == "bp":
-            return None
-        if self.name == "ss":
-            return tf.sign(kernel) * tf.cast(sign_symmetry_scale(layer), kernel.dtype)
-        return tf.cast(layer.feedback_kernel, kernel.dtype)
+        return self.rule(layer, kernel)
 
+    def learning(self, feedback_input=None):
+        """Who changes `B` for a layer whose local input is `feedback_input`."""
+        if feedback_input == "real" and self.real_input_learning:
+            return self.real_input_learning
+        return self.learns_feedback
+
+
+# Kunin et al.'s primitives' coefficients (keras_wt.local). Our choices, documented in DESIGN.md.
+SA_LOSS = (("self", 1.0), ("decay", 1.0))
+IA_LOSS = (("amp", 1.0), ("null", 0.1), ("decay", 1.0))
+WM_REAL_LOSS = (("amp", 1.0), ("decay", 1.0))
 
 _REGISTRY = {
-    "bp": Algorithm("bp", LONG_NAMES["bp"], stores_feedback=False),
+    "bp": Algorithm("bp", LONG_NAMES["bp"], stores_feedback=False, rule=_exact),
     "fa": Algorithm("fa", LONG_NAMES["fa"], stores_feedback=True),
-    "ss": Algorithm("ss", LONG_NAMES["ss"], stores_feedback=False),
-    "wm": Algorithm("wm", LONG_NAMES["wm"], stores_feedback=True, learns_feedback="mirror"),
+    "ss": Algorithm("ss", LONG_NAMES["ss"], stores_feedback=False, rule=_sign),
+    "wm": Algorithm("wm", LONG_NAMES["wm"], stores_feedback=True, learns_feedback="mirror",
+                    local_loss=WM_REAL_LOSS, inputs=("noise", "real"),
+                    real_input_learning="loss"),
     "kp": Algorithm("kp", LONG_NAMES["kp"], stores_feedback=True, learns_feedback="optimizer"),
+    "frsf": Algorithm("frsf", LONG_NAMES["frsf"], stores_feedback=True,
+                      rule=_fixed_random_sign),
+    "brsf": Algorithm("brsf", LONG_NAMES["brsf"], stores_feedback=False,
+                      rule=_batchwise_random_sign, steps=True),
+    "dfa": Algorithm("dfa", LONG_NAMES["dfa"], stores_feedback=False, rule=_cut, direct=True,
+                     weight_angle=False),
+    "sa": Algorithm("sa", LONG_NAMES["sa"], stores_feedback=True, learns_feedback="loss",
+                    local_loss=SA_LOSS, inputs=("real", "noise"), steps=True),
+    "ia": Algorithm("ia", LONG_NAMES["ia"], stores_feedback=True, learns_feedback="loss",
+                    local_loss=IA_LOSS, inputs=("noise", "real"), steps=True),
 }
 
 

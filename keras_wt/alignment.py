@@ -36,18 +36,27 @@ def effective_feedback(layer):
     return kernel if feedback is None else feedback
 
 
+def _with_weight_angle(model):
+    """The feedback layers of `model` whose `B` has `W`'s shape (all but `dfa`'s, whose `Bₗ`
+    maps the output error to the layer's units: no angle to `W` is defined)."""
+    return [
+        layer for layer in layers_lib.feedback_layers(model) if layer.algorithm.weight_angle
+    ]
+
+
 def weight_angles(model):
-    """`{layer_name: degrees between W and B}` for every feedback layer of `model`."""
+    """`{layer_name: degrees between W and B}` for every feedback layer of `model` whose
+    algorithm defines one (`dfa` layers have no key)."""
     return {
         layer.name: angle(layer.kernel.numpy(), effective_feedback(layer).numpy())
-        for layer in layers_lib.feedback_layers(model)
+        for layer in _with_weight_angle(model)
     }
 
 
 def norm_ratios(model):
-    """`{layer_name: ‖B‖/‖W‖}` for every feedback layer of `model`."""
+    """`{layer_name: ‖B‖/‖W‖}` for every feedback layer of `model` (not `dfa`'s)."""
     ratios = {}
-    for layer in layers_lib.feedback_layers(model):
+    for layer in _with_weight_angle(model):
         w = np.linalg.norm(layer.kernel.numpy().astype(np.float64))
         b = np.linalg.norm(effective_feedback(layer).numpy().astype(np.float64))
         ratios[layer.name] = float(b / w) if w else float("nan")

@@ -15,6 +15,7 @@ import keras
 
 from keras_wt import _compat
 from keras_wt import algorithms
+from keras_wt import dfa
 from keras_wt import layers as layers_lib
 
 logger = logging.getLogger("keras_wt")
@@ -32,7 +33,9 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
     `call` may compute something else.
 
     With `copy_weights=True` every weight is copied, so the copy computes exactly the outputs
-    of `model`; feedback kernels are freshly initialized (`layer_kwargs` say how). A report of
+    of `model`; feedback kernels are freshly initialized (`layer_kwargs` say how). For `"dfa"` the
+    copy ends in a `keras_wt.dfa.DirectFeedback` marker (`keras_wt.dfa.direct_feedback_model`,
+    which raises where DFA cannot apply). A report of
     what was converted is logged (logger `keras_wt`, level INFO). A layer left unconverted that
     holds a kernel (a weight whose name contains `kernel`: an LSTM cell, a custom subclass of
     Dense...) stays on exact backprop: those are named, by type and count, in a `UserWarning`,
@@ -44,7 +47,7 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
         copy_weights: copy the weights of `model` into the copy.
         strict: raise instead of warning when a layer with a kernel is left unconverted.
         **layer_kwargs: extra arguments of every converted layer (`feedback_initializer`,
-            `feedback_scale`).
+            `feedback_scale`, `feedback_input`, `feedback_loss`).
 
     Returns:
         The converted `keras.Model`.
@@ -59,7 +62,7 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
     if unknown:
         raise ValueError(
             f"convert() got {sorted(unknown)}; the extra arguments it passes to every converted "
-            "layer are feedback_initializer and feedback_scale."
+            f"layer are {layers_lib.FEEDBACK_ARGUMENTS[1:]}."
         )
     converted = collections.Counter()
 
@@ -99,7 +102,8 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
         if strict:
             raise ValueError(message)
         warnings.warn(message + " (strict=True makes this an error.)", UserWarning, stacklevel=2)
-    return new_model
+    # Direct feedback alignment needs its output error routed to every layer (keras_wt.dfa).
+    return dfa.maybe_direct(new_model, feedback)
 
 
 def strip(model, copy_weights=True):

@@ -5,8 +5,13 @@ Every layer here subclasses its stock Keras twin, takes every stock argument, pl
 * `feedback`: one of `keras_wt.ALGORITHMS` (`"bp"`, `"fa"`, `"ss"`, `"wm"`, `"kp"`).
 * `feedback_initializer`: initializer of the stored `B` (`fa`, `wm`, `kp`). `None` (default)
   draws `B` from the same distribution as the kernel, independently of it.
-* `feedback_scale`: for `ss`, the magnitude `s` in `B = sign(W)·s`; `None` means
+* `feedback_scale`: for `ss` (and `brsf`), the magnitude `s` in `B = sign(W)·s`; `None` means
   `sqrt(2 / fan_out)`.
+* `feedback_input`: for the rules whose `B` learns from a local alignment loss (`sa`, `ia`, and
+  `wm` on real inputs): `"real"` (the layer's input of the batch) or `"noise"`; `None`: the
+  algorithm's default (`keras_wt.algorithms.Algorithm.inputs`).
+* `feedback_loss`: `{primitive: coefficient}` of that loss (`keras_wt.local.PRIMITIVES`); `None`:
+  the algorithm's (`Algorithm.local_loss`).
 
 The forward pass is the stock one. Only the gradient with respect to the layer's input changes
 (DESIGN.md §1); the gradients of `W` and of the bias are the stock ones.
@@ -28,6 +33,7 @@ likewise normalisation, pooling, embeddings and every other layer without a kern
 """
 
 import math
+import random
 import warnings
 import weakref
 
@@ -37,8 +43,11 @@ import tensorflow as tf
 from keras_wt import _compat
 from keras_wt import algorithms
 from keras_wt import feedback as feedback_lib
+from keras_wt import local
 
-FEEDBACK_ARGUMENTS = ("feedback", "feedback_initializer", "feedback_scale")
+FEEDBACK_ARGUMENTS = (
+    "feedback", "feedback_initializer", "feedback_scale", "feedback_input", "feedback_loss"
+)
 
 
 class _KolenPollackGuard:
@@ -72,10 +81,13 @@ def _independent_initializer(kernel_initializer, **config_updates):
 
 
 class WithFeedback:
-    """Mixin of every keras_wt layer: the `feedback`, `feedback_initializer` and
-    `feedback_scale` arguments, their validation and their config."""
+    """Mixin of every keras_wt layer: the `FEEDBACK_ARGUMENTS`, their validation and their
+    config."""
 
-    def _init_feedback(self, feedback, feedback_initializer, feedback_scale):
+    def _init_feedback(
+        self, feedback, feedback_initializer, feedback_scale, feedback_input=None,
+        feedback_loss=None,
+    ):
         self.algorithm = algorithms.get(feedback)
         self.feedback = self.algorithm.name
         self.feedback_initializer = (
@@ -90,9 +102,45 @@ class WithFeedback:
                 f"feedback_scale={feedback_scale!r} must be a positive number or None"
             )
         self.feedback_scale = feedback_scale
+        inputs = self.algorithm.inputs
+        if feedback_input is not None and feedback_input not in inputs:
+            raise ValueError(
+                f"feedback_input={feedback_input!r} is not allowed with feedback="
+                f"{self.feedback!r}: it takes "
+                + (f"one of {inputs}" if inputs else "none (only sa, ia and wm have one)")
+            )
+        self.feedback_input = feedback_input
+        if feedback_loss is not None:
+            if not self.algorithm.local_loss:
+                raise ValueError(
+                    f"feedback_loss is not allowed with feedback={self.feedback!r}: only the "
+                    "algorithms whose B learns from a local alignment loss (sa, ia, and wm with "
+                    "feedback_input='real') take one."
+                )
+            feedback_loss = dict(local.check_coefficients(feedback_loss))
+        self.feedback_loss = feedback_loss
+
+    @property
+    def feedback_learning(self):
+        """Who changes this layer's `B`: `None`, `"mirror"`, `"optimizer"` or `"loss"`."""
+        return self.algorithm.learning(self.resolved_feedback_input)
+
+    @property
+    def resolved_feedback_input(self):
+        """`feedback_input`, else the algorithm's default (`None` if it has none)."""
+        if self.feedback_input is not None:
+            return self.feedback_input
+        return self.algorithm.inputs[0] if self.algorithm.inputs else None
+
+    @property
+    def local_loss_coefficients(self):
+        """`{primitive: coefficient}` of the local alignment loss of `B` (`keras_wt.local`)."""
+        if self.feedback_loss is not None:
+            return dict(self.feedback_loss)
+        return dict(self.algorithm.local_loss)
 
     def feedback_config(self):
-        """`{feedback, feedback_initializer, feedback_scale}`: what a sublayer or a copy needs."""
+        """The `FEEDBACK_ARGUMENTS` of the layer: what a sublayer or a copy needs."""
         return dict(
             feedback=self.feedback,
             feedback_initializer=(
@@ -101,6 +149,8 @@ class WithFeedback:
                 else keras.initializers.serialize(self.feedback_initializer)
             ),
             feedback_scale=self.feedback_scale,
+            feedback_input=self.feedback_input,
+            feedback_loss=None if self.feedback_loss is None else dict(self.feedback_loss),
         )
 
     def enable_lora(self, *args, **kwargs):
@@ -129,9 +179,12 @@ class FeedbackLayer(WithFeedback):
     `self.linear_with_feedback(inputs, self.kernel)` in `call`.
     """
 
-    def _init_feedback(self, feedback, feedback_initializer, feedback_scale):
-        super()._init_feedback(feedback, feedback_initializer, feedback_scale)
+    def _init_feedback(self, *args, **kwargs):
+        super()._init_feedback(*args, **kwargs)
         self.feedback_kernel = None
+        # `[seed, step]` of the algorithms that draw random numbers per step (`brsf`, noise
+        # inputs of local losses); the step advances at every backward pass.
+        self.feedback_state = None
         # The input shape the layer was built with (dimensions unknown at build time filled in
         # by the first call): mirror noise is drawn with this shape.
         self.feedback_input_shape = None
@@ -153,11 +206,25 @@ class FeedbackLayer(WithFeedback):
                 name="feedback_kernel",
                 shape=kernel.shape,
                 initializer=self.feedback_initializer or self.default_feedback_initializer(),
-                trainable=False,
+                # A B that learns from a local loss is updated by the model's optimizer.
+                trainable=self.feedback_learning == "loss",
                 # Every replica computes the same update of B; this makes any assignment of
                 # B in a replica context take one replica's value for all.
                 aggregation="only_first_replica",
             )
+        if self.algorithm.steps:
+            self.feedback_state = self.add_weight(
+                name="feedback_state",
+                shape=(2,),
+                dtype="int64",
+                initializer=keras.initializers.Constant([random.getrandbits(31), 0]),
+                trainable=False,
+                aggregation="only_first_replica",
+            )
+
+    def feedback_seed(self):
+        """The `[seed, step]` of this step's random draws (a stateless RNG seed)."""
+        return tf.convert_to_tensor(self.feedback_state.value)
 
     def default_feedback_initializer(self):
         """The initializer of `B` when `feedback_initializer` is `None`: the kernel's, unseeded."""
@@ -183,24 +250,54 @@ class FeedbackLayer(WithFeedback):
             # attention layer is built for any sequence length) learns it from its first call.
             self.feedback_input_shape = (None,) + shape[1:]
         kernel = tf.convert_to_tensor(kernel)
+        # A measurement (keras_wt.alignment) is not a training step: decided here, since its
+        # backward pass runs after the tap is closed.
+        tap = feedback_lib.linear_tap()
         outputs = feedback_lib.linear_with_feedback(
             self.linear,
             inputs,
             kernel,
             self.feedback_tensor(kernel),
-            on_backward=self._check_feedback_learner,
+            on_backward=self._on_backward if tap is None else None,
         )
-        tap = feedback_lib.linear_tap()
         if tap is not None:
             outputs = tap(self, outputs)
+        elif self.feedback_learning == "loss" and not feedback_lib.backprop_forced():
+            # Zero-valued, with B's gradient: the model's optimizer applies it and the reported
+            # losses stay the task's (keras_wt.local.gradient_only).
+            self.add_loss(local.gradient_only(local.alignment_loss(
+                self, self._local_input(inputs), kernel, self.feedback_kernel,
+                self.local_loss_coefficients,
+            )))
         return outputs
+
+    def _local_input(self, inputs):
+        """What `B`'s local loss sees: the layer's input, or standard normal noise of its shape
+        drawn from `feedback_state` (`feedback_input="noise"`; under `tf.distribute`, from the
+        state and the replica: every replica draws its own share of the noise)."""
+        if self.resolved_feedback_input == "noise":
+            seed = self.feedback_seed()
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                # Each replica draws its own share of the noise batch.
+                seed = tf.random.experimental.stateless_fold_in(
+                    seed, replica.replica_id_in_sync_group
+                )
+            noise = algorithms.stateless_normal(tf.shape(inputs), seed)
+            return tf.cast(noise, inputs.dtype)
+        return inputs
+
+    def _on_backward(self):
+        self._check_feedback_learner()
+        if self.feedback_state is not None:
+            self.feedback_state.assign_add(tf.constant([0, 1], tf.int64))
 
     def _check_feedback_learner(self):
         """Warns when an error is sent down through a `B` that should learn by mirroring but
         that no weight mirror trains (it would stay at its random start: feedback alignment).
         Measuring deltas (`keras_wt.alignment`) is not training and is not checked."""
         if (
-            self.algorithm.learns_feedback == "mirror"
+            self.feedback_learning == "mirror"
             and self.feedback_learner is None
             and feedback_lib.linear_tap() is None
         ):
@@ -223,23 +320,30 @@ class FeedbackLayer(WithFeedback):
             return
         for i, variable in enumerate(self._forward_variables()):
             store[str(i)] = variable
-        if self.feedback_kernel is not None:
-            store["feedback_kernel"] = self.feedback_kernel
+        for name, variable in self.feedback_variables():
+            store[name] = variable
+
+    def feedback_variables(self):
+        """`[(name, variable)]` of the layer's feedback variables (`feedback_kernel`,
+        `feedback_state`): what the stock twin does not have."""
+        return [(name, variable) for name, variable in (
+            ("feedback_kernel", self.feedback_kernel), ("feedback_state", self.feedback_state)
+        ) if variable is not None]
 
     def load_own_variables(self, store):
         if not self.built:
             return
         variables = self._forward_variables()
         expected = [str(i) for i in range(len(variables))]
-        if self.feedback_kernel is not None:
-            expected.append("feedback_kernel")
+        expected += [name for name, _ in self.feedback_variables()]
         if sorted(store.keys()) != sorted(expected):
             raise ValueError(
                 f"Layer {self.name!r} (feedback={self.feedback!r}) expected the variables "
                 f"{expected} but the file has {sorted(store.keys())}: was it saved with another "
                 "feedback algorithm? Load it with that one, then keras_wt.convert it."
             )
-        for key, variable in zip(expected, variables + [self.feedback_kernel]):
+        variables += [variable for _, variable in self.feedback_variables()]
+        for key, variable in zip(expected, variables):
             variable.assign(store[key])
 
 
@@ -265,10 +369,13 @@ class _Twin:
     """`__init__` of every keras_wt layer: the stock layer's arguments, then the feedback ones."""
 
     def __init__(
-        self, *args, feedback="bp", feedback_initializer=None, feedback_scale=None, **kwargs
+        self, *args, feedback="bp", feedback_initializer=None, feedback_scale=None,
+        feedback_input=None, feedback_loss=None, **kwargs
     ):
         super().__init__(*args, **kwargs)
-        self._init_feedback(feedback, feedback_initializer, feedback_scale)
+        self._init_feedback(
+            feedback, feedback_initializer, feedback_scale, feedback_input, feedback_loss
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
@@ -281,6 +388,10 @@ class Dense(_Twin, FeedbackLayer, keras.layers.Dense):
         feedback_initializer: initializer of `B` for `fa`, `wm`, `kp`; `None` draws it like the
             kernel, independently.
         feedback_scale: `s` of sign symmetry, `B = sign(W)·s`; `None` is `sqrt(2 / units)`.
+        feedback_input: `"real"` or `"noise"`: what the local alignment loss of `B` sees (`sa`,
+            `ia`, `wm`); `None`: the algorithm's default.
+        feedback_loss: `{primitive: coefficient}` of that loss (`keras_wt.local`); `None`: the
+            algorithm's.
 
     Example:
 
@@ -630,9 +741,10 @@ def stock_weights(layer):
     """`layer.weights` without the feedback kernels: the weights its stock twin has, in the
     stock twin's order (for a stock layer, all its weights)."""
     feedback = {
-        id(sublayer.feedback_kernel)
+        id(variable)
         for sublayer in _compat.flatten_layers(layer)
-        if isinstance(sublayer, FeedbackLayer) and sublayer.feedback_kernel is not None
+        if isinstance(sublayer, FeedbackLayer)
+        for _, variable in sublayer.feedback_variables()
     }
     return [weight for weight in getattr(layer, "weights", ()) if id(weight) not in feedback]
 

@@ -197,7 +197,7 @@ def wm_layers(model):
     return [
         layer
         for layer in layers_lib.feedback_layers(model)
-        if layer.algorithm.learns_feedback == "mirror"
+        if layer.feedback_learning == "mirror"
     ]
 
 
@@ -247,7 +247,7 @@ class WeightMirror:
                 "Weight mirror needs at least one layer with feedback='wm'; found none."
             )
         for layer in layers:
-            if layer.algorithm.learns_feedback != "mirror":
+            if layer.feedback_learning != "mirror":
                 raise ValueError(f"Layer {layer.name!r} has feedback={layer.feedback!r}, not 'wm'.")
             shape = layer.feedback_input_shape
             if shape is None or any(d is None for d in shape[1:]):

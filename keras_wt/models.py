@@ -28,6 +28,7 @@ import math
 import keras
 
 from keras_wt import algorithms
+from keras_wt import dfa
 from keras_wt import layers as wt_layers
 
 # Batch norm of the reference ResNets (PyTorch's momentum 0.1 is Keras's 0.9).
@@ -674,10 +675,12 @@ BUILDERS = {
 
 
 def get(name, **kwargs):
-    """Builds the model `name` (one of `BUILDERS`: `"mlp"`, `"cnn"`, `"resnet18"`, ...)."""
+    """Builds the model `name` (one of `BUILDERS`: `"mlp"`, `"cnn"`, `"resnet18"`, ...); with
+    `feedback="dfa"`, with its `keras_wt.dfa.DirectFeedback` marker."""
     if not isinstance(name, str) or name not in BUILDERS:
         raise ValueError(f"model name={name!r} is not one of {tuple(BUILDERS)}")
-    return BUILDERS[name](**kwargs)
+    # A direct algorithm (dfa) routes the output error to every layer (keras_wt.dfa).
+    return dfa.maybe_direct(BUILDERS[name](**kwargs), kwargs.get("feedback", "bp"))
 
 
 def _size(variable):
@@ -697,14 +700,14 @@ def count_forward_params(model):
     """Parameters of the forward model, counted as the usual tables count them.
 
     `model.count_params()` minus the feedback kernels `B` (extra weights of `fa`, `wm`, `kp`
-    layers) and minus the moving mean and variance of batch norm (statistics, not parameters;
+    layers, ...), the `(seed, step)` states of `brsf`, `sa`, `ia` layers, and minus the moving mean and variance of batch norm (statistics, not parameters;
     PyTorch's `parameters()` and the published ResNet counts leave them out). The count is the
     same for every algorithm and does not depend on which weights are frozen.
     """
     excluded = set()
     for layer in model._flatten_layers():
-        if isinstance(layer, wt_layers.FeedbackLayer) and layer.feedback_kernel is not None:
-            excluded.add(id(layer.feedback_kernel))
+        if isinstance(layer, wt_layers.FeedbackLayer):
+            excluded.update(id(variable) for _, variable in layer.feedback_variables())
         if isinstance(layer, keras.layers.BatchNormalization):
             excluded.update((id(layer.moving_mean), id(layer.moving_variance)))
     return sum(_size(w) for w in model.weights if id(w) not in excluded)

@@ -40,6 +40,11 @@ COLORS = {
     "ss": "tab:green",
     "wm": "tab:orange",
     "kp": "tab:red",
+    "frsf": "tab:olive",
+    "brsf": "tab:cyan",
+    "dfa": "tab:purple",
+    "sa": "tab:brown",
+    "ia": "tab:pink",
 }
 LINESTYLES = ("-", "--", ":", "-.")
 # Beyond this many layers the angle figures draw, per algorithm, the mean over layers and the

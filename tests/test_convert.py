@@ -171,5 +171,5 @@ def test_unconverted_kernel_layers_are_named_in_a_warning_or_refused_when_strict
 
 def test_convert_refuses_unknown_layer_arguments():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="feedback_initializer and feedback_scale"):
+    with pytest.raises(ValueError, match="'feedback_initializer', 'feedback_scale', 'feedback_input'"):
         keras_wt.convert(model, "fa", feedback_init="zeros")

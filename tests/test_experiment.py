@@ -55,7 +55,8 @@ def test_reference_defaults():
     assert config["save_dir"] == "./experiments"
     assert config["seed"] == 1111
     assert config["model"] == "mlp"
-    published = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3}
+    published = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3, "frsf": 0.2,
+                 "brsf": 0.2, "dfa": 0.2, "sa": 0.2, "ia": 0.2}
     for algo in ALGORITHMS:
         config, _ = cli.parse_args(["--algo", algo])
         assert experiment.learning_rate(config) == published[algo]
@@ -254,8 +255,9 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
         tags[split] = {value.tag for name in os.listdir(events) for record in
                        tf.compat.v1.train.summary_iterator(os.path.join(events, name))
                        for value in record.summary.value}
-    assert {"epoch_loss", "epoch_accuracy", "epoch_weight_angle/hidden_1",
-            "epoch_delta_angle/hidden_1"} <= tags["train"]
+    assert {"epoch_loss", "epoch_accuracy", "epoch_delta_angle/hidden_1"} <= tags["train"]
+    assert ("epoch_weight_angle/hidden_1" in tags["train"]) == (
+        keras_wt.algorithms.get(algo).weight_angle)
     assert {"epoch_loss", "epoch_accuracy"} <= tags["validation"]
 
     config = read(run_dir, "experiment_config.json")
@@ -270,9 +272,11 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
     results = read(run_dir, "results.json")
     assert list(results) == ["epoch_1"]
     entry = results["epoch_1"]
-    assert {"loss", "test_accuracy", "weight_angles", "delta_angles"} <= set(entry)
-    assert set(entry["weight_angles"]) == set(entry["delta_angles"]) == {"hidden_1",
-                                                                         "classifier"}
+    assert {"loss", "test_accuracy", "delta_angles"} <= set(entry)
+    assert set(entry["delta_angles"]) == {"hidden_1", "classifier"}
+    # dfa's Bₗ has another shape than W: no weight angle (keras_wt.dfa).
+    assert set(entry.get("weight_angles", {})) == (
+        {"hidden_1", "classifier"} if keras_wt.algorithms.get(algo).weight_angle else set())
     assert 0 <= entry["test_accuracy"] <= 100 and np.isfinite(entry["loss"])
     assert entry["delta_angles"]["classifier"] == pytest.approx(0, abs=1e-3)
     if algo == "bp":
@@ -292,7 +296,7 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
     assert runs.new_run_dir(str(tmp_path), "mnist", algo).endswith(f"{algo}-V1")
 
 
-@pytest.mark.parametrize("algo", ["wm", "kp"])
+@pytest.mark.parametrize("algo", ["wm", "kp", "brsf"])
 def test_resume_continues_exactly(data_dir, tmp_path, algo):
     """2 epochs straight == 1 epoch, interrupted, then `--resume` to 2 epochs."""
     straight = cli.train_from_flags(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2"))
@@ -305,7 +309,8 @@ def test_resume_continues_exactly(data_dir, tmp_path, algo):
     a = keras.saving.load_model(os.path.join(straight, "model.keras"))
     b = keras.saving.load_model(os.path.join(resumed, "model.keras"))
     assert [w.path for w in a.weights] == [w.path for w in b.weights]
-    assert any("feedback_kernel" in w.path for w in b.weights)
+    # B, or brsf's (seed, step) state from which it draws B.
+    assert any("feedback_" in w.path for w in b.weights)
     for wa, wb in zip(a.weights, b.weights):
         np.testing.assert_array_equal(wa.numpy(), wb.numpy(), err_msg=wa.path)
     assert int(b.optimizer.iterations) == 2 * math.ceil(N_TRAIN / BATCH)

@@ -23,7 +23,7 @@ def _grads(layer, x, dy):
 
 def _stock_twin(layer):
     config = layer.get_config()
-    for key in ("feedback", "feedback_initializer", "feedback_scale"):
+    for key in wt.FEEDBACK_ARGUMENTS:
         config.pop(key)
     stock = {wt.Dense: keras.layers.Dense, wt.Conv1D: keras.layers.Conv1D, wt.Conv2D: keras.layers.Conv2D}
     twin = stock[type(layer)].from_config(config)
@@ -183,9 +183,11 @@ def test_hidden_layers_of_a_three_layer_net_get_nonzero_gradients(feedback):
             wt.Dense(3, feedback=feedback),
         ]
     )
+    model = keras_wt.dfa.maybe_direct(model, feedback)  # dfa: the output error's route
     x = np.random.randn(16, 6).astype("float32")
     with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(model(x) - 1.0))
+        # model.losses: the local alignment losses of sa and ia, B's only gradient.
+        loss = tf.reduce_mean(tf.square(model(x) - 1.0)) + sum(model.losses)
     grads = tape.gradient(loss, model.trainable_variables)
     for variable, grad in zip(model.trainable_variables, grads):
         assert grad is not None, variable.path
@@ -193,7 +195,7 @@ def test_hidden_layers_of_a_three_layer_net_get_nonzero_gradients(feedback):
 
 
 def test_unknown_algorithm_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"feedback='kpp' is not one of \('bp', 'fa', 'ss', 'wm', 'kp'\)"):
+    with pytest.raises(ValueError, match=r"feedback='kpp' is not one of \('bp', 'fa', 'ss', 'wm', 'kp', 'frsf'"):
         wt.Dense(3, feedback="kpp")
 
 
@@ -241,7 +243,10 @@ def test_gradients_under_xla_equal_eager(feedback):
             y = layer(x)
         return tape.gradient(y, [x, layer.kernel], output_gradients=tf.ones_like(y) * 0.5)
 
+    start = [w.numpy() for w in layer.weights]
     eager = grads(x)
+    for w, value in zip(layer.weights, start):  # brsf's step, advanced by the backward pass
+        w.assign(value)
     compiled = tf.function(grads, jit_compile=True)(x)
     for a, b in zip(eager, compiled):
         assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -23,11 +23,13 @@ def _size(w):
     return int(np.prod(w.shape))
 
 
-def _feedback_weights(model):
+def _feedback_weights(model, trainable=None):
     return sum(
-        _size(layer.feedback_kernel)
+        _size(variable)
         for layer in model._flatten_layers()
-        if getattr(layer, "feedback_kernel", None) is not None
+        if isinstance(layer, wt_layers.FeedbackLayer)
+        for _, variable in layer.feedback_variables()
+        if trainable is None or variable.trainable == trainable
     )
 
 
@@ -49,7 +51,8 @@ def _check_feedback_layers(model, feedback):
             assert layer.feedback == feedback, layer.name
             if algorithm.stores_feedback:
                 assert tuple(layer.feedback_kernel.shape) == tuple(layer.kernel.shape)
-                assert not layer.feedback_kernel.trainable
+                # A B that learns from a local loss (sa, ia) is the optimizer's to update.
+                assert layer.feedback_kernel.trainable == (layer.feedback_learning == "loss")
             else:
                 assert layer.feedback_kernel is None
             kernels += 1
@@ -71,8 +74,11 @@ def _bn_params(model):
 def _check_counts(model, expected):
     assert models.count_forward_params(model) == expected
     assert model.count_params() - _feedback_weights(model) - _bn_statistics(model) == expected
-    assert sum(_size(w) for w in model.trainable_weights) == expected
-    assert models.feedback_params(model) == _feedback_weights(model)
+    assert sum(_size(w) for w in model.trainable_weights) == (
+        expected + _feedback_weights(model, trainable=True))
+    assert models.feedback_params(model) == sum(
+        _size(l.feedback_kernel) for l in wt_layers.feedback_layers(model)
+        if l.feedback_kernel is not None)
 
 
 @pytest.mark.parametrize("feedback", keras_wt.ALGORITHMS)
