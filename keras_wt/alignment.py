@@ -8,6 +8,10 @@
 * `gradient_angles(model, x, y)`: the same for the kernel gradients `ΔW`.
 * `norm_ratios(model)`: `‖B‖/‖W‖`.
 
+A layer whose `B` no gradient uses (`feedback_used=False`, `keras_wt.unused_feedback`) has no
+feedback: it has no weight angle or norm ratio (its key is absent), while its delta and
+gradient angles, which depend on the `B` of the layers above it, are reported as for any layer.
+
 Angles are `degrees(arccos(clip(<a,b>/(|a||b|), -1, 1)))` over flattened tensors, in float64.
 """
 
@@ -36,18 +40,23 @@ def effective_feedback(layer):
     return kernel if feedback is None else feedback
 
 
+def _layers_with_feedback(model):
+    return [layer for layer in layers_lib.feedback_layers(model) if layer.feedback_used]
+
+
 def weight_angles(model):
-    """`{layer_name: degrees between W and B}` for every feedback layer of `model`."""
+    """`{layer_name: degrees between W and B}` for every feedback layer of `model` that has
+    feedback (not those with `feedback_used=False`)."""
     return {
         layer.name: angle(layer.kernel.numpy(), effective_feedback(layer).numpy())
-        for layer in layers_lib.feedback_layers(model)
+        for layer in _layers_with_feedback(model)
     }
 
 
 def norm_ratios(model):
-    """`{layer_name: ‖B‖/‖W‖}` for every feedback layer of `model`."""
+    """`{layer_name: ‖B‖/‖W‖}` for every feedback layer of `model` that has feedback."""
     ratios = {}
-    for layer in layers_lib.feedback_layers(model):
+    for layer in _layers_with_feedback(model):
         w = np.linalg.norm(layer.kernel.numpy().astype(np.float64))
         b = np.linalg.norm(effective_feedback(layer).numpy().astype(np.float64))
         ratios[layer.name] = float(b / w) if w else float("nan")

@@ -199,6 +199,9 @@ def train_config(config, run_dir=None):
         mirror_warmup_steps=mirror["warmup_steps"],
         alignment="full",
         alignment_probe_size=PROBE_SIZE,
+        # The published figures show the first layer's weight angle: the reference MLP keeps
+        # (and trains) the B that no gradient uses; the convnets leave it out.
+        keep_unused_feedback=config["model"] == "mlp",
         keep_checkpoints=False,
         seed=config["seed"],
         verbose=keras_verbose(config["verbose"]),

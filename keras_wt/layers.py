@@ -39,6 +39,8 @@ from keras_wt import algorithms
 from keras_wt import feedback as feedback_lib
 
 FEEDBACK_ARGUMENTS = ("feedback", "feedback_initializer", "feedback_scale")
+# Every keras_wt key of a feedback layer's config: the arguments above and `feedback_used`.
+FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used",)
 
 
 class _KolenPollackGuard:
@@ -127,7 +129,18 @@ class FeedbackLayer(WithFeedback):
     Subclasses define `linear(x, kernel)`: the layer's map from its input to its output before
     bias and activation (a matmul, an einsum or a convolution), and call
     `self.linear_with_feedback(inputs, self.kernel)` in `call`.
+
+    `feedback_used=False` (set by `keras_wt.unused_feedback.drop_unused_feedback` on a layer
+    below which no weight needs an error, e.g. the first layer of a model; saved in the config):
+    the layer stores no `B`, sends no error down (its input is read through `stop_gradient`, so
+    no input gradient is computed), and no optimizer or mirror touches its feedback.
     """
+
+    def __init__(self, *args, feedback_used=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(feedback_used, bool):
+            raise ValueError(f"feedback_used={feedback_used!r} must be True or False")
+        self.feedback_used = feedback_used
 
     def _init_feedback(self, feedback, feedback_initializer, feedback_scale):
         super()._init_feedback(feedback, feedback_initializer, feedback_scale)
@@ -148,7 +161,7 @@ class FeedbackLayer(WithFeedback):
         kernel._keras_wt_layer = weakref.ref(self)
         if self.algorithm.learns_feedback == "optimizer":
             kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
-        if self.algorithm.stores_feedback:
+        if self.algorithm.stores_feedback and self.feedback_used:
             self.feedback_kernel = self.add_weight(
                 name="feedback_kernel",
                 shape=kernel.shape,
@@ -183,13 +196,16 @@ class FeedbackLayer(WithFeedback):
             # attention layer is built for any sequence length) learns it from its first call.
             self.feedback_input_shape = (None,) + shape[1:]
         kernel = tf.convert_to_tensor(kernel)
-        outputs = feedback_lib.linear_with_feedback(
-            self.linear,
-            inputs,
-            kernel,
-            self.feedback_tensor(kernel),
-            on_backward=self._check_feedback_learner,
-        )
+        if self.feedback_used:
+            outputs = feedback_lib.linear_with_feedback(
+                self.linear,
+                inputs,
+                kernel,
+                self.feedback_tensor(kernel),
+                on_backward=self._check_feedback_learner,
+            )
+        else:  # no error is sent below this layer: none is computed
+            outputs = self.linear(tf.stop_gradient(inputs), kernel)
         tap = feedback_lib.linear_tap()
         if tap is not None:
             outputs = tap(self, outputs)
@@ -213,6 +229,12 @@ class FeedbackLayer(WithFeedback):
                 stacklevel=2,
             )
 
+    def get_config(self):
+        config = super().get_config()
+        if not self.feedback_used:  # written only when set, so other configs stay as they were
+            config["feedback_used"] = False
+        return config
+
     def _forward_variables(self):
         return [self.kernel] + ([] if self.bias is None else [self.bias])
 
@@ -233,7 +255,12 @@ class FeedbackLayer(WithFeedback):
         expected = [str(i) for i in range(len(variables))]
         if self.feedback_kernel is not None:
             expected.append("feedback_kernel")
-        if sorted(store.keys()) != sorted(expected):
+        keys = sorted(store.keys())
+        if not self.feedback_used and "feedback_kernel" in keys:
+            # Saved before its B was dropped as unused (keras_wt.unused_feedback): a B that no
+            # gradient uses is left behind; everything else must match.
+            keys.remove("feedback_kernel")
+        if keys != sorted(expected):
             raise ValueError(
                 f"Layer {self.name!r} (feedback={self.feedback!r}) expected the variables "
                 f"{expected} but the file has {sorted(store.keys())}: was it saved with another "

@@ -49,6 +49,7 @@ from keras_wt import pipelines
 from keras_wt import runs
 from keras_wt import schedules
 from keras_wt import strategies
+from keras_wt import unused_feedback
 from keras_wt._compat import multi_worker_fit
 from keras_wt.algorithms import ALGORITHMS
 
@@ -82,6 +83,10 @@ class TrainConfig:
     and the alignment probe (`alignment`: `"none"`, `"weights"` or
     `"full"` with `alignment_probe_size` examples) run every `eval_every` epochs, at the first
     and at the last.
+
+    `keep_unused_feedback`: keep the `B` of the layers whose input gradient no weight needs
+    (`keras_wt.unused_feedback`; the first layer of every trainer model), mirroring or updating
+    it, for figures that show its weight angle; by default it is not stored.
 
     Where: `model_dir` is the run folder (`keras_wt.runs`; `None`: nothing is written), on
     `strategy` (`keras_wt.strategies.STRATEGIES`).
@@ -127,6 +132,7 @@ class TrainConfig:
     mirror_warmup_steps: int = 200  # None: num_train // batch_size
     alignment: str = "weights"
     alignment_probe_size: int = 64
+    keep_unused_feedback: bool = False
     keep_checkpoints: bool = True
     seed: int = 0
     jit_compile: bool = None
@@ -262,10 +268,11 @@ def _data(config):
 def build_model(config, input_shape=None):
     """The network `config.model` for `config.algo` with `config.model_options`, at
     `input_shape` (default: ImageNet crops of `config.image_size`; fixed, since the weight mirror
-    draws noise of each layer's input shape)."""
+    draws noise of each layer's input shape). Unless `config.keep_unused_feedback`, the layers
+    whose `B` no gradient uses are built without one (`keras_wt.unused_feedback`)."""
     if input_shape is None:
         input_shape = (config.image_size, config.image_size, 3)
-    return models.get(
+    model = models.get(
         config.model,
         input_shape=tuple(input_shape),
         num_classes=config.resolved_num_classes,
@@ -274,6 +281,10 @@ def build_model(config, input_shape=None):
         dtype=config.resolved_dtype,
         **config.model_options,
     )
+    if not config.keep_unused_feedback:
+        # After the build, so the weights are those drawn with every B (same seed, same W).
+        unused_feedback.drop_unused_feedback(model)
+    return model
 
 
 def _outputs_logits(model):
@@ -558,7 +569,10 @@ def _record_config(config, flags, derived):
         )
     if runs.exists(path):
         saved = runs.read_json(path).get("train_config", {})
-        changed = sorted(k for k in current if k not in RESUMABLE and saved.get(k) != current[k])
+        # A setting added after the run was saved is not compared (the run predates it).
+        changed = sorted(
+            k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]
+        )
         if changed:
             raise ValueError(
                 f"{config.model_dir} holds a run with other settings; resuming it with "
