@@ -187,6 +187,7 @@ def train_config(config, run_dir=None):
         kp_decay_budget=kp_decay_budget,
         dtype="float32",
         eval_every=config["test_frequency"],
+        steps_per_execution="auto",  # several steps per host call where nothing changes
         mirror_learning_rate=mirror["learning_rate"],
         mirror_noise_std=mirror["noise_std"],
         mirror_noise_distribution=mirror["noise_distribution"],

@@ -301,6 +301,7 @@ class WeightMirror:
         self._local_gradients = tf.function(self._gradients, jit_compile=jit_compile)
         self._compiled_noise = tf.function(self._noise, jit_compile=jit_compile)
         self._run = tf.function(self._distributed_steps)
+        self._run_one = tf.function(self._distributed_step)  # no loop: one step, less overhead
 
     def _resolve_batch_sizes(self):
         spec = self.batch_size
@@ -382,6 +383,9 @@ class WeightMirror:
             updated.append(b + self.learning_rate * (gradient / n - self.decay * b))
         assign_on_every_replica(self.strategy, feedbacks, updated)
 
+    def _distributed_step(self, counter):
+        self.strategy.run(self._replica_step, args=(counter,))
+
     def _distributed_steps(self, start, count, stride):
         # One compiled call for `count` steps; the loop's counter is a tensor, so the function
         # is traced once for every number of steps.
@@ -403,6 +407,9 @@ class WeightMirror:
                 would be frozen into the graph, and every call would draw the same noise.
         """
         if not self.layers:
+            return
+        if isinstance(count, int) and count == 1:
+            self._run_one(_counter(start, "start"))
             return
         self._run(
             _counter(start, "start"), _counter(count, "count"), _counter(stride, "stride")
