@@ -13,10 +13,15 @@ Versions:
 * `keras`: the stock Keras MLP (the `bp` model stripped to `keras.layers.Dense`, same weights)
   compiled like the trainer (same loss, optimizer, metric) and fitted on the same dataset with no
   callbacks and no evaluation: the tight stock loop;
-* `<algo>/cli`: `keras_wt.training.train` with `keras_wt.experiment.train_config` of
-  `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch, model_dir unset:
-  nothing written), as the CLI now runs;
-* `<algo>/published-layers`: the same with `keep_unused_feedback=True`... (see `VERSIONS`).
+* `<algo>`: `keras_wt.training.train` with `keras_wt.experiment.train_config` of
+  `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch; no run folder, so
+  nothing written), except that the first layer's `B`, which no gradient uses, is dropped
+  (`keep_unused_feedback=False`; the CLI keeps it for the published figures);
+* `<algo> as published`: what `keras-wt-train --algo <algo>` runs: that `B` kept (and updated
+  or mirrored), with `steps_per_execution="auto"` (7 steps per call, 1 for `wm`);
+* `<algo> before #12`: the `B` kept and one step per call, as the CLI ran before issue #12;
+* `wm no mirror steps`: `wm` with `mirror_every` beyond the run (the mirror's share of `wm`);
+* `bp run folder`: `bp` writing its run folder (results, CSV, TensorBoard, backup) each epoch.
 
 Runs are interleaved: every round runs each version once, in a shuffled order, so machine
 drift hits all alike; each figure is the median over rounds of a run's median epoch.
@@ -36,6 +41,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -85,7 +91,12 @@ def _config(algo, epochs, **overrides):
 def run_cli(algo, epochs, **overrides):
     """`keras_wt.training.train` as `keras-wt-train --algo <algo>` runs it (with overrides)."""
     timer = EpochTimer()
-    training.train(_config(algo, epochs, **overrides), callbacks=[timer])
+    if overrides.get("model_dir") == "<tmp>":
+        with tempfile.TemporaryDirectory() as directory:
+            overrides["model_dir"] = directory
+            training.train(_config(algo, epochs, **overrides), callbacks=[timer])
+    else:
+        training.train(_config(algo, epochs, **overrides), callbacks=[timer])
     return timer
 
 
@@ -142,17 +153,20 @@ VERSIONS = {
 }
 
 
-def versions(algos, extra):
+def versions(algos, extra, extra_algos):
     table = dict(VERSIONS)
     for algo in algos:
-        table[f"{algo}"] = ("cli", algo, {})
-        if "published" in extra:
-            table[f"{algo} kept first B, spe=1"] = (
-                "cli", algo, {"keep_unused_feedback": True, "steps_per_execution": 1})
-        if "nospe" in extra:
-            table[f"{algo} spe=1"] = ("cli", algo, {"steps_per_execution": 1})
+        table[f"{algo}"] = ("cli", algo, {"keep_unused_feedback": False})
+        if "published" in extra and algo in extra_algos:
+            table[f"{algo} as published"] = ("cli", algo, {})
+        if "before" in extra and algo in extra_algos:
+            table[f"{algo} before #12"] = ("cli", algo, {"steps_per_execution": 1})
         if "nomirror" in extra and algo == "wm":
-            table["wm no mirror steps"] = ("cli", algo, {"mirror_every": 10**9})
+            table["wm no mirror steps"] = (
+                "cli", algo, {"keep_unused_feedback": False, "mirror_every": 10**9})
+        if "runfolder" in extra and algo == "bp":
+            table["bp run folder"] = ("cli", algo, {"keep_unused_feedback": False,
+                                                    "model_dir": "<tmp>"})
     return table
 
 
@@ -161,13 +175,17 @@ def main(argv=None):
     parser.add_argument("--algos", nargs="+", default=list(keras_wt.ALGORITHMS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (first not counted)")
-    parser.add_argument("--extra", nargs="*", default=["published"],
-                        help="extra versions: published (the B kept, spe=1), nospe (spe=1)")
+    parser.add_argument("--extra", nargs="*", default=["published", "before", "nomirror",
+                                                        "runfolder"],
+                        help="extra versions (module docstring): published, before, nomirror, "
+                        "runfolder")
+    parser.add_argument("--extra-algos", nargs="*", default=["bp", "kp", "wm"],
+                        help="the algorithms that get the 'published' and 'before' versions")
     parser.add_argument("--only", nargs="*", help="run only these version names")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("keras_wt").setLevel(logging.WARNING)
-    table = versions(args.algos, args.extra)
+    table = versions(args.algos, args.extra, args.extra_algos)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only}
     results = {name: ([], []) for name in table}

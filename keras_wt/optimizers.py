@@ -124,9 +124,14 @@ class KolenPollack(keras.optimizers.Optimizer):
         lr = tf.cast(self.inner_optimizer.learning_rate, tf.float32)
         shrink = 1.0 - lr * self.kp_weight_decay
         feedbacks = [b for _, b in pairs]
+        # Nothing below needs the gradients, so without this edge the graph executor runs it as
+        # soon as W and B can be read, during the backward pass: every assignment then copies a
+        # kernel that the backward pass still reads, while the activations are alive (ResNet-18:
+        # a step's peak memory 1.30x stock Keras's with it, 0.93x without).
+        gradients_done = [g for g in grads if g is not None]
         # B ← (1 − lr·λ)(B_t − W_t), written into B's own storage: no second kernel-sized
         # tensor stays alive while W is updated.
-        with tf.name_scope("kp_difference"):
+        with tf.name_scope("kp_difference"), tf.control_dependencies(gradients_done):
             differences = [
                 tf.cast(shrink, b.dtype)
                 * (tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value))
@@ -138,7 +143,7 @@ class KolenPollack(keras.optimizers.Optimizer):
         # *reads* of W before its updates, but a read may alias W's buffer, which the wrapped
         # optimizer then updates in place: without this edge the subtraction sometimes ran after
         # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
-        with tf.control_dependencies(differences):
+        with tf.control_dependencies(differences + gradients_done):
             if self.kp_weight_decay and kernels:
                 assign_on_every_replica(strategy, kernels, [
                     tf.cast(shrink, w.dtype) * tf.convert_to_tensor(w.value) for w in kernels
