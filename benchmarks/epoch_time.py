@@ -202,6 +202,8 @@ def main(argv=None):
                 timer = run_cli(algo, args.epochs, **overrides)
             results[name][0].append(statistics.median(timer.train[1:]))
             results[name][1].append(statistics.median(timer.whole[1:]))
+            logger.info("%s: training %.3f s, whole epoch %.3f s (load %.1f)", name,
+                        results[name][0][-1], results[name][1][-1], os.getloadavg()[0])
     load.append(os.getloadavg()[0])
     flops, peak, mlp_rate, floor_peak, floor_mlp = floors()
     stock = statistics.median(results["keras"][0]) if "keras" in results else float("nan")
