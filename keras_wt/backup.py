@@ -19,7 +19,8 @@ writes (a run killed before it redoes the epoch).
 
 Testing hook: the environment variable `KERAS_WT_FAULT="<point>:<epoch>"` kills the process
 (SIGKILL) at that point of the backup of that epoch (1-based), and `"batch:<epoch>:<batch>"` after
-that training batch (after the host call that ran it, with `steps_per_execution > 1`); `FAULT_POINTS` lists the points. `tests/test_preemption.py` uses it.
+that training batch (after the host call that ran it, with `steps_per_execution > 1`);
+`FAULT_POINTS` lists the points. `tests/test_preemption.py` uses it.
 """
 
 import json
