@@ -24,7 +24,9 @@ from keras_wt import mirror  # noqa: E402
 from keras_wt import models  # noqa: E402
 from keras_wt import optimizers  # noqa: E402
 from keras_wt import schedules  # noqa: E402  (registers WarmupSchedule for load_model)
+from keras_wt import unused_feedback  # noqa: E402
 from keras_wt.convert import convert, strip  # noqa: E402
 from keras_wt.algorithms import ALGORITHMS  # noqa: E402
+from keras_wt.unused_feedback import drop_unused_feedback  # noqa: E402
 
 __version__ = "0.1.0"

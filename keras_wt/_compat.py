@@ -74,6 +74,19 @@ def replace_sublayer(parent, attribute, new):
 
 
 
+def untrack_variable(layer, variable):
+    """Removes `variable` from `layer`'s weights (it is no longer listed, saved or trained).
+
+    Keras has no public way to delete a layer's weight; `Layer._untrack_variable` is the
+    method Keras itself uses to undo `add_weight`. Used by
+    `keras_wt.unused_feedback.drop_unused_feedback` on a built model, so that its forward
+    weights keep the values (and random draws) of a build with every `B`.
+    """
+    if not hasattr(layer, "_untrack_variable"):
+        raise _unsupported("Layer._untrack_variable")
+    layer._untrack_variable(variable)
+
+
 # The Keras 3 releases whose multi-worker `fit` needs `multi_worker_fit` (checked on 3.15).
 _KERAS_MULTIWORKER_BUG = _version() >= (3, 0)
 

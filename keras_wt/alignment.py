@@ -8,6 +8,10 @@
 * `gradient_angles(model, x, y)`: the same for the kernel gradients `ΔW`.
 * `norm_ratios(model)`: `‖B‖/‖W‖`.
 
+A layer whose `B` no gradient uses (`feedback_used=False`, `keras_wt.unused_feedback`) has no
+feedback: it has no weight angle or norm ratio (its key is absent), while its delta and
+gradient angles, which depend on the `B` of the layers above it, are reported as for any layer.
+
 Angles are `degrees(arccos(clip(<a,b>/(|a||b|), -1, 1)))` over flattened tensors, in float64.
 """
 
@@ -37,16 +41,19 @@ def effective_feedback(layer):
 
 
 def _with_weight_angle(model):
-    """The feedback layers of `model` whose `B` has `W`'s shape (all but `dfa`'s, whose `Bₗ`
-    maps the output error to the layer's units: no angle to `W` is defined)."""
+    """The feedback layers of `model` whose `B` has `W`'s shape and is used: not `dfa`'s (its
+    `Bₗ` maps the output error to the layer's units: no angle to `W` is defined), nor those with
+    `feedback_used=False`, which have no feedback."""
     return [
-        layer for layer in layers_lib.feedback_layers(model) if layer.algorithm.weight_angle
+        layer for layer in layers_lib.feedback_layers(model)
+        if layer.algorithm.weight_angle and layer.feedback_used
     ]
 
 
 def weight_angles(model):
     """`{layer_name: degrees between W and B}` for every feedback layer of `model` whose
-    algorithm defines one (`dfa` layers have no key)."""
+    algorithm defines one and that has feedback (no key for `dfa` layers or layers with
+    `feedback_used=False`)."""
     return {
         layer.name: angle(layer.kernel.numpy(), effective_feedback(layer).numpy())
         for layer in _with_weight_angle(model)
@@ -54,7 +61,7 @@ def weight_angles(model):
 
 
 def norm_ratios(model):
-    """`{layer_name: ‖B‖/‖W‖}` for every feedback layer of `model` (not `dfa`'s)."""
+    """`{layer_name: ‖B‖/‖W‖}` for the layers of `weight_angles`."""
     ratios = {}
     for layer in _with_weight_angle(model):
         w = np.linalg.norm(layer.kernel.numpy().astype(np.float64))

@@ -19,7 +19,8 @@ writes (a run killed before it redoes the epoch).
 
 Testing hook: the environment variable `KERAS_WT_FAULT="<point>:<epoch>"` kills the process
 (SIGKILL) at that point of the backup of that epoch (1-based), and `"batch:<epoch>:<batch>"` after
-that training batch; `FAULT_POINTS` lists the points. `tests/test_preemption.py` uses it.
+that training batch (after the host call that ran it, with `steps_per_execution > 1`);
+`FAULT_POINTS` lists the points. `tests/test_preemption.py` uses it.
 """
 
 import json
@@ -120,9 +121,14 @@ class AtomicBackup(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._batches_done = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        _fault(f"batch:{self._epoch + 1}:{batch + 1}")
+        # With steps_per_execution > 1 Keras reports only an execution's last batch: the fault
+        # of any batch it ran fires after it.
+        for done in range(getattr(self, "_batches_done", batch) + 1, batch + 2):
+            _fault(f"batch:{self._epoch + 1}:{done}")
+        self._batches_done = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
         self.save(epoch + 1)

@@ -48,7 +48,8 @@ class MirrorCallback(keras.callbacks.Callback):
         max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch.
 
     With `steps_per_execution > 1` Keras calls callbacks once per execution; the mirror steps
-    owed for the batches of that execution then run together.
+    owed for the batches of that execution then run together, as one compiled call
+    (`WeightMirror.run`) with exactly the noise and updates of separate steps.
     """
 
     def __init__(
@@ -116,17 +117,18 @@ class MirrorCallback(keras.callbacks.Callback):
         # One read of the step count per epoch, after every on_train_begin (BackupAndRestore's
         # restore too); within the epoch it advances with the batch index Keras passes.
         iterations = int(self.model.optimizer.iterations.numpy())
-        if self._iterations is None and iterations == 0:
-            for step in range(self.warmup_steps):
-                self.mirror(-1 - step)
+        if self._iterations is None and iterations == 0 and self.warmup_steps:
+            self.mirror.run(-1, self.warmup_steps, stride=-1)  # counters -1, -2, ...
         self._epoch_start = iterations
         self._iterations = iterations
 
     def on_train_batch_end(self, batch, logs=None):
         iterations = self._epoch_start + batch + 1
-        for event in range(self._iterations // self.every, iterations // self.every):
-            for step in range(self.steps):
-                self.mirror(event * self.steps + step)
+        # The steps owed since the last call (several with steps_per_execution > 1): event e
+        # runs counters e·steps … e·steps + steps − 1, so they are consecutive; one call.
+        first, last = self._iterations // self.every, iterations // self.every
+        if last > first:
+            self.mirror.run(first * self.steps, (last - first) * self.steps)
         self._iterations = iterations
 
     def get_config(self):

@@ -17,11 +17,14 @@ from keras_wt import _compat
 from keras_wt import algorithms
 from keras_wt import dfa
 from keras_wt import layers as layers_lib
+from keras_wt import unused_feedback
 
 logger = logging.getLogger("keras_wt")
 
 
-def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
+def convert(
+    model, feedback, copy_weights=True, strict=False, keep_unused_feedback=False, **layer_kwargs
+):
     """Returns a copy of `model` whose weighted layers learn with `feedback`.
 
     Every layer whose exact type is a stock layer with a keras_wt twin
@@ -46,6 +49,9 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
         feedback: one of `keras_wt.ALGORITHMS`.
         copy_weights: copy the weights of `model` into the copy.
         strict: raise instead of warning when a layer with a kernel is left unconverted.
+        keep_unused_feedback: keep a `B` in the layers whose input gradient no weight needs
+            (`keras_wt.unused_feedback`: the layers reading the model's input); by default
+            those layers are built `feedback_used=False`, without one.
         **layer_kwargs: extra arguments of every converted layer (`feedback_initializer`,
             `feedback_scale`, `feedback_input`, `feedback_loss`).
 
@@ -65,6 +71,9 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
             f"layer are {layers_lib.FEEDBACK_ARGUMENTS[1:]}."
         )
     converted = collections.Counter()
+    unused = set()
+    if not keep_unused_feedback:
+        unused = {id(layer) for layer in unused_feedback.unused_input_error_layers(model)}
 
     def make(layer):
         if isinstance(layer, layers_lib.WithFeedback):
@@ -76,6 +85,8 @@ def convert(model, feedback, copy_weights=True, strict=False, **layer_kwargs):
         converted[type(layer).__name__] += 1
         config = _without_feedback(layer.get_config())
         config.update(feedback=feedback, **layer_kwargs)
+        if id(layer) in unused and issubclass(twin, layers_lib.FeedbackLayer):
+            config["feedback_used"] = False
         return twin.from_config(config)
 
     new_model, pairs = _rebuild(model, make, copy_weights)
@@ -152,7 +163,9 @@ def unconverted_layers(model):
 
 
 def _without_feedback(config):
-    return {key: value for key, value in config.items() if key not in layers_lib.FEEDBACK_ARGUMENTS}
+    return {
+        key: value for key, value in config.items() if key not in layers_lib.FEEDBACK_CONFIG_KEYS
+    }
 
 
 def _rebuild(model, make, copy_weights):

@@ -187,6 +187,7 @@ def train_config(config, run_dir=None):
         kp_decay_budget=kp_decay_budget,
         dtype="float32",
         eval_every=config["test_frequency"],
+        steps_per_execution="auto",  # several steps per host call where nothing changes
         mirror_learning_rate=mirror["learning_rate"],
         mirror_noise_std=mirror["noise_std"],
         mirror_noise_distribution=mirror["noise_distribution"],
@@ -199,6 +200,9 @@ def train_config(config, run_dir=None):
         mirror_warmup_steps=mirror["warmup_steps"],
         alignment="full",
         alignment_probe_size=PROBE_SIZE,
+        # The published figures show the first layer's weight angle: the reference MLP keeps
+        # (and trains) the B that no gradient uses; the convnets leave it out.
+        keep_unused_feedback=config["model"] == "mlp",
         keep_checkpoints=False,
         seed=config["seed"],
         verbose=keras_verbose(config["verbose"]),

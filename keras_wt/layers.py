@@ -48,6 +48,8 @@ from keras_wt import local
 FEEDBACK_ARGUMENTS = (
     "feedback", "feedback_initializer", "feedback_scale", "feedback_input", "feedback_loss"
 )
+# Every keras_wt key of a feedback layer's config: the arguments above and `feedback_used`.
+FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used",)
 
 
 class _KolenPollackGuard:
@@ -177,7 +179,18 @@ class FeedbackLayer(WithFeedback):
     Subclasses define `linear(x, kernel)`: the layer's map from its input to its output before
     bias and activation (a matmul, an einsum or a convolution), and call
     `self.linear_with_feedback(inputs, self.kernel)` in `call`.
+
+    `feedback_used=False` (set by `keras_wt.unused_feedback.drop_unused_feedback` on a layer
+    below which no weight needs an error, e.g. the first layer of a model; saved in the config):
+    the layer stores no `B`, sends no error down (its input is read through `stop_gradient`, so
+    no input gradient is computed), and no optimizer or mirror touches its feedback.
     """
+
+    def __init__(self, *args, feedback_used=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(feedback_used, bool):
+            raise ValueError(f"feedback_used={feedback_used!r} must be True or False")
+        self.feedback_used = feedback_used
 
     def _init_feedback(self, *args, **kwargs):
         super()._init_feedback(*args, **kwargs)
@@ -201,7 +214,7 @@ class FeedbackLayer(WithFeedback):
         kernel._keras_wt_layer = weakref.ref(self)
         if self.algorithm.learns_feedback == "optimizer":
             kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
-        if self.algorithm.stores_feedback:
+        if self.algorithm.stores_feedback and self.feedback_used:
             self.feedback_kernel = self.add_weight(
                 name="feedback_kernel",
                 shape=kernel.shape,
@@ -212,7 +225,7 @@ class FeedbackLayer(WithFeedback):
                 # B in a replica context take one replica's value for all.
                 aggregation="only_first_replica",
             )
-        if self.algorithm.steps:
+        if self.algorithm.steps and self.feedback_used:
             self.feedback_state = self.add_weight(
                 name="feedback_state",
                 shape=(2,),
@@ -253,16 +266,20 @@ class FeedbackLayer(WithFeedback):
         # A measurement (keras_wt.alignment) is not a training step: decided here, since its
         # backward pass runs after the tap is closed.
         tap = feedback_lib.linear_tap()
-        outputs = feedback_lib.linear_with_feedback(
-            self.linear,
-            inputs,
-            kernel,
-            self.feedback_tensor(kernel),
-            on_backward=self._on_backward if tap is None else None,
-        )
+        if self.feedback_used:
+            outputs = feedback_lib.linear_with_feedback(
+                self.linear,
+                inputs,
+                kernel,
+                self.feedback_tensor(kernel),
+                on_backward=self._on_backward if tap is None else None,
+            )
+        else:  # no error is sent below this layer: none is computed
+            outputs = self.linear(tf.stop_gradient(inputs), kernel)
         if tap is not None:
             outputs = tap(self, outputs)
-        elif self.feedback_learning == "loss" and not feedback_lib.backprop_forced():
+        elif (self.feedback_learning == "loss" and self.feedback_used
+              and not feedback_lib.backprop_forced()):
             # Zero-valued, with B's gradient: the model's optimizer applies it and the reported
             # losses stay the task's (keras_wt.local.gradient_only).
             self.add_loss(local.gradient_only(local.alignment_loss(
@@ -310,6 +327,12 @@ class FeedbackLayer(WithFeedback):
                 stacklevel=2,
             )
 
+    def get_config(self):
+        config = super().get_config()
+        if not self.feedback_used:  # written only when set, so other configs stay as they were
+            config["feedback_used"] = False
+        return config
+
     def _forward_variables(self):
         return [self.kernel] + ([] if self.bias is None else [self.bias])
 
@@ -336,7 +359,12 @@ class FeedbackLayer(WithFeedback):
         variables = self._forward_variables()
         expected = [str(i) for i in range(len(variables))]
         expected += [name for name, _ in self.feedback_variables()]
-        if sorted(store.keys()) != sorted(expected):
+        keys = sorted(store.keys())
+        if not self.feedback_used:
+            # Saved before its feedback was dropped as unused (keras_wt.unused_feedback): a B
+            # (or a per-step state) that no gradient uses is left behind; the rest must match.
+            keys = [k for k in keys if k not in ("feedback_kernel", "feedback_state")]
+        if keys != sorted(expected):
             raise ValueError(
                 f"Layer {self.name!r} (feedback={self.feedback!r}) expected the variables "
                 f"{expected} but the file has {sorted(store.keys())}: was it saved with another "

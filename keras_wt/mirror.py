@@ -39,6 +39,14 @@ With `λ = 0` there is no fixed point (`B` grows like the step count and its ang
 
 Noise comes from a stateless generator seeded by `(seed, layer, counter, replica)`, so a run
 resumed from a checkpoint draws exactly the noise the uninterrupted run would have drawn.
+`mirror.run(start, count)` runs the `count` mirror steps of counters `start, start + 1, …` as
+one compiled call (a loop inside one `tf.function`, the counter a tensor): exactly the noise and
+updates of `count` calls of `mirror(counter)`. The counter may be a tensor, so a mirror step can
+run inside a user's own `tf.function` (`mirror(optimizer.iterations)`).
+
+A `wm` layer whose `B` no gradient uses (`feedback_used=False`, `keras_wt.unused_feedback`) has no
+`B` and is not mirrored; the other layers keep the noise they would draw with it mirrored (a
+layer's noise is seeded by its place among all the `wm` layers).
 Under a `tf.distribute` strategy every replica draws `n / replicas` of each layer's noise
 samples (`n` rounded up to a multiple of the replicas), the weight-gradients are summed across
 replicas, and every replica applies the same update: all replicas keep the same `B`.
@@ -193,7 +201,8 @@ def _compact(array):
 
 
 def wm_layers(model):
-    """The layers of `model` whose feedback kernel learns by mirroring."""
+    """The layers of `model` whose feedback kernel learns by mirroring (those without a stored
+    `B`, `feedback_used=False`, included: they keep their place in the noise seeds)."""
     return [
         layer
         for layer in layers_lib.feedback_layers(model)
@@ -249,6 +258,12 @@ class WeightMirror:
         for layer in layers:
             if layer.feedback_learning != "mirror":
                 raise ValueError(f"Layer {layer.name!r} has feedback={layer.feedback!r}, not 'wm'.")
+        # A layer's noise is seeded by its place in `layers`; those without a `B` (no gradient
+        # uses it) are not mirrored, and the others keep their places.
+        self._seed_indices = [i for i, layer in enumerate(layers) if layer.feedback_used]
+        self._unused_names = {layer.name for layer in layers if not layer.feedback_used}
+        layers = [layers[i] for i in self._seed_indices]
+        for layer in layers:
             shape = layer.feedback_input_shape
             if shape is None or any(d is None for d in shape[1:]):
                 raise ValueError(
@@ -285,7 +300,8 @@ class WeightMirror:
         self._local_batches = [n // replicas for n in self.batch_sizes]
         self._local_gradients = tf.function(self._gradients, jit_compile=jit_compile)
         self._compiled_noise = tf.function(self._noise, jit_compile=jit_compile)
-        self._run = tf.function(self._distributed_step)
+        self._run = tf.function(self._distributed_steps)
+        self._run_one = tf.function(self._distributed_step)  # no loop: one step, less overhead
 
     def _resolve_batch_sizes(self):
         spec = self.batch_size
@@ -306,7 +322,7 @@ class WeightMirror:
                 sizes.append(n)
         elif isinstance(spec, collections.abc.Mapping):
             missing = [name for name in names if name not in spec]
-            unknown = [name for name in spec if name not in names]
+            unknown = [name for name in spec if name not in set(names) | self._unused_names]
             if missing or unknown:
                 raise ValueError(
                     f"batch_size must name every wm layer {names} exactly; missing {missing}, "
@@ -340,7 +356,7 @@ class WeightMirror:
         shape = (self._local_batches[layer_index],) + tuple(layer.feedback_input_shape[1:])
         seed = tf.stack(
             [
-                tf.constant(self.seed, tf.int64) * 7919 + layer_index,
+                tf.constant(self.seed, tf.int64) * 7919 + self._seed_indices[layer_index],
                 tf.cast(counter, tf.int64),
             ]
         )
@@ -370,6 +386,52 @@ class WeightMirror:
     def _distributed_step(self, counter):
         self.strategy.run(self._replica_step, args=(counter,))
 
+    def _distributed_steps(self, start, count, stride):
+        # One compiled call for `count` steps; the loop's counter is a tensor, so the function
+        # is traced once for every number of steps.
+        for i in tf.range(count):
+            self.strategy.run(self._replica_step, args=(start + i * stride,))
+
+    def run(self, start, count=1, stride=1):
+        """Runs `count` mirror steps, with counters `start, start + stride, …`, as one compiled
+        call: exactly the noise and updates of `count` calls of `mirror(counter)`.
+
+        Args:
+            start: the first counter: a Python int, or an integer tensor or variable (e.g.
+                `optimizer.iterations`) inside or outside a `tf.function`.
+            count: the number of steps (an int or an integer tensor; 0 runs none).
+            stride: the difference between consecutive counters (an int or a tensor).
+
+        Raises:
+            ValueError: `start` is a Python number while a `tf.function` is being traced: it
+                would be frozen into the graph, and every call would draw the same noise.
+        """
+        if not self.layers:
+            return
+        if isinstance(count, int) and count == 1:
+            self._run_one(_counter(start, "start"))
+            return
+        self._run(
+            _counter(start, "start"), _counter(count, "count"), _counter(stride, "stride")
+        )
+
     def __call__(self, counter):
-        """Runs one mirror step on every layer; `counter` (an int) seeds the noise."""
-        self._run(tf.constant(counter, tf.int64))
+        """Runs one mirror step on every layer; `counter` (an int, or an integer tensor or
+        variable such as `optimizer.iterations`) seeds the noise. Inside a `tf.function` the
+        counter must be a tensor (see `run`)."""
+        self.run(counter, 1, 1)
+
+
+def _counter(value, name):
+    """`value` as an int64 tensor; a Python number inside a function being traced is refused
+    (it would be a constant of the graph: the same noise at every call)."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        if tf.inside_function() and name == "start":
+            raise ValueError(
+                f"The mirror step's counter is the Python number {value!r} inside a tf.function "
+                "being traced: it would be frozen into the graph, and every call would draw the "
+                "same noise. Pass a tensor that advances, e.g. optimizer.iterations, or call the "
+                "mirror outside the tf.function."
+            )
+        return tf.constant(int(value), tf.int64)
+    return tf.cast(tf.convert_to_tensor(value), tf.int64)

@@ -13,6 +13,7 @@ class _Pairs:
     tracked; a tuple of variables would be)."""
 
     pairs = ()
+    kernels = ()
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
@@ -33,7 +34,9 @@ class KolenPollack(keras.optimizers.Optimizer):
     `kp` layers are decayed (biases, batch norm and the kernels of other layers are not: give
     those a regularizer if you want one). `B` receives `u(g)` by copying `W`'s update, so no
     second optimizer state is kept for `B`: the persistent memory is exactly the wrapped
-    optimizer's. Each step holds one transient tensor of every `kp` kernel's size.
+    optimizer's. `(1 − lr·λ)(B − W)` is kept in `B`'s own storage while `W` is updated, so a
+    step holds no extra kernel-sized tensor beyond the one being written. A `kp` layer without a
+    `B` (`feedback_used=False`, see `keras_wt.unused_feedback`) has its `W` decayed as usual.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap. It must not apply weight decay of
@@ -85,13 +88,16 @@ class KolenPollack(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
-        pairs = []
+        pairs, kernels = [], []
         for variable in var_list:
             link = getattr(variable, "_keras_wt_layer", None)
             layer = link() if link is not None else None
             if layer is not None and layer.algorithm.learns_feedback == "optimizer":
-                pairs.append((variable, layer.feedback_kernel))
+                kernels.append(variable)
+                if layer.feedback_kernel is not None:
+                    pairs.append((variable, layer.feedback_kernel))
         self._kp.pairs = tuple(pairs)
+        self._kp.kernels = tuple(kernels)
         super().build(var_list)
 
     @property
@@ -111,35 +117,47 @@ class KolenPollack(keras.optimizers.Optimizer):
         grads = list(grads)
         updated = {id(v) for v, g in zip(trainable_variables, grads) if g is not None}
         pairs = [(w, b) for w, b in self._kp.pairs if id(w) in updated]
+        kernels = [w for w in self._kp.kernels if id(w) in updated]
 
         strategy = self._distribution_strategy
         # The learning rate of this step, read before the wrapped optimizer advances.
         lr = tf.cast(self.inner_optimizer.learning_rate, tf.float32)
         shrink = 1.0 - lr * self.kp_weight_decay
-        kernels = [w for w, _ in pairs]
         feedbacks = [b for _, b in pairs]
-        with tf.name_scope("kp_difference"):
+        # Nothing below needs the gradients, so without this edge the graph executor runs it as
+        # soon as W and B can be read, during the backward pass: every assignment then copies a
+        # kernel that the backward pass still reads, while the activations are alive (ResNet-18:
+        # a step's peak memory 1.30x stock Keras's with it, 0.93x without).
+        gradients_done = [g for g in grads if g is not None]
+        # B ← (1 − lr·λ)(B_t − W_t), written into B's own storage: no second kernel-sized
+        # tensor stays alive while W is updated.
+        with tf.name_scope("kp_difference"), tf.control_dependencies(gradients_done):
             differences = [
-                tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value) for w, b in pairs
+                tf.cast(shrink, b.dtype)
+                * (tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value))
+                for w, b in pairs
             ]
+        if pairs:
+            assign_on_every_replica(strategy, feedbacks, differences)
         # W is updated only after B − W is computed. Automatic control dependencies order the
         # *reads* of W before its updates, but a read may alias W's buffer, which the wrapped
         # optimizer then updates in place: without this edge the subtraction sometimes ran after
         # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
-        with tf.control_dependencies(differences):
-            if self.kp_weight_decay and pairs:
+        with tf.control_dependencies(differences + gradients_done):
+            if self.kp_weight_decay and kernels:
                 assign_on_every_replica(strategy, kernels, [
                     tf.cast(shrink, w.dtype) * tf.convert_to_tensor(w.value) for w in kernels
                 ])
             with feedback_lib.kolen_pollack_update():
                 self.inner_optimizer.apply(grads, trainable_variables)
         if pairs:
-            # B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)  ≡  B_t − lr·u(g) − lr·λ·B_t
+            # B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)  ≡  B_t − lr·u(g) − lr·λ·B_t: the same
+            # sum, rounded as before. The reads of B and W follow their assignments above
+            # (automatic control dependencies order the operations on each variable).
             assign_on_every_replica(
                 strategy,
                 feedbacks,
-                [tf.convert_to_tensor(w.value) + tf.cast(shrink, d.dtype) * d
-                 for w, d in zip(kernels, differences)],
+                [tf.convert_to_tensor(w.value) + tf.convert_to_tensor(b.value) for w, b in pairs],
             )
 
     @property

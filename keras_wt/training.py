@@ -49,6 +49,7 @@ from keras_wt import pipelines
 from keras_wt import runs
 from keras_wt import schedules
 from keras_wt import strategies
+from keras_wt import unused_feedback
 from keras_wt._compat import multi_worker_fit
 from keras_wt.algorithms import ALGORITHMS
 
@@ -59,7 +60,14 @@ LOSSES = ("softmax", "summed_sigmoid")
 ALIGNMENTS = ("none", "weights", "full")
 
 # Settings that may change between a run and its resumption without changing what is computed.
-RESUMABLE = ("model_dir", "data_dir", "tpu", "mirrored_devices", "verbose", "epochs")
+# The most training steps per host call with `steps_per_execution="auto"`: fewer calls, less host
+# overhead per step (the reference MLP's step is about 1 ms).
+MAX_STEPS_PER_EXECUTION = 10
+# `steps_per_execution` only groups steps into calls from the host (with a weight mirror, its
+# owed steps then run after each call: "auto" keeps 1 for those, see
+# `TrainConfig.resolved_steps_per_execution`).
+RESUMABLE = ("model_dir", "data_dir", "tpu", "mirrored_devices", "verbose", "epochs",
+             "steps_per_execution")
 
 
 @dataclasses.dataclass
@@ -82,6 +90,10 @@ class TrainConfig:
     and the alignment probe (`alignment`: `"none"`, `"weights"` or
     `"full"` with `alignment_probe_size` examples) run every `eval_every` epochs, at the first
     and at the last.
+
+    `keep_unused_feedback`: keep the `B` of the layers whose input gradient no weight needs
+    (`keras_wt.unused_feedback`; the first layer of every trainer model), mirroring or updating
+    it, for figures that show its weight angle; by default it is not stored.
 
     Where: `model_dir` is the run folder (`keras_wt.runs`; `None`: nothing is written), on
     `strategy` (`keras_wt.strategies.STRATEGIES`).
@@ -110,7 +122,7 @@ class TrainConfig:
     kp_decay_budget: float = None
     label_smoothing: float = 0.0
     dtype: str = "auto"
-    steps_per_execution: int = 1
+    steps_per_execution: object = 1  # an int, or "auto" (resolved_steps_per_execution)
     steps_per_epoch: int = None
     eval_steps: int = None
     eval_every: int = 1
@@ -127,6 +139,7 @@ class TrainConfig:
     mirror_warmup_steps: int = 200  # None: num_train // batch_size
     alignment: str = "weights"
     alignment_probe_size: int = 64
+    keep_unused_feedback: bool = False
     keep_checkpoints: bool = True
     seed: int = 0
     jit_compile: bool = None
@@ -157,7 +170,10 @@ class TrainConfig:
             if not ((optional and value is None) or (value is not None and ok(value))):
                 raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
 
-        for name in ("batch_size", "epochs", "eval_every", "steps_per_execution", "image_size",
+        if self.steps_per_execution != "auto":
+            check("steps_per_execution", lambda v: isinstance(v, int) and v >= 1,
+                  "an integer >= 1 or 'auto'")
+        for name in ("batch_size", "epochs", "eval_every", "image_size",
                      "mirror_every", "mirror_steps", "alignment_probe_size",
                      "mirror_max_batch_size"):
             check(name, lambda v: v >= 1, "an integer >= 1")
@@ -195,6 +211,18 @@ class TrainConfig:
         if self.dataset == "imagenet":
             return num_train // self.batch_size
         return math.ceil(num_train / self.batch_size)
+
+    def resolved_steps_per_execution(self, steps_per_epoch):
+        """`steps_per_execution`, else (`"auto"`) 1 for an algorithm whose `B` learns by
+        mirroring (its mirror steps run between host calls: one training step per call keeps a
+        mirror step after every batch), otherwise the largest divisor of `steps_per_epoch` up to
+        `MAX_STEPS_PER_EXECUTION` (a divisor, so that no call crosses an epoch's end: the batches,
+        their order and everything computed are those of one step per call)."""
+        if self.steps_per_execution != "auto":
+            return self.steps_per_execution
+        if algorithms.get(self.algo).learns_feedback == "mirror":
+            return 1
+        return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
 
     def resolved_mirror_warmup_steps(self, num_train):
         """`mirror_warmup_steps`, else (`None`) one pass: `num_train // batch_size`."""
@@ -262,10 +290,11 @@ def _data(config):
 def build_model(config, input_shape=None):
     """The network `config.model` for `config.algo` with `config.model_options`, at
     `input_shape` (default: ImageNet crops of `config.image_size`; fixed, since the weight mirror
-    draws noise of each layer's input shape)."""
+    draws noise of each layer's input shape). Unless `config.keep_unused_feedback`, the layers
+    whose `B` no gradient uses are built without one (`keras_wt.unused_feedback`)."""
     if input_shape is None:
         input_shape = (config.image_size, config.image_size, 3)
-    return models.get(
+    model = models.get(
         config.model,
         input_shape=tuple(input_shape),
         num_classes=config.resolved_num_classes,
@@ -274,6 +303,10 @@ def build_model(config, input_shape=None):
         dtype=config.resolved_dtype,
         **config.model_options,
     )
+    if not config.keep_unused_feedback:
+        # After the build, so the weights are those drawn with every B (same seed, same W).
+        unused_feedback.drop_unused_feedback(model)
+    return model
 
 
 def _outputs_logits(model):
@@ -325,7 +358,7 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
         # Weighted, so that the zero-weight padding of the last evaluation batch is not counted.
         weighted_metrics=accuracies,
         jit_compile=jit_compile,
-        steps_per_execution=config.steps_per_execution,
+        steps_per_execution=config.resolved_steps_per_execution(steps_per_epoch),
     )
     return schedule
 
@@ -558,7 +591,10 @@ def _record_config(config, flags, derived):
         )
     if runs.exists(path):
         saved = runs.read_json(path).get("train_config", {})
-        changed = sorted(k for k in current if k not in RESUMABLE and saved.get(k) != current[k])
+        # A setting added after the run was saved is not compared (the run predates it).
+        changed = sorted(
+            k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]
+        )
         if changed:
             raise ValueError(
                 f"{config.model_dir} holds a run with other settings; resuming it with "
@@ -651,6 +687,15 @@ def _train(config, strategy, callbacks, flags, derived, writes):
     keras.utils.set_random_seed(config.seed)
     make_train, evaluation, input_shape, num_train = _data(config)
     steps_per_epoch = config.resolved_steps_per_epoch(num_train)
+    steps_per_execution = config.resolved_steps_per_execution(steps_per_epoch)
+    if steps_per_epoch % steps_per_execution:
+        # Keras runs whole executions: the last one of every epoch would take batches of the
+        # next epoch from the stream, and a resumed run would not see the same batches.
+        logger.warning(
+            "steps_per_execution=%d does not divide the %d steps of an epoch: every epoch will "
+            "take %d batches of the next one, and a resumed run will not continue exactly.",
+            steps_per_execution, steps_per_epoch, -steps_per_epoch % steps_per_execution,
+        )
     warmup = config.resolved_mirror_warmup_steps(num_train)
     if writes:
         _record_config(config, flags, dict(

@@ -23,7 +23,12 @@ def test_nested_models_and_other_layers():
     converted = keras_wt.convert(model, "fa", feedback_initializer="zeros")
     ours = wt.feedback_layers(converted)
     assert sorted(type(l).__name__ for l in ours) == ["Conv1D", "Dense", "Dense"]
-    assert all(np.all(l.feedback_kernel.numpy() == 0) for l in ours)
+    # The convolution reads the input: no gradient uses its B, which is not stored.
+    unused = [l for l in ours if not l.feedback_used]
+    assert [type(l).__name__ for l in unused] == ["Conv1D"] and unused[0].feedback_kernel is None
+    assert all(np.all(l.feedback_kernel.numpy() == 0) for l in ours if l.feedback_used)
+    kept = keras_wt.convert(model, "fa", keep_unused_feedback=True)
+    assert all(l.feedback_used and l.feedback_kernel is not None for l in wt.feedback_layers(kept))
     x = np.random.rand(3, 4, 3).astype("float32")
     np.testing.assert_allclose(model(x), converted(x), rtol=1e-6)
     fresh = keras_wt.convert(model, "ss", copy_weights=False)

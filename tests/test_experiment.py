@@ -391,3 +391,32 @@ def test_flags_the_algorithm_does_not_use_are_named():
     assert experiment.ignored_flags(config, explicit) == []
     config, explicit = cli.parse_args(["--algo", "kp", "--kp_weight_decay", "0.1"])
     assert experiment.ignored_flags(config, explicit) == []
+
+
+def _cli_train(data_dir, tmp_path, algo, *extra, **overrides):
+    flags, _ = cli.parse_args(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2", *extra))
+    config = experiment.train_config(flags)
+    config.model_dir = None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return training.train(config)[0]
+
+
+def test_several_steps_per_call_train_exactly_as_one_and_the_reference_mlp_keeps_every_b(
+    data_dir, tmp_path
+):
+    # N_TRAIN / BATCH = 3 steps per epoch: "auto" runs them in one call (a divisor: no call
+    # crosses an epoch), for kp; one step per call for wm, whose mirror steps run between calls.
+    grouped = _cli_train(data_dir, tmp_path, "kp")
+    assert grouped.steps_per_execution == 3
+    single = _cli_train(data_dir, tmp_path, "kp", steps_per_execution=1)
+    assert single.steps_per_execution == 1
+    for a, b in zip(grouped.weights, single.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for algo, expected in (("wm", 1), ("fa", 7)):
+        config = training.TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto")
+        assert config.resolved_steps_per_execution(469) == expected
+    # The published MLP keeps (and trains) the first layer's B, which no gradient uses.
+    assert grouped.get_layer("hidden_1").feedback_kernel is not None
+    flags, _ = cli.parse_args(tiny_flags(data_dir, tmp_path, "kp", "--model", "cnn"))
+    assert not experiment.train_config(flags).keep_unused_feedback

@@ -237,13 +237,20 @@ def test_callback_runs_warmup_and_steps_after_every_batches():
     callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, every=2, steps=2, batch_size=8, warmup_steps=3)
     callback.set_model(model)
     callback._build()
-    counters = []
-    real = callback.mirror.__call__
-    callback.mirror = type("Counting", (), {"__call__": lambda self, c: (counters.append(c), real(c))})()
+    counters, calls = [], []
+    real = callback.mirror.run
+
+    def counting(start, count=1, stride=1):
+        calls.append((start, count, stride))
+        counters.extend(start + i * stride for i in range(count))
+        real(start, count, stride)
+
+    callback.mirror.run = counting
     b0 = model.layers[0].feedback_kernel.numpy()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])  # 5 batches
-    # 3 warm-up steps, then 2 steps after batches 2 and 4.
+    # 3 warm-up steps, then 2 steps after batches 2 and 4, each group one compiled call.
     assert counters == [-1, -2, -3, 0, 1, 2, 3]
+    assert calls == [(-1, 3, -1), (0, 2, 1), (2, 2, 1)]
     assert not np.allclose(model.layers[0].feedback_kernel.numpy(), b0)
     # A resumed run (optimizer already stepped) does not warm up again and continues the count.
     counters.clear()
@@ -467,3 +474,79 @@ def test_wm_layer_trained_without_a_mirror_warns():
     messages = fit([])
     assert messages and "'dense" in messages[0] and "MirrorCallback" in messages[0]
     assert fit([MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=1.0, batch_size=8)]) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Fused steps and tensor counters
+# --------------------------------------------------------------------------------------------
+
+
+def _two_mirrors(**kwargs):
+    """Two models with equal weights and a mirror each."""
+    models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(11)
+        models.append(_dense_model())
+    return [WeightMirror(m, 0.2, noise_std=1.0, decay=0.3, batch_size=8, **kwargs) for m in models]
+
+
+@pytest.mark.parametrize("stride", [1, -1])
+def test_fused_steps_equal_separate_steps(stride):
+    fused, separate = _two_mirrors()
+    fused.run(5, 4, stride=stride)
+    for i in range(4):
+        separate(5 + i * stride)
+    for a, b in zip(fused.layers, separate.layers):
+        np.testing.assert_array_equal(a.feedback_kernel.numpy(), b.feedback_kernel.numpy())
+    # And they are the formula, one step after another, with the noise of each counter.
+    b = _two_mirrors()[0]
+    layer = b.layers[1]
+    expected = layer.feedback_kernel.numpy().astype(np.float64)
+    for i in range(4):
+        expected = _step_by_hand(b, 1, expected, 5 + i * stride, 0.2, 0.3)[1]
+    np.testing.assert_allclose(fused.layers[1].feedback_kernel.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mirror_in_a_custom_tf_function_with_the_optimizer_step_as_counter():
+    mirrored, reference = _two_mirrors()
+    optimizer = keras.optimizers.SGD(0.1)
+    variables = [layer.kernel for layer in mirrored.layers]
+    optimizer.build(variables)
+
+    @tf.function
+    def step():
+        optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+        mirrored(optimizer.iterations)
+
+    for _ in range(3):
+        step()
+    for counter in (1, 2, 3):
+        reference(counter)
+    for a, b in zip(mirrored.layers, reference.layers):
+        np.testing.assert_array_equal(a.feedback_kernel.numpy(), b.feedback_kernel.numpy())
+
+    @tf.function
+    def frozen():
+        mirrored(7)
+
+    with pytest.raises(ValueError, match="frozen into the graph"):
+        frozen()
+
+
+def test_fused_steps_under_mirrored_strategy_equal_separate_steps(two_cpu_strategy):
+    with two_cpu_strategy.scope():
+        models = []
+        for _ in range(2):
+            keras.utils.set_random_seed(11)
+            models.append(_dense_model())
+    fused, separate = [
+        WeightMirror(m, 0.2, noise_std=1.0, decay=0.3, batch_size=8, strategy=two_cpu_strategy)
+        for m in models
+    ]
+    fused.run(0, 3)
+    for counter in range(3):
+        separate(counter)
+    for a, b in zip(fused.layers, separate.layers):
+        replicas = two_cpu_strategy.experimental_local_results(a.feedback_kernel.value)
+        np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+        np.testing.assert_array_equal(a.feedback_kernel.numpy(), b.feedback_kernel.numpy())

@@ -1,0 +1,226 @@
+"""Seconds per epoch of the reference MLP as `keras-wt-train` trains it, against stock Keras (#12).
+
+Every run trains the reference MLP (784-500-10, sigmoid, summed sigmoid cross-entropy, plain
+SGD at the published learning rate, batch 128, Fashion-MNIST, 469 steps per epoch) on the
+trainer's own input pipeline (`keras_wt.pipelines.train_dataset`: every epoch's order a function
+of `(seed, epoch)`) for `--epochs` epochs; the first epoch (tracing) is not counted. Measured per
+epoch by a callback: **training** (from `on_epoch_begin` to the start of evaluation, or to
+`on_epoch_end` when the epoch is not evaluated) and the **whole epoch** (to the end of every
+other callback's `on_epoch_end`: evaluation of the 10,000 test images and the alignment probe).
+
+Versions:
+
+* `keras`: the stock Keras MLP (the `bp` model stripped to `keras.layers.Dense`, same weights)
+  compiled like the trainer (same loss, optimizer, metric) and fitted on the same dataset with no
+  callbacks and no evaluation: the tight stock loop;
+* `<algo>`: `keras_wt.training.train` with `keras_wt.experiment.train_config` of
+  `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch; no run folder, so
+  nothing written), except that the first layer's `B`, which no gradient uses, is dropped
+  (`keep_unused_feedback=False`; the CLI keeps it for the published figures);
+* `<algo> as published`: what `keras-wt-train --algo <algo>` runs: that `B` kept (and updated
+  or mirrored), with `steps_per_execution="auto"` (7 steps per call, 1 for `wm`);
+* `<algo> before #12`: the `B` kept and one step per call, as the CLI ran before issue #12;
+* `wm no mirror steps`: `wm` with `mirror_every` beyond the run (the mirror's share of `wm`);
+* `bp run folder`: `bp` writing its run folder (results, CSV, TensorBoard, backup) each epoch.
+
+Runs are interleaved: every round runs each version once, in a shuffled order, so machine
+drift hits all alike; each figure is the median over rounds of a run's median epoch.
+
+Two floors are printed: the MLP's FLOPs per epoch (2·3 products per layer and example, minus the
+first layer's input gradient) at the machine's peak matmul rate (a large square matmul) and at
+the rate of the MLP's own products (its three matmul shapes, timed alone).
+
+Usage (from the repository root; pause other jobs for numbers worth recording):
+
+    python benchmarks/epoch_time.py --rounds 3 --epochs 3
+"""
+
+import argparse
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_wt  # noqa: E402
+from keras_wt import experiment, pipelines, training  # noqa: E402
+from keras_wt_cli import parse_args as cli_args  # noqa: E402
+
+logger = logging.getLogger("keras_wt.benchmarks")
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Training seconds (epoch begin → evaluation begin or epoch end) and whole-epoch seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.train, self.whole = [], []
+        self._start = self._train_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._train_end = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._train_end is None:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = time.perf_counter()
+        self.train.append((self._train_end or end) - self._start)
+        self.whole.append(end - self._start)
+
+
+def _config(algo, epochs, **overrides):
+    flags, _ = cli_args(["--algo", algo, "--n_epochs", str(epochs), "--verbose", "0"])
+    config = experiment.train_config(flags)
+    config.model_dir = None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def run_cli(algo, epochs, **overrides):
+    """`keras_wt.training.train` as `keras-wt-train --algo <algo>` runs it (with overrides)."""
+    timer = EpochTimer()
+    if overrides.get("model_dir") == "<tmp>":
+        with tempfile.TemporaryDirectory() as directory:
+            overrides["model_dir"] = directory
+            training.train(_config(algo, epochs, **overrides), callbacks=[timer])
+    else:
+        training.train(_config(algo, epochs, **overrides), callbacks=[timer])
+    return timer
+
+
+def run_stock(epochs, steps_per_execution=1, jit_compile=None):
+    """The stock Keras MLP, compiled like the trainer, fitted on the trainer's dataset."""
+    config = _config("bp", epochs, steps_per_execution=steps_per_execution)
+    keras.utils.set_random_seed(config.seed)
+    make_train, _, input_shape, num_train = training._data(config)
+    steps = config.resolved_steps_per_epoch(num_train)
+    model = keras_wt.strip(training.build_model(config, input_shape))
+    config.jit_compile = jit_compile  # None: as the trainer (XLA on a CPU or GPU)
+    training.compile_model(model, config, steps)
+    timer = EpochTimer()
+    model.fit(make_train(0), epochs=epochs, steps_per_epoch=steps, callbacks=[timer], verbose=0)
+    return timer
+
+
+def _rate(shapes, repeats):
+    """GFLOP/s of `tf.matmul` over `shapes` [(m, k, n)], timed in a compiled loop."""
+    mats = [(tf.random.normal((m, k)), tf.random.normal((k, n))) for m, k, n in shapes]
+
+    @tf.function
+    def products():
+        return [tf.reduce_sum(tf.matmul(a, b)) for a, b in mats]
+
+    products()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        [t.numpy() for t in products()]
+    seconds = (time.perf_counter() - start) / repeats
+    return sum(2 * m * k * n for m, k, n in shapes) / seconds / 1e9
+
+
+def floors(batch=128, widths=(784, 500, 10), examples=60000):
+    """`(flops per epoch, peak GFLOP/s, MLP GFLOP/s, floor at peak s, floor at MLP rate s)`."""
+    layers = list(zip(widths[:-1], widths[1:]))
+    # forward, kernel gradient and (except the first layer) input gradient, per layer.
+    shapes = []
+    for i, (d_in, d_out) in enumerate(layers):
+        shapes += [(batch, d_in, d_out), (d_in, batch, d_out)]
+        if i:
+            shapes.append((batch, d_out, d_in))
+    flops = sum(2 * m * k * n for m, k, n in shapes) * examples / batch
+    peak = _rate([(2048, 2048, 2048)], 5)
+    mlp = _rate(shapes, 200)
+    return flops, peak, mlp, flops / peak / 1e9, flops / mlp / 1e9
+
+
+VERSIONS = {
+    # name: (kind, algo, overrides)
+    "keras": ("stock", None, {}),
+    "keras spe=7": ("stock", None, {"steps_per_execution": 7}),
+    "keras no XLA": ("stock", None, {"jit_compile": False}),
+}
+
+
+def versions(algos, extra, extra_algos):
+    table = dict(VERSIONS)
+    for algo in algos:
+        table[f"{algo}"] = ("cli", algo, {"keep_unused_feedback": False})
+        if "published" in extra and algo in extra_algos:
+            table[f"{algo} as published"] = ("cli", algo, {})
+        if "before" in extra and algo in extra_algos:
+            table[f"{algo} before #12"] = ("cli", algo, {"steps_per_execution": 1})
+        if "nomirror" in extra and algo == "wm":
+            table["wm no mirror steps"] = (
+                "cli", algo, {"keep_unused_feedback": False, "mirror_every": 10**9})
+        if "runfolder" in extra and algo == "bp":
+            table["bp run folder"] = ("cli", algo, {"keep_unused_feedback": False,
+                                                    "model_dir": "<tmp>"})
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algos", nargs="+", default=list(keras_wt.ALGORITHMS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (first not counted)")
+    parser.add_argument("--extra", nargs="*", default=["published", "before", "nomirror",
+                                                        "runfolder"],
+                        help="extra versions (module docstring): published, before, nomirror, "
+                        "runfolder")
+    parser.add_argument("--extra-algos", nargs="*", default=["bp", "kp", "wm"],
+                        help="the algorithms that get the 'published' and 'before' versions")
+    parser.add_argument("--only", nargs="*", help="run only these version names")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("keras_wt").setLevel(logging.WARNING)
+    table = versions(args.algos, args.extra, args.extra_algos)
+    if args.only:
+        table = {k: v for k, v in table.items() if k in args.only}
+    results = {name: ([], []) for name in table}
+    rng = random.Random(0)
+    load = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        order = list(table)
+        rng.shuffle(order)
+        for name in order:
+            kind, algo, overrides = table[name]
+            if kind == "stock":
+                timer = run_stock(args.epochs, **overrides)
+            else:
+                timer = run_cli(algo, args.epochs, **overrides)
+            results[name][0].append(statistics.median(timer.train[1:]))
+            results[name][1].append(statistics.median(timer.whole[1:]))
+            logger.info("%s: training %.3f s, whole epoch %.3f s (load %.1f)", name,
+                        results[name][0][-1], results[name][1][-1], os.getloadavg()[0])
+    load.append(os.getloadavg()[0])
+    flops, peak, mlp_rate, floor_peak, floor_mlp = floors()
+    stock = statistics.median(results["keras"][0]) if "keras" in results else float("nan")
+    lines = [
+        f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end; "
+        f"{args.rounds} rounds x {args.epochs} epochs (first not counted), medians.",
+        f"Floors: {flops / 1e9:.1f} GFLOP per epoch; peak matmul {peak:.0f} GFLOP/s -> "
+        f"{floor_peak:.2f} s; the MLP's own products {mlp_rate:.0f} GFLOP/s -> {floor_mlp:.2f} s.",
+        "",
+        "| version | training s/epoch | / keras | whole epoch s (eval + probe) |",
+        "|---|---|---|---|",
+    ]
+    for name, (train, whole) in results.items():
+        t, w = statistics.median(train), statistics.median(whole)
+        lines.append(f"| {name} | {t:.3f} | {t / stock:.2f} | {w:.3f} |")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

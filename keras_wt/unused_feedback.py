@@ -1,0 +1,143 @@
+"""Feedback that no gradient uses: the layers whose input gradient training never needs.
+
+A feedback layer sends the error below itself through `B`. When nothing below it has a
+trainable weight — it reads the model's input directly, or only through weightless layers
+(`Flatten`, `Reshape`, padding, `Rescaling`, `Dropout`, pooling, a `Normalization` with
+fixed statistics...) — that error reaches no weight: the layer's `B` takes part in no
+gradient. Storing it, decaying and updating it (Kolen–Pollack) or mirroring it (weight
+mirror) is work for nothing: in the reference MLP that layer holds 99% of the feedback
+entries.
+
+`unused_feedback_layers(model)` finds these layers from the graph of a Sequential or
+Functional model (nested ones included); a subclassed model has no graph to read, and keeps
+every `B`. `drop_unused_feedback(model)` marks them `feedback_used=False`
+(`keras_wt.layers.FeedbackLayer`): such a layer stores no `B`, computes no input gradient
+(its input is read through `tf.stop_gradient`), and neither `KolenPollack` nor the mirror
+touches it (`W`'s own update and decay are unchanged, so every other weight trains bit for bit
+as with the `B` kept). The flag is part of the layer's config, so `keras.saving.load_model`
+rebuilds the layer without `B` and the saved variables match.
+
+`keras_wt.convert`, `keras_wt.training.train` and the `keras_wt.models` builders drop unused
+feedback unless told to keep it (`keep_unused_feedback=True`: for figures that show that
+layer's weight angle; the reference `keras-wt-train --model mlp` keeps it, as published).
+"""
+
+import keras
+
+from keras_wt import _compat
+from keras_wt import layers as layers_lib
+
+
+def _carries_weights(layer):
+    """Whether an error reaching `layer`'s output is needed below it: the layer (or a layer
+    inside it) has a trainable weight, or is frozen (it may be unfrozen later)."""
+    weights = getattr(layer, "weights", None)  # None: an operation of the graph, not a layer
+    if not weights:
+        return False
+    return not layer.trainable or any(weight.trainable for weight in weights)
+
+
+def _is_graph(model):
+    return isinstance(model, keras.Sequential) or (
+        isinstance(model, keras.Model) and isinstance(model, keras.Function)
+    )
+
+
+def _history_names(obj, names):
+    """Adds to `names` the layer names of every serialized tensor in `obj` (a node config)."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            names.add(obj["config"]["keras_history"][0])
+            return names
+        for value in obj.values():
+            _history_names(value, names)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _history_names(value, names)
+    return names
+
+
+def _layers_without_input_error(model):
+    """The layers of graph model `model` (not recursing) whose input gradient no weight needs,
+    given that nothing above the model's inputs needs one either."""
+    if isinstance(model, keras.Sequential):
+        result = []
+        for layer in model.layers:
+            result.append(layer)
+            if _carries_weights(layer):
+                break
+        return result
+    config = model.get_config()
+    parents = {
+        entry["name"]: _history_names(entry.get("inbound_nodes", []), set())
+        for entry in config["layers"]
+    }
+    operations = {operation.name: operation for operation in model.operations}
+    carries = {}
+
+    def error_needed_above(name):
+        # Whether the error at the output of operation `name` reaches a weight (at or below it).
+        if name not in carries:
+            carries[name] = _carries_weights(operations[name]) or any(
+                error_needed_above(parent) for parent in parents[name]
+            )
+        return carries[name]
+
+    return [
+        operations[name]
+        for name in parents
+        if not any(error_needed_above(parent) for parent in parents[name])
+    ]
+
+
+def unused_input_error_layers(model):
+    """The layers of `model`, of any type, whose input gradient no trainable weight needs,
+    nested Sequential or Functional models searched when their own input needs none; `[]` for
+    a subclassed model (no graph to read)."""
+    if not _is_graph(model):
+        return []
+    found = []
+    for layer in _layers_without_input_error(model):
+        found.append(layer)
+        if _is_graph(layer):
+            found.extend(unused_input_error_layers(layer))
+    return found
+
+
+def unused_feedback_layers(model):
+    """The feedback layers of `model` whose input gradient no trainable weight needs (they
+    read the model's input, directly or through weightless layers), in graph order.
+
+    A subclassed model (no graph to read) has none: every `B` is kept. A nested Sequential or
+    Functional model is searched when its own input carries no needed error.
+    """
+    return [
+        layer
+        for layer in unused_input_error_layers(model)
+        if isinstance(layer, layers_lib.FeedbackLayer)
+    ]
+
+
+def drop_unused_feedback(model):
+    """Marks the `unused_feedback_layers` of `model` `feedback_used=False` and deletes their
+    feedback variables (`B`, and the per-step state of `brsf`); returns those layers.
+
+    Call it on a built model before compiling (or let `keras_wt.convert`, `keras_wt.models`
+    or `keras_wt.training.train` do it); `W`, the bias and every other weight are untouched.
+
+    Raises:
+        ValueError: the model's optimizer is already built (it may hold a dropped `B`).
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        raise ValueError(
+            f"drop_unused_feedback({model.name!r}): the model's optimizer is already built "
+            "and may hold the feedback kernels to drop; call it before compiling and training."
+        )
+    layers = unused_feedback_layers(model)
+    for layer in layers:
+        for name, variable in layer.feedback_variables():
+            _compat.untrack_variable(layer, variable)
+            setattr(layer, name, None)
+        layer.feedback_used = False
+    return layers
