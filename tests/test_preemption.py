@@ -6,8 +6,8 @@ Each chain runs one command line in a subprocess again and again on the same run
 run but the last is killed by the `KERAS_WT_FAULT` hook of `keras_wt.backup` at the next point of
 the list, so the chain passes through every such point once; the last run finishes. The final
 model is compared with an uninterrupted run's (keras-wt-train on a tiny MNIST-format dataset,
-the ImageNet trainer on fake TFRecords). Slow (a subprocess per point; about two minutes on two
-cores), but the README's test command runs it.
+the ImageNet trainer on fake TFRecords). Slow (a subprocess per point; about a minute and a half
+on two cores), but the README's test command runs it.
 """
 
 import json
@@ -108,7 +108,10 @@ def fake_imagenet(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["kp", "wm"])
+# The weight mirror only (its noise counters and its warm-up are the most state to restore):
+# keras-wt-train's chain above covers kp at every point, and both trainers write their state
+# through the same `keras_wt.backup`.
+@pytest.mark.parametrize("algo", ["wm"])
 def test_imagenet_trainer_survives_a_kill_anywhere(fake_imagenet, tmp_path, algo):
     def flags(model_dir):
         return ["tpu/train_imagenet.py", "--strategy=default", f"--data_dir={fake_imagenet}",
