@@ -47,6 +47,7 @@ from keras_wt import _compat
 from keras_wt import algorithms
 from keras_wt import feedback as feedback_lib
 from keras_wt import layers as layers_lib
+from keras_wt.unused_feedback import _inbound_layer_names, _is_graph
 
 
 def _default_initializer(n_out, units):
@@ -156,10 +157,7 @@ def direct_feedback_model(model):
             "feedback layers separated only by layers without weights; see keras_wt.dfa."
         )
 
-    is_graph = isinstance(model, keras.Sequential) or (
-        isinstance(model, keras.Model) and isinstance(model, keras.Function)
-    )
-    if not is_graph:
+    if not _is_graph(model):
         refuse(f"it is a {type(model).__name__}, a subclassed model (its graph is unknown)")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         refuse(f"it has {len(model.inputs)} inputs and {len(model.outputs)} outputs")
@@ -168,7 +166,7 @@ def direct_feedback_model(model):
         previous = model.layers[0].name  # the InputLayer
         nodes = {layer["name"]: layer["inbound_nodes"] for layer in model.get_config()["layers"]}
         for layer in layers:
-            sources = _sources(nodes[layer.name])
+            sources = _inbound_layer_names(nodes[layer.name])
             if sources != [previous]:
                 refuse(f"layer {layer.name!r} is fed by {sources or 'nothing'}, not by "
                        f"{previous!r} alone (a branch, a merge or a residual connection)")
@@ -203,25 +201,6 @@ def direct_feedback_model(model):
         elif isinstance(layer, layers_lib.FeedbackLayer):
             hidden.append(x)
     return keras.Model(inputs, x, name=model.name)
-
-
-def _sources(inbound_nodes):
-    """The names of the layers feeding a layer, from its `get_config()` inbound nodes."""
-    names = []
-
-    def visit(value):
-        if isinstance(value, dict):
-            if value.get("class_name") == "__keras_tensor__":
-                names.append(value["config"]["keras_history"][0])
-                return
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    visit(inbound_nodes)
-    return names
 
 
 def maybe_direct(model, feedback):

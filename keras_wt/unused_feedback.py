@@ -43,17 +43,23 @@ def _is_graph(model):
     )
 
 
-def _history_names(obj, names):
-    """Adds to `names` the layer names of every serialized tensor in `obj` (a node config)."""
-    if isinstance(obj, dict):
-        if obj.get("class_name") == "__keras_tensor__":
-            names.add(obj["config"]["keras_history"][0])
-            return names
-        for value in obj.values():
-            _history_names(value, names)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            _history_names(value, names)
+def _inbound_layer_names(inbound_nodes):
+    """The names of the layers feeding a layer, in order, from its `get_config()` inbound nodes
+    (every serialized `__keras_tensor__` in them)."""
+    names = []
+
+    def visit(value):
+        if isinstance(value, dict):
+            if value.get("class_name") == "__keras_tensor__":
+                names.append(value["config"]["keras_history"][0])
+                return
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(inbound_nodes)
     return names
 
 
@@ -69,7 +75,7 @@ def _layers_without_input_error(model):
         return result
     config = model.get_config()
     parents = {
-        entry["name"]: _history_names(entry.get("inbound_nodes", []), set())
+        entry["name"]: set(_inbound_layer_names(entry.get("inbound_nodes", [])))
         for entry in config["layers"]
     }
     operations = {operation.name: operation for operation in model.operations}
