@@ -18,7 +18,7 @@ Versions:
   nothing written), except that the first layer's `B`, which no gradient uses, is dropped
   (`keep_unused_feedback=False`; the CLI keeps it for the published figures);
 * `<algo> as published`: what `keras-wt-train --algo <algo>` runs: that `B` kept (and updated
-  or mirrored), with `steps_per_execution="auto"` (7 steps per call, 1 for `wm`);
+  or mirrored), with `steps_per_execution="auto"` (7 steps per call);
 * `<algo> before #12`: the `B` kept and one step per call, as the CLI ran before issue #12;
 * `wm no mirror steps`: `wm` with `mirror_every` beyond the run (the mirror's share of `wm`);
 * `bp run folder`: `bp` writing its run folder (results, CSV, TensorBoard, backup) each epoch.

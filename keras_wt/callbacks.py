@@ -4,6 +4,7 @@ import collections.abc
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_wt import alignment
 from keras_wt import mirror as mirror_lib
@@ -46,10 +47,31 @@ class MirrorCallback(keras.callbacks.Callback):
         target_angle: for `batch_size="auto"`: the residual angle in degrees each layer's noise
             batch is sized for.
         max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch.
+        in_train_step: run the mirror steps inside the model's compiled training step, right
+            after the optimizer's update (`True`, the default), or from this callback between
+            calls of the training function (`False`). With `every > 1` under a strategy of
+            several replicas they always run between calls (see below).
 
-    With `steps_per_execution > 1` Keras calls callbacks once per execution; the mirror steps
-    owed for the batches of that execution then run together, as one compiled call
-    (`WeightMirror.run`) with exactly the noise and updates of separate steps.
+    **Inside the training step** (`in_train_step=True`) `fit` runs, for its duration, a
+    training function made from a `train_step` that, after the model's own, reads the step
+    count `t = optimizer.iterations` and, when `t` is a multiple of `every`, runs the `steps`
+    mirror steps of counters `(t/every − 1)·steps, …` (`WeightMirror.replica_step`). The noise,
+    counters and updates are exactly those of the callback path with `steps_per_execution=1`,
+    at no host round trip per mirror step; with `steps_per_execution > 1` every batch is still
+    followed by its own mirror steps, so training does not depend on `steps_per_execution`.
+    That function is made once per compiled model (a later `fit` reuses it); the model's own
+    `train_step` and training function are untouched outside `fit`. Inside an XLA-compiled step
+    (`compile(jit_compile=True)`) the mirror is compiled by XLA, as with `jit_compile=True`
+    here: XLA's generator draws other noise than TensorFlow's, from the same distribution.
+    With `every > 1` the step needs a condition around the mirror, and `MirroredStrategy`
+    cannot run the replicas' all-reduce inside one (as it cannot run Keras's own
+    `steps_per_execution > 1`, keras-team/keras#19246): under a strategy with several replicas
+    such a run mirrors between calls.
+
+    **Between calls** (`in_train_step=False`) Keras calls callbacks once per execution; with
+    `steps_per_execution > 1` the mirror steps owed for the batches of that execution run
+    together after it, as one compiled call (`WeightMirror.run`) with exactly the noise and
+    updates of separate steps, after the weights of all those batches have moved.
     """
 
     def __init__(
@@ -66,6 +88,7 @@ class MirrorCallback(keras.callbacks.Callback):
         jit_compile=False,
         target_angle=5.0,
         max_batch_size=4096,
+        in_train_step=True,
     ):
         super().__init__()
         if every < 1 or steps < 1 or warmup_steps < 0:
@@ -84,13 +107,18 @@ class MirrorCallback(keras.callbacks.Callback):
         self.noise_distribution = noise_distribution
         self.seed = seed
         self.jit_compile = jit_compile
+        self.in_train_step = bool(in_train_step)
         self.mirror = None
         self._iterations = None
         self._epoch_start = 0
+        self._in_step = False
+        self._train_functions = None  # (the model's own, the mirroring one) of a compilation
+        self._call_expected = False
 
     def set_model(self, model):
         if model is not self._model:
             self.mirror = None
+            self._train_functions = None
         super().set_model(model)
 
     def _build(self):
@@ -102,16 +130,90 @@ class MirrorCallback(keras.callbacks.Callback):
             batch_size=self.batch_size,
             noise_distribution=self.noise_distribution,
             seed=self.seed,
-            jit_compile=self.jit_compile,
+            jit_compile=self._mirror_jit_compile(),
             strategy=self.model.distribute_strategy,
             target_angle=self.target_angle,
             max_batch_size=self.max_batch_size,
         )
 
+    def _mirrors_in_train_step(self):
+        """Whether this run's mirror steps go inside the training step: asked for, and either a
+        step after every batch or one replica. (`every > 1` needs a condition around the
+        replicas' all-reduce, which `MirroredStrategy` cannot run inside a training step, as
+        Keras's own `steps_per_execution > 1` cannot there, keras-team/keras#19246.)"""
+        if not self.in_train_step:
+            return False
+        return self.every == 1 or self.model.distribute_strategy.num_replicas_in_sync == 1
+
+    def _mirror_jit_compile(self):
+        """Inside an XLA-compiled training step the mirror is compiled by XLA, whose random
+        generator draws other numbers than TensorFlow's: the mirror is then built XLA-compiled,
+        so `mirror.noise` and its calls outside the step (warm-up) draw what the step draws."""
+        model = self.model
+        in_xla_step = (
+            self._mirrors_in_train_step()
+            and bool(getattr(model, "jit_compile", False))
+            and not getattr(model, "run_eagerly", False)
+        )
+        return bool(self.jit_compile) or in_xla_step
+
     def on_train_begin(self, logs=None):
-        if self.mirror is None:
+        if self.mirror is None or self.mirror.jit_compile != self._mirror_jit_compile():
             self._build()
         self._iterations = None
+        self._in_step = self._mirrors_in_train_step()
+        if self._in_step:
+            self._use_mirroring_train_function()
+
+    def _use_mirroring_train_function(self):
+        """Gives the model, for this `fit`, a training function whose step ends with the mirror
+        steps. It is built (and traced) once per compiled model and kept here, so a later `fit`
+        of the same compiled model reuses it; `on_train_end` puts the plain one back."""
+        model = self.model
+        plain = model.train_function
+        cached = self._train_functions
+        if cached is not None and plain is cached[1]:  # left on the model by an aborted fit
+            plain = cached[0]
+        if plain is None:
+            model.make_train_function()
+            plain = model.train_function
+        if cached is None or cached[0] is not plain:
+            mirroring = _mirroring_train_function(model, self._mirror_after_step)
+
+            def train_function(iterator):
+                if not self._call_expected:
+                    # Called by a fit without this callback (one that ran with it stopped on an
+                    # exception, before on_train_end): no mirror steps there.
+                    model.train_function = plain
+                    return plain(iterator)
+                self._call_expected = False
+                return mirroring(iterator)
+
+            self._train_functions = (plain, train_function)
+        model.train_function = self._train_functions[1]
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._call_expected = True
+
+    def on_train_end(self, logs=None):
+        if self._train_functions is not None and self.model.train_function is self._train_functions[1]:
+            self.model.train_function = self._train_functions[0]
+
+    def _mirror_after_step(self):
+        """In the training step (a replica context), after the optimizer's update: the mirror
+        steps owed. With `t` the step count after the update, the `steps` steps of counters
+        `(t/every − 1)·steps + k` when `every` divides `t` (those `on_train_batch_end` runs)."""
+        iterations = tf.cast(tf.convert_to_tensor(self.model.optimizer.iterations), tf.int64)
+
+        def mirror():
+            first = (iterations // self.every - 1) * self.steps
+            for k in range(self.steps):
+                self.mirror.replica_step(first + k)
+
+        if self.every == 1:
+            mirror()
+        else:  # one replica only (`_mirrors_in_train_step`)
+            tf.cond(tf.equal(iterations % self.every, 0), mirror, lambda: None)
 
     def on_epoch_begin(self, epoch, logs=None):
         # One read of the step count per epoch, after every on_train_begin (BackupAndRestore's
@@ -123,6 +225,8 @@ class MirrorCallback(keras.callbacks.Callback):
         self._iterations = iterations
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._in_step:
+            return
         iterations = self._epoch_start + batch + 1
         # The steps owed since the last call (several with steps_per_execution > 1): event e
         # runs counters e·steps … e·steps + steps − 1, so they are consecutive; one call.
@@ -150,6 +254,7 @@ class MirrorCallback(keras.callbacks.Callback):
             "jit_compile": self.jit_compile,
             "target_angle": self.target_angle,
             "max_batch_size": self.max_batch_size,
+            "in_train_step": self.in_train_step,
         }
 
     @classmethod
@@ -160,6 +265,29 @@ class MirrorCallback(keras.callbacks.Callback):
         if isinstance(batch_size, dict) and isinstance(batch_size.get("class_name"), str):
             config["batch_size"] = keras.saving.deserialize_keras_object(batch_size)
         return cls(**config)
+
+
+def _mirroring_train_function(model, after_step):
+    """`model`'s training function (as `make_train_function` builds it, for its current
+    compilation) with a `train_step` that calls `after_step()` after the model's own. The model
+    keeps its own `train_step` and `train_function`."""
+    original = model.train_step
+    plain = model.train_function
+
+    def train_step(data):
+        logs = original(data)
+        after_step()
+        return logs
+
+    # The training function takes the step function when it is made: the attribute is needed
+    # only for that moment. A plain attribute, past Keras's and TF's attribute tracking.
+    object.__setattr__(model, "train_step", train_step)
+    try:
+        model.make_train_function(force=True)
+        return model.train_function
+    finally:
+        object.__delattr__(model, "train_step")
+        model.train_function = plain
 
 
 class AlignmentCallback(keras.callbacks.Callback):

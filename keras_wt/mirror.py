@@ -291,6 +291,7 @@ class WeightMirror:
         self.max_batch_size = int(max_batch_size)
         self.noise_distribution = noise_distribution
         self.seed = int(seed)
+        self.jit_compile = bool(jit_compile)
         self.strategy = strategy or tf.distribute.get_strategy()
         # Counts and fan-ins depend only on shapes: computed once, eagerly.
         statistics = [_link_tensors(layer) for layer in self.layers]
@@ -414,6 +415,15 @@ class WeightMirror:
         self._run(
             _counter(start, "start"), _counter(count, "count"), _counter(stride, "stride")
         )
+
+    def replica_step(self, counter):
+        """Runs one mirror step from inside a replica context: the body of a training step that
+        `strategy.run` runs (as `MirrorCallback(in_train_step=True)` does), or outside any
+        strategy. The weight-gradients are summed across the replicas, and every replica applies
+        the same update; `counter` (an integer tensor, e.g. `optimizer.iterations`) seeds the
+        noise exactly as in `run`."""
+        if self.layers:
+            self._replica_step(_counter(counter, "start"))
 
     def __call__(self, counter):
         """Runs one mirror step on every layer; `counter` (an int, or an integer tensor or

@@ -63,9 +63,8 @@ ALIGNMENTS = ("none", "weights", "full")
 # The most training steps per host call with `steps_per_execution="auto"`: fewer calls, less host
 # overhead per step (the reference MLP's step is about 1 ms).
 MAX_STEPS_PER_EXECUTION = 10
-# `steps_per_execution` only groups steps into calls from the host (with a weight mirror, its
-# owed steps then run after each call: "auto" keeps 1 for those, see
-# `TrainConfig.resolved_steps_per_execution`).
+# `steps_per_execution` only groups steps into calls from the host (the weight mirror's steps run
+# inside the training step, see `TrainConfig.resolved_steps_per_execution`).
 RESUMABLE = ("model_dir", "data_dir", "tpu", "mirrored_devices", "verbose", "epochs",
              "steps_per_execution")
 
@@ -212,15 +211,40 @@ class TrainConfig:
             return num_train // self.batch_size
         return math.ceil(num_train / self.batch_size)
 
-    def resolved_steps_per_execution(self, steps_per_epoch):
-        """`steps_per_execution`, else (`"auto"`) 1 for an algorithm whose `B` learns by
-        mirroring (its mirror steps run between host calls: one training step per call keeps a
-        mirror step after every batch), otherwise the largest divisor of `steps_per_epoch` up to
+    def resolved_steps_per_execution(self, steps_per_epoch, strategy=None):
+        """`steps_per_execution`, else (`"auto"`) the largest divisor of `steps_per_epoch` up to
         `MAX_STEPS_PER_EXECUTION` (a divisor, so that no call crosses an epoch's end: the batches,
-        their order and everything computed are those of one step per call)."""
+        their order and everything computed are those of one step per call), and 1 where more
+        would change or break training:
+
+        * the weight mirror with `mirror_every > 1` under several replicas, whose mirror steps
+          run between calls (`MirrorCallback`): one step per call keeps them after every batch;
+        * `MirroredStrategy` or `MultiWorkerMirroredStrategy` over several replicas, where
+          Keras 3 cannot run more than one step per call (keras-team/keras#19246); an explicit
+          value above 1 there raises a `ValueError`.
+
+        `strategy` defaults to the current one.
+        """
+        strategy = strategy or tf.distribute.get_strategy()
+        replicas = strategy.num_replicas_in_sync
+        unsupported = replicas > 1 and isinstance(
+            strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+        )
         if self.steps_per_execution != "auto":
+            if unsupported and self.steps_per_execution > 1:
+                raise ValueError(
+                    f"steps_per_execution={self.steps_per_execution} under "
+                    f"{type(strategy).__name__} with {replicas} replicas: Keras 3 fails there "
+                    "with more than one step per call (\"You must feed a value for placeholder "
+                    "tensor\", keras-team/keras#19246). Use steps_per_execution=1 or \"auto\"."
+                )
             return self.steps_per_execution
-        if algorithms.get(self.algo).learns_feedback == "mirror":
+        mirror_between_calls = (
+            algorithms.get(self.algo).learns_feedback == "mirror"
+            and self.mirror_every > 1
+            and replicas > 1
+        )
+        if unsupported or mirror_between_calls:
             return 1
         return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
 
@@ -358,7 +382,7 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
         # Weighted, so that the zero-weight padding of the last evaluation batch is not counted.
         weighted_metrics=accuracies,
         jit_compile=jit_compile,
-        steps_per_execution=config.resolved_steps_per_execution(steps_per_epoch),
+        steps_per_execution=config.resolved_steps_per_execution(steps_per_epoch),  # in scope
     )
     return schedule
 
@@ -687,7 +711,7 @@ def _train(config, strategy, callbacks, flags, derived, writes):
     keras.utils.set_random_seed(config.seed)
     make_train, evaluation, input_shape, num_train = _data(config)
     steps_per_epoch = config.resolved_steps_per_epoch(num_train)
-    steps_per_execution = config.resolved_steps_per_execution(steps_per_epoch)
+    steps_per_execution = config.resolved_steps_per_execution(steps_per_epoch, strategy)
     if steps_per_epoch % steps_per_execution:
         # Keras runs whole executions: the last one of every epoch would take batches of the
         # next epoch from the stream, and a resumed run would not see the same batches.

@@ -406,15 +406,16 @@ def test_several_steps_per_call_train_exactly_as_one_and_the_reference_mlp_keeps
     data_dir, tmp_path
 ):
     # N_TRAIN / BATCH = 3 steps per epoch: "auto" runs them in one call (a divisor: no call
-    # crosses an epoch), for kp; one step per call for wm, whose mirror steps run between calls.
+    # crosses an epoch); wm too, whose mirror steps run inside the training step.
     grouped = _cli_train(data_dir, tmp_path, "kp")
     assert grouped.steps_per_execution == 3
     single = _cli_train(data_dir, tmp_path, "kp", steps_per_execution=1)
     assert single.steps_per_execution == 1
     for a, b in zip(grouped.weights, single.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    for algo, expected in (("wm", 1), ("fa", 7)):
-        config = training.TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto")
+    for algo, every, expected in (("wm", 1, 7), ("wm", 2, 7), ("fa", 1, 7)):
+        config = training.TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto",
+                                      mirror_every=every)
         assert config.resolved_steps_per_execution(469) == expected
     # The published MLP keeps (and trains) the first layer's B, which no gradient uses.
     assert grouped.get_layer("hidden_1").feedback_kernel is not None

@@ -234,7 +234,8 @@ def test_callback_runs_warmup_and_steps_after_every_batches():
     model.compile(keras.optimizers.SGD(0.0), "mse")
     x = np.random.randn(40, 12).astype("float32")
     y = np.random.randn(40, 4).astype("float32")
-    callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, every=2, steps=2, batch_size=8, warmup_steps=3)
+    callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, every=2, steps=2, batch_size=8,
+                              warmup_steps=3, in_train_step=False)
     callback.set_model(model)
     callback._build()
     counters, calls = [], []
@@ -266,22 +267,109 @@ def test_mirror_needs_wm_layers_and_valid_arguments():
         WeightMirror(_dense_model(), 0.1, 1.0, noise_distribution="cauchy")
 
 
-def test_callback_with_steps_per_execution_runs_the_same_mirror_steps():
-    def run(steps_per_execution):
-        keras.utils.set_random_seed(5)
-        model = _dense_model()
-        model.compile(keras.optimizers.SGD(0.01), "mse", steps_per_execution=steps_per_execution)
-        callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=0.1, batch_size=8)
-        x = np.random.RandomState(0).randn(48, 12).astype("float32")
-        y = np.random.RandomState(1).randn(48, 4).astype("float32")
-        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
-        return [layer.feedback_kernel.numpy() for layer in wt.feedback_layers(model)]
+def _fit_mirrored(steps_per_execution, in_train_step, strategy=None, jit_compile=False,
+                  mirror_jit_compile=False, every=1, steps=1, warmup_steps=0):
+    """B of every layer after 2 epochs of 6 batches with a MirrorCallback, and the callback."""
+    keras.utils.set_random_seed(5)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = keras.Sequential([keras.Input((12,)), wt.Dense(10, activation="relu", feedback="wm"),
+                                  wt.Dense(8, activation="relu", feedback="wm"), wt.Dense(4, feedback="wm")])
+        model.compile(keras.optimizers.SGD(0.01), "mse", steps_per_execution=steps_per_execution,
+                      jit_compile=jit_compile)
+    callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=0.1, batch_size=8, every=every,
+                              steps=steps, warmup_steps=warmup_steps, in_train_step=in_train_step,
+                              jit_compile=mirror_jit_compile)
+    x = np.random.RandomState(0).randn(48, 12).astype("float32")
+    y = np.random.RandomState(1).randn(48, 4).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+    assert "train_step" not in vars(model)  # the model's own train_step is back
+    return [layer.feedback_kernel.numpy() for layer in wt.feedback_layers(model)], callback
 
+
+def test_callback_between_calls_with_steps_per_execution_runs_the_same_mirror_steps():
     # 12 mirror steps either way; with 3 batches per execution they run 3 at a time, after the
     # weights have moved further, so B differs slightly but only by the training of W.
-    for a, b in zip(run(1), run(3)):
+    single, _ = _fit_mirrored(1, in_train_step=False)
+    grouped, _ = _fit_mirrored(3, in_train_step=False)
+    for a, b in zip(single, grouped):
         np.testing.assert_allclose(a, b, atol=0.02)
         assert keras_wt.alignment.angle(a, b) < 2
+        assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("every, steps, warmup_steps", [(1, 1, 0), (2, 2, 3)])
+def test_mirror_in_train_step_equals_mirror_after_every_batch(every, steps, warmup_steps):
+    """Inside the training step the mirror runs exactly the steps the callback runs between
+    calls with one batch per call (same counters, same noise, same B), and with 3 or 4 batches
+    per call still one group after every batch."""
+    schedule = dict(every=every, steps=steps, warmup_steps=warmup_steps)
+    reference, between = _fit_mirrored(1, in_train_step=False, **schedule)
+    assert not between._in_step
+    for steps_per_execution in (1, 4):
+        inside, callback = _fit_mirrored(steps_per_execution, in_train_step=True, **schedule)
+        assert callback._in_step
+        for a, b in zip(reference, inside):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_mirror_in_train_step_across_fits_and_after_an_aborted_fit():
+    """Fits of one epoch continue exactly as one fit of two (the mirroring training function is
+    kept for the compiled model, not rebuilt); the model's own training function is back after
+    each fit; and a fit without the callback, after one that stopped on an exception, runs no
+    mirror steps."""
+    reference, _ = _fit_mirrored(1, in_train_step=True)
+
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((12,)), wt.Dense(10, activation="relu", feedback="wm"),
+                              wt.Dense(8, activation="relu", feedback="wm"), wt.Dense(4, feedback="wm")])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=0.1, batch_size=8)
+    x = np.random.RandomState(0).randn(48, 12).astype("float32")
+    y = np.random.RandomState(1).randn(48, 4).astype("float32")
+    functions = []
+    for _ in range(2):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+        functions.append(callback._train_functions[1])
+        assert model.train_function is callback._train_functions[0]
+    assert functions[0] is functions[1]
+    for a, b in zip(reference, [layer.feedback_kernel.numpy() for layer in wt.feedback_layers(model)]):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+    class Abort(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback, Abort()])
+    frozen = [layer.feedback_kernel.numpy() for layer in wt.feedback_layers(model)]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for before, layer in zip(frozen, wt.feedback_layers(model)):
+        np.testing.assert_array_equal(layer.feedback_kernel.numpy(), before)
+
+
+def test_mirror_in_an_xla_train_step_draws_the_xla_mirrors_noise():
+    """In an XLA-compiled step the mirror is XLA's: equal to the XLA mirror between calls."""
+    reference, _ = _fit_mirrored(1, False, jit_compile=True, mirror_jit_compile=True)
+    inside, callback = _fit_mirrored(3, True, jit_compile=True)
+    assert callback.mirror.jit_compile
+    for a, b in zip(reference, inside):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_mirror_in_train_step_under_mirrored_strategy(two_cpu_strategy):
+    reference, _ = _fit_mirrored(1, False, strategy=two_cpu_strategy)
+    inside, callback = _fit_mirrored(1, True, strategy=two_cpu_strategy)
+    assert callback._in_step
+    for a, b in zip(reference, inside):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    # every > 1 needs a condition around the all-reduce, which MirroredStrategy cannot run in
+    # a training step: the mirror runs between calls, with the same result.
+    reference, _ = _fit_mirrored(1, False, strategy=two_cpu_strategy, every=2)
+    fallback, callback = _fit_mirrored(1, True, strategy=two_cpu_strategy, every=2)
+    assert not callback._in_step
+    for a, b in zip(reference, fallback):
+        np.testing.assert_array_equal(b, a)
 
 
 # --------------------------------------------------------------------------------------------

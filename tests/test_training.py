@@ -388,6 +388,20 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
 # --------------------------------------------------------------------------------------------
 
 
+def test_steps_per_execution_under_strategies(two_cpu_strategy):
+    """Keras 3 cannot run several steps per call under a MirroredStrategy of several replicas
+    (keras-team/keras#19246): "auto" is 1 there and an explicit value above 1 is refused."""
+    auto = training.TrainConfig(algo="kp", dataset="mnist", steps_per_execution="auto")
+    assert auto.resolved_steps_per_execution(469) == 7
+    assert auto.resolved_steps_per_execution(469, two_cpu_strategy) == 1
+    one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert auto.resolved_steps_per_execution(469, one_device) == 7
+    explicit = dataclasses.replace(auto, steps_per_execution=4)
+    assert explicit.resolved_steps_per_execution(469) == 4
+    with pytest.raises(ValueError, match="keras-team/keras#19246"):
+        explicit.resolved_steps_per_execution(469, two_cpu_strategy)
+
+
 def test_trainer_runs_on_tfrecords_under_mirrored_strategy(
     imagenet_dir, two_cpu_strategy, tmp_path
 ):
