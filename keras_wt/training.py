@@ -136,6 +136,7 @@ class TrainConfig:
     mirror_target_angle: float = 8.0
     mirror_max_batch_size: int = 2048
     mirror_warmup_steps: int = 200  # None: num_train // batch_size
+    mirror_in_train_step: bool = True  # MirrorCallback(in_train_step=...)
     alignment: str = "weights"
     alignment_probe_size: int = 64
     keep_unused_feedback: bool = False
@@ -217,8 +218,9 @@ class TrainConfig:
         their order and everything computed are those of one step per call), and 1 where more
         would change or break training:
 
-        * the weight mirror with `mirror_every > 1` under several replicas, whose mirror steps
-          run between calls (`MirrorCallback`): one step per call keeps them after every batch;
+        * the weight mirror run between calls (`mirror_in_train_step=False`, or `mirror_every > 1`
+          under several replicas; `MirrorCallback`): one step per call keeps a mirror step after
+          every batch;
         * `MirroredStrategy` or `MultiWorkerMirroredStrategy` over several replicas, where
           Keras 3 cannot run more than one step per call (keras-team/keras#19246); an explicit
           value above 1 there raises a `ValueError`.
@@ -239,10 +241,8 @@ class TrainConfig:
                     "tensor\", keras-team/keras#19246). Use steps_per_execution=1 or \"auto\"."
                 )
             return self.steps_per_execution
-        mirror_between_calls = (
-            algorithms.get(self.algo).learns_feedback == "mirror"
-            and self.mirror_every > 1
-            and replicas > 1
+        mirror_between_calls = algorithms.get(self.algo).learns_feedback == "mirror" and (
+            not self.mirror_in_train_step or (self.mirror_every > 1 and replicas > 1)
         )
         if unsupported or mirror_between_calls:
             return 1
@@ -546,6 +546,7 @@ def create_callbacks(
         # On TPUs the whole mirror step is compiled by TPUStrategy; elsewhere the per-replica
         # part is XLA-compiled when the training step is.
         jit_compile=config.strategy != "tpu" and bool(model.jit_compile),
+        in_train_step=config.mirror_in_train_step,
     )
     if mirror is not None:
         result.append(mirror)

@@ -407,12 +407,17 @@ def test_several_steps_per_call_train_exactly_as_one_and_the_reference_mlp_keeps
 ):
     # N_TRAIN / BATCH = 3 steps per epoch: "auto" runs them in one call (a divisor: no call
     # crosses an epoch); wm too, whose mirror steps run inside the training step.
-    grouped = _cli_train(data_dir, tmp_path, "kp")
-    assert grouped.steps_per_execution == 3
-    single = _cli_train(data_dir, tmp_path, "kp", steps_per_execution=1)
-    assert single.steps_per_execution == 1
-    for a, b in zip(grouped.weights, single.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for algo in ("kp", "wm"):
+        grouped = _cli_train(data_dir, tmp_path, algo)
+        assert grouped.steps_per_execution == 3
+        single = _cli_train(data_dir, tmp_path, algo, steps_per_execution=1)
+        assert single.steps_per_execution == 1
+        for a, b in zip(grouped.weights, single.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{algo} {a.path}")
+    # ... and as the mirror run between calls with one step per call, as before.
+    between = _cli_train(data_dir, tmp_path, "wm", steps_per_execution=1, mirror_in_train_step=False)
+    for a, b in zip(grouped.weights, between.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     for algo, every, expected in (("wm", 1, 7), ("wm", 2, 7), ("fa", 1, 7)):
         config = training.TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto",
                                       mirror_every=every)

@@ -126,6 +126,10 @@ def flag_parser():
                    help="cap of --mirror_batch_size=auto.")
     g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"],
                    help="mirror steps before the first training step.")
+    g.add_argument("--mirror_in_train_step", action=argparse.BooleanOptionalAction,
+                   default=d["mirror_in_train_step"],
+                   help="run the mirror steps inside the compiled training step, after each "
+                   "batch (the default), or between host calls (--no-mirror_in_train_step).")
 
     g = p.add_argument_group("logging")
     g.add_argument("--alignment", choices=("none", "weights", "full"), default="weights",
