@@ -305,21 +305,26 @@ def test_two_replicas_train_like_one_device(two_cpu_strategy, feedback):
     each replica draws for itself: the replicas agree with each other)."""
     y = RNG.randint(0, 4, 32)
 
-    def train(strategy):
+    def train(strategy, initial=None):
         with strategy.scope():
             keras.utils.set_random_seed(11)
             model = models.get("mlp", input_shape=(5,), hidden=(6,), num_classes=4,
                                feedback=feedback, output_activation=None)
             model.compile(keras.optimizers.SGD(0.1),
                           keras.losses.SparseCategoricalCrossentropy(True))
+            # The same start (W, B and any [seed, step] state) whatever else draws random
+            # numbers in the process meanwhile.
+            start = [w.numpy() for w in model.weights] if initial is None else initial
+            model.set_weights(start)
         model.fit(X, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-        return model
+        return model, start
 
-    one, two = train(tf.distribute.get_strategy()), train(two_cpu_strategy)
+    one, start = train(tf.distribute.get_strategy())
+    two, _ = train(two_cpu_strategy, start)
     noise = feedback == "ia"
     for a, b in zip(one.weights, two.weights):
         first, *others = [np.asarray(v) for v in b.value.values]
         for value in others:
             np.testing.assert_array_equal(value, first, err_msg=b.path)
         if not noise:
-            assert_allclose(first, a.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(first, a.numpy(), rtol=1e-5, atol=1e-6, err_msg=b.path)
