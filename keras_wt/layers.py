@@ -266,12 +266,14 @@ class FeedbackLayer(WithFeedback):
         # A measurement (keras_wt.alignment) is not a training step: decided here, since its
         # backward pass runs after the tap is closed.
         tap = feedback_lib.linear_tap()
+        feedback = None
         if self.feedback_used:
+            feedback = self.feedback_tensor(kernel)
             outputs = feedback_lib.linear_with_feedback(
                 self.linear,
                 inputs,
                 kernel,
-                self.feedback_tensor(kernel),
+                feedback,
                 on_backward=self._on_backward if tap is None else None,
             )
         else:  # no error is sent below this layer: none is computed
@@ -281,9 +283,13 @@ class FeedbackLayer(WithFeedback):
         elif (self.feedback_learning == "loss" and self.feedback_used
               and not feedback_lib.backprop_forced()):
             # Zero-valued, with B's gradient: the model's optimizer applies it and the reported
-            # losses stay the task's (keras_wt.local.gradient_only).
+            # losses stay the task's (keras_wt.local.gradient_only). The loss reads B through
+            # the very tensor the backward pass sends the error through: B's update then
+            # depends on that read by data, not only by a control edge, which Grappler's
+            # dependency optimizer may drop; without it the update could run before the read
+            # and this step's error would go through the updated B (seen in ~12% of steps).
             self.add_loss(local.gradient_only(local.alignment_loss(
-                self, self._local_input(inputs), kernel, self.feedback_kernel,
+                self, self._local_input(inputs), kernel, feedback,
                 self.local_loss_coefficients,
             )))
         return outputs

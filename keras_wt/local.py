@@ -74,7 +74,8 @@ def alignment_loss(layer, x, kernel, feedback, coefficients):
         layer: the feedback layer (its `linear(x, kernel)` is the linear map).
         x: a batch of the layer's inputs (or noise of their shape).
         kernel: `W`.
-        feedback: `B` (the variable, so that the gradient reaches it).
+        feedback: `B`: the variable, or a tensor read from it while the gradient tape watches
+            it (the layers pass the read their backward pass uses), so the gradient reaches it.
         coefficients: `{primitive: coefficient}`.
     """
     coefficients = dict(check_coefficients(coefficients))

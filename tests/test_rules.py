@@ -298,6 +298,49 @@ def test_wm_on_real_inputs_learns_by_its_loss_not_the_mirror():
 # --- distribution --------------------------------------------------------------------------
 
 
+def test_a_loss_learned_b_carries_the_error_before_its_update_of_the_same_step():
+    """`sa`'s B is updated by the model's optimizer in the same step in which it carries the
+    error. Each step's hidden-layer update must be the one computed by hand with the B from
+    before the step. (The read of B for the backward pass once raced with B's update: Grappler
+    dropped the control edge between them and ~12% of the steps used the updated B.)"""
+    x = RNG.randn(64, 5).astype("float32")
+    y = RNG.randint(0, 4, 64)
+    for trial in range(3):
+        keras.utils.set_random_seed(trial)
+        model = models.get("mlp", input_shape=(5,), hidden=(6,), num_classes=4, feedback="sa",
+                           output_activation=None)
+        model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(True))
+        hidden, top = wt.feedback_layers(model)
+        variables = (hidden.kernel, hidden.bias, top.kernel, top.bias, top.feedback_kernel)
+        states = [[v.numpy().astype(np.float64) for v in variables]]
+
+        class Record(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                states.append([v.numpy().astype(np.float64) for v in variables])
+
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
+        for step in range(4):
+            w1, b1, w2, b2, b2_feedback = states[step]
+            xb, yb = x[16 * step:16 * (step + 1)].astype(np.float64), y[16 * step:16 * (step + 1)]
+            z1 = xb @ w1 + b1
+            h = 1 / (1 + np.exp(-z1)) if hidden.activation is keras.activations.sigmoid else None
+            if h is None:  # the builder's hidden activation, by TensorFlow
+                with tf.GradientTape() as tape:
+                    z = tf.constant(z1)
+                    tape.watch(z)
+                    h_t = hidden.activation(z)
+                h, slope = h_t.numpy(), tape.gradient(h_t, z).numpy()
+            else:
+                slope = h * (1 - h)
+            z2 = h @ w2 + b2
+            p = np.exp(z2 - z2.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            error = (p - np.eye(4)[yb]) / len(yb)
+            delta = (error @ b2_feedback.T) * slope  # through B as it was before the step
+            np.testing.assert_allclose(states[step + 1][0], w1 - 0.1 * xb.T @ delta,
+                                       rtol=1e-4, atol=1e-6, err_msg=f"trial {trial}, step {step}")
+
+
 @pytest.mark.parametrize("feedback", ["frsf", "brsf", "dfa", "sa", "ia"])
 def test_two_replicas_train_like_one_device(two_cpu_strategy, feedback):
     """Under MirroredStrategy every replica keeps the same B (and state), and the weights after
