@@ -283,14 +283,16 @@ class FeedbackLayer(WithFeedback):
         elif (self.feedback_learning == "loss" and self.feedback_used
               and not feedback_lib.backprop_forced()):
             # Zero-valued, with B's gradient: the model's optimizer applies it and the reported
-            # losses stay the task's (keras_wt.local.gradient_only). The loss reads B through
-            # the very tensor the backward pass sends the error through: B's update then
-            # depends on that read by data, not only by a control edge, which Grappler's
-            # dependency optimizer may drop; without it the update could run before the read
-            # and this step's error would go through the updated B (seen in ~12% of steps).
+            # losses stay the task's (keras_wt.local.gradient_only). The model's optimizer
+            # updates B in place, possibly while the backward pass still reads this step's B:
+            # without an order between them ~1 step in 8 (CPU) sent its error through the
+            # updated B. So the loss reads B through the very tensor the backward pass uses,
+            # and B's gradient always reads that tensor's value (`decay`, with coefficient 0
+            # unless given: the same gradient, exactly), so B's update waits for it by data.
+            coefficients = self.local_loss_coefficients
+            coefficients.setdefault("decay", 0.0)
             self.add_loss(local.gradient_only(local.alignment_loss(
-                self, self._local_input(inputs), kernel, feedback,
-                self.local_loss_coefficients,
+                self, self._local_input(inputs), kernel, feedback, coefficients,
             )))
         return outputs
 
