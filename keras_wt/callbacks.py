@@ -10,6 +10,15 @@ from keras_wt import alignment
 from keras_wt import mirror as mirror_lib
 
 
+def mirrors_in_train_step(in_train_step, every, replicas):
+    """Whether a `MirrorCallback(in_train_step=..., every=...)` runs its mirror steps inside the
+    training step on `replicas` replicas: asked for, and either a step after every batch or one
+    replica. (`every > 1` needs a condition around the replicas' all-reduce, which
+    `MirroredStrategy` cannot run inside a training step, as Keras's own
+    `steps_per_execution > 1` cannot there, keras-team/keras#19246.)"""
+    return bool(in_train_step) and (every == 1 or replicas == 1)
+
+
 @keras.saving.register_keras_serializable(package="keras_wt")
 class MirrorCallback(keras.callbacks.Callback):
     """Runs weight-mirror steps on every `wm` layer between training steps.
@@ -137,13 +146,9 @@ class MirrorCallback(keras.callbacks.Callback):
         )
 
     def _mirrors_in_train_step(self):
-        """Whether this run's mirror steps go inside the training step: asked for, and either a
-        step after every batch or one replica. (`every > 1` needs a condition around the
-        replicas' all-reduce, which `MirroredStrategy` cannot run inside a training step, as
-        Keras's own `steps_per_execution > 1` cannot there, keras-team/keras#19246.)"""
-        if not self.in_train_step:
-            return False
-        return self.every == 1 or self.model.distribute_strategy.num_replicas_in_sync == 1
+        return mirrors_in_train_step(
+            self.in_train_step, self.every, self.model.distribute_strategy.num_replicas_in_sync
+        )
 
     def _mirror_jit_compile(self):
         """Inside an XLA-compiled training step the mirror is compiled by XLA, whose random

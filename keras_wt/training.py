@@ -241,8 +241,11 @@ class TrainConfig:
                     "tensor\", keras-team/keras#19246). Use steps_per_execution=1 or \"auto\"."
                 )
             return self.steps_per_execution
-        mirror_between_calls = algorithms.get(self.algo).learns_feedback == "mirror" and (
-            not self.mirror_in_train_step or (self.mirror_every > 1 and replicas > 1)
+        mirror_between_calls = (
+            algorithms.get(self.algo).learns_feedback == "mirror"
+            and not callbacks_lib.mirrors_in_train_step(
+                self.mirror_in_train_step, self.mirror_every, replicas
+            )
         )
         if unsupported or mirror_between_calls:
             return 1
@@ -382,7 +385,8 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
         # Weighted, so that the zero-weight padding of the last evaluation batch is not counted.
         weighted_metrics=accuracies,
         jit_compile=jit_compile,
-        steps_per_execution=config.resolved_steps_per_execution(steps_per_epoch),  # in scope
+        # Under the strategy's scope: the current strategy is the model's.
+        steps_per_execution=config.resolved_steps_per_execution(steps_per_epoch),
     )
     return schedule
 
