@@ -699,15 +699,16 @@ def feedback_params(model):
 def count_forward_params(model):
     """Parameters of the forward model, counted as the usual tables count them.
 
-    `model.count_params()` minus the feedback kernels `B` (extra weights of `fa`, `wm`, `kp`
-    layers, ...), the `(seed, step)` states of `brsf`, `sa`, `ia` layers, and minus the moving mean and variance of batch norm (statistics, not parameters;
-    PyTorch's `parameters()` and the published ResNet counts leave them out). The count is the
-    same for every algorithm and does not depend on which weights are frozen.
+    The weights of the model's stock twin (`keras_wt.layers.stock_weights`: without the
+    feedback kernels `B` and the `(seed, step)` states of `brsf`, `sa`, `ia` layers) minus the
+    moving mean and variance of batch norm (statistics, not parameters; PyTorch's `parameters()`
+    and the published ResNet counts leave them out). The count is the same for every algorithm
+    and does not depend on which weights are frozen.
     """
-    excluded = set()
-    for layer in model._flatten_layers():
-        if isinstance(layer, wt_layers.FeedbackLayer):
-            excluded.update(id(variable) for _, variable in layer.feedback_variables())
-        if isinstance(layer, keras.layers.BatchNormalization):
-            excluded.update((id(layer.moving_mean), id(layer.moving_variance)))
-    return sum(_size(w) for w in model.weights if id(w) not in excluded)
+    statistics = {
+        id(variable)
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for variable in (layer.moving_mean, layer.moving_variance)
+    }
+    return sum(_size(w) for w in wt_layers.stock_weights(model) if id(w) not in statistics)
