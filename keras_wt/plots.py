@@ -160,15 +160,16 @@ def make_figures(runs, dataset):
             for run in runs:
                 _draw_layer_band(ax, run, field, layers, several_models)
             heading += f" (mean and range over {len(layers)} layers)"
-        for run in runs if len(layers) <= MAX_LAYER_CURVES else ():
-            for i, layer in enumerate(layers):
-                epochs, values = _series(run["results"], field, layer)
-                if not epochs:
-                    continue
-                ax.plot(epochs, values, color=COLORS[run["algo"]],
-                        linestyle=LINESTYLES[i % len(LINESTYLES)],
-                        marker=MARKERS[i % len(MARKERS)], markersize=3,
-                        label=_label(run, several_models, layer))
+        else:
+            for run in runs:
+                for i, layer in enumerate(layers):
+                    epochs, values = _series(run["results"], field, layer)
+                    if not epochs:
+                        continue
+                    ax.plot(epochs, values, color=COLORS[run["algo"]],
+                            linestyle=LINESTYLES[i % len(LINESTYLES)],
+                            marker=MARKERS[i % len(MARKERS)], markersize=3,
+                            label=_label(run, several_models, layer))
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=-2)
         ax.set_title(f"{heading}, {title}", fontsize=11)
