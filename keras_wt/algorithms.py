@@ -31,7 +31,7 @@ def _exact(layer, kernel):
 
 
 def _stored(layer, kernel):
-    return tf.cast(layer.feedback_kernel, kernel.dtype)
+    return tf.cast(layer.read_feedback_kernel(), kernel.dtype)
 
 
 def _sign(layer, kernel):

@@ -209,11 +209,14 @@ class MirrorCallback(keras.callbacks.Callback):
         steps owed. With `t` the step count after the update, the `steps` steps of counters
         `(t/every − 1)·steps + k` when `every` divides `t` (those `on_train_batch_end` runs)."""
         iterations = tf.cast(tf.convert_to_tensor(self.model.optimizer.iterations), tf.int64)
+        # B as the forward pass read it, taken here: a `tf.cond` branch is a graph of its own.
+        values = self.mirror.known_values()
 
         def mirror():
             first = (iterations // self.every - 1) * self.steps
+            current = values
             for k in range(self.steps):
-                self.mirror.replica_step(first + k)
+                current = self.mirror.replica_step(first + k, current)
 
         if self.every == 1:
             mirror()

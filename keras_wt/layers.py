@@ -52,6 +52,20 @@ FEEDBACK_ARGUMENTS = (
 FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used",)
 
 
+class _Same:
+    """Compares by identity (graphs and replica contexts)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and self.obj is other.obj
+
+    __hash__ = None
+
+
 class _KolenPollackGuard:
     """Kernel constraint of a `kp` layer: every Keras optimizer applies a variable's constraint
     after updating it, so an optimizer other than KolenPollack is caught the first time it
@@ -205,6 +219,10 @@ class FeedbackLayer(WithFeedback):
         # here. A layer whose B learns by mirroring warns when its backward pass is built
         # without one (`_check_feedback_learner`).
         self.feedback_learner = None
+        # `(graph, replica context, [tensors])`: the values of a mirror-learned `B` known in the
+        # function being traced (`read_feedback_kernel`, `feedback_values`). A plain attribute,
+        # past Keras's and TF's attribute tracking.
+        object.__setattr__(self, "_traced_feedback", None)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -224,6 +242,8 @@ class FeedbackLayer(WithFeedback):
                 # Every replica computes the same update of B; this makes any assignment of
                 # B in a replica context take one replica's value for all.
                 aggregation="only_first_replica",
+                # Read at full precision (`read_feedback_kernel`); the rules cast it.
+                autocast=False,
             )
         if self.algorithm.steps and self.feedback_used:
             self.feedback_state = self.add_weight(
@@ -234,6 +254,47 @@ class FeedbackLayer(WithFeedback):
                 trainable=False,
                 aggregation="only_first_replica",
             )
+
+    def read_feedback_kernel(self):
+        """`B`'s value (in `B`'s own dtype), read for one call of the layer.
+
+        Inside a traced function the reads of a `B` that learns by mirroring are kept, per
+        graph and replica, for the mirror step that ends the same training step
+        (`feedback_values`): that step computes `B`'s new value from these very tensors, so its
+        assignment waits for them by data. Ordered only by an automatic control edge, the
+        assignment sometimes ran before the forward pass's read (about 1 run in 10 on CPU, with
+        several steps per call): the error went down through the `B` of the step after.
+        """
+        value = tf.convert_to_tensor(self.feedback_kernel.value)
+        if self.feedback_learning == "mirror" and tf.inside_function():
+            key = self._trace_key()
+            kept = self._traced_feedback
+            if kept is None or kept[:2] != key:
+                kept = key + ([],)
+                object.__setattr__(self, "_traced_feedback", kept)
+            kept[2].append(value)
+        return value
+
+    def feedback_values(self):
+        """The tensors holding `B`'s current value in the function and replica being traced:
+        the layer's reads of `B` there, or the value a mirror step assigned there last (`[]`:
+        none, read the variable)."""
+        kept = self._traced_feedback
+        if kept is None or not tf.inside_function() or kept[:2] != self._trace_key():
+            return []
+        return list(kept[2])
+
+    def set_feedback_value(self, value):
+        """Records `value`, just assigned to `B` in the function being traced, as `B`'s value
+        there (what `feedback_values` returns until the next read)."""
+        if tf.inside_function():
+            object.__setattr__(self, "_traced_feedback", self._trace_key() + ([value],))
+
+    @staticmethod
+    def _trace_key():
+        # Identities: the graph being traced and the replica (each replica of a
+        # MirroredStrategy traces the step in its own context).
+        return (_Same(tf.compat.v1.get_default_graph()), _Same(tf.distribute.get_replica_context()))
 
     def feedback_seed(self):
         """The `[seed, step]` of this step's random draws (a stateless RNG seed)."""

@@ -373,25 +373,52 @@ class WeightMirror:
             for i, (layer, counts) in enumerate(zip(self.layers, self._counts))
         ]
 
-    def _replica_step(self, counter):
+    def _replica_step(self, counter, values=None):
+        """One mirror step in a replica context; `values`: `B`'s current value per layer where
+        the caller knows it (`None`: `_current_value`). Returns the new values."""
         context = tf.distribute.get_replica_context()
         gradients = self._local_gradients(counter, context.replica_id_in_sync_group)
         gradients = context.all_reduce("sum", gradients)
         feedbacks = [layer.feedback_kernel for layer in self.layers]
+        values = values or [None] * len(self.layers)
         updated = []
-        for feedback, gradient, n in zip(feedbacks, gradients, self.batch_sizes):
-            b = tf.convert_to_tensor(feedback.value)
+        for layer, gradient, n, b in zip(self.layers, gradients, self.batch_sizes, values):
+            if b is None:
+                b = _current_value(layer)
             updated.append(b + self.learning_rate * (gradient / n - self.decay * b))
         assign_on_every_replica(self.strategy, feedbacks, updated)
+        for layer, value in zip(self.layers, updated):
+            layer.set_feedback_value(value)
+        return updated
 
-    def _distributed_step(self, counter):
-        self.strategy.run(self._replica_step, args=(counter,))
+    def _distributed_step(self, counter, values=None):
+        if values is None:
+            self.strategy.run(self._replica_step, args=(counter,))
+            return None
+        # Values known in the caller's graph: called from its replica context (one replica).
+        return self._replica_step(counter, values)
 
-    def _distributed_steps(self, start, count, stride):
+    def _distributed_steps(self, start, count, stride, values=None):
         # One compiled call for `count` steps; the loop's counter is a tensor, so the function
         # is traced once for every number of steps.
+        if values is None:
+            for i in tf.range(count):
+                self.strategy.run(self._replica_step, args=(start + i * stride,))
+            return None
+        values = [_current_value(layer) if v is None else v for layer, v in zip(self.layers, values)]
         for i in tf.range(count):
-            self.strategy.run(self._replica_step, args=(start + i * stride,))
+            values = self._replica_step(start + i * stride, values)
+        return values
+
+    def _caller_values(self):
+        """`B`'s values known in the function calling `run` (its forward pass read them, or a
+        mirror step there assigned them), per layer (`None`: unknown), or `None` for none.
+        Only in the replica context of a single replica, from which the steps run directly."""
+        if (not tf.inside_function() or tf.distribute.in_cross_replica_context()
+                or self.strategy.num_replicas_in_sync != 1):
+            return None
+        values = [_known_value(layer) for layer in self.layers]
+        return values if any(v is not None for v in values) else None
 
     def run(self, start, count=1, stride=1):
         """Runs `count` mirror steps, with counters `start, start + stride, …`, as one compiled
@@ -409,27 +436,69 @@ class WeightMirror:
         """
         if not self.layers:
             return
+        # Inside the caller's `tf.function`, after its forward pass: the steps start from the
+        # tensors that pass read, so they wait for it by data (`_current_value`).
+        values = self._caller_values()
         if isinstance(count, int) and count == 1:
-            self._run_one(_counter(start, "start"))
-            return
-        self._run(
-            _counter(start, "start"), _counter(count, "count"), _counter(stride, "stride")
-        )
+            values = self._run_one(_counter(start, "start"), values)
+        else:
+            values = self._run(
+                _counter(start, "start"), _counter(count, "count"), _counter(stride, "stride"),
+                values,
+            )
+        if values is not None:
+            for layer, value in zip(self.layers, values):
+                layer.set_feedback_value(value)
 
-    def replica_step(self, counter):
+    def replica_step(self, counter, values=None):
         """Runs one mirror step from inside a replica context: the body of a training step that
         `strategy.run` runs (as `MirrorCallback(in_train_step=True)` does), or outside any
         strategy. The weight-gradients are summed across the replicas, and every replica applies
         the same update; `counter` (an integer tensor, e.g. `optimizer.iterations`) seeds the
-        noise exactly as in `run`."""
-        if self.layers:
-            self._replica_step(_counter(counter, "start"))
+        noise exactly as in `run`.
+
+        Each layer's `B` is updated from the tensor that the traced function read it into (its
+        forward pass) or assigned it from (a mirror step before), so the update waits for those
+        reads by data. `values` (per layer a tensor or `None`; default `known_values()`) gives
+        them where that function is not the one being traced, e.g. a `tf.cond` branch.
+        Returns the new values of `B`."""
+        if not self.layers:
+            return []
+        return self._replica_step(_counter(counter, "start"), values)
+
+    def known_values(self):
+        """Per layer, `B`'s value as a tensor of the function being traced where it has read
+        or assigned it, else `None` (see `replica_step`)."""
+        return [_known_value(layer) for layer in self.layers]
 
     def __call__(self, counter):
         """Runs one mirror step on every layer; `counter` (an int, or an integer tensor or
         variable such as `optimizer.iterations`) seeds the noise. Inside a `tf.function` the
         counter must be a tensor (see `run`)."""
         self.run(counter, 1, 1)
+
+
+def _known_value(layer):
+    """`B`'s value as a tensor of the function being traced, if that function has read it (the
+    forward pass of the training step a mirror step ends) or assigned it (the mirror step
+    before); else `None`. Several calls of the layer read the same value: the first is
+    returned, with each other read added at weight 0 (exactly the same value), so that what is
+    computed from it waits for all of them."""
+    values = layer.feedback_values()
+    if not values:
+        return None
+    value = values[0]
+    for other in values[1:]:
+        value = value + 0.0 * other
+    return value
+
+
+def _current_value(layer):
+    """`B`'s value for a mirror step: the tensor the function has read or assigned already
+    (`_known_value`), so the new value, and its assignment, wait for every read of `B` by data
+    (see `FeedbackLayer.read_feedback_kernel`); else a read of the variable."""
+    value = _known_value(layer)
+    return tf.convert_to_tensor(layer.feedback_kernel.value) if value is None else value
 
 
 def _counter(value, name):

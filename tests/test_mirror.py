@@ -638,3 +638,81 @@ def test_fused_steps_under_mirrored_strategy_equal_separate_steps(two_cpu_strate
         replicas = two_cpu_strategy.experimental_local_results(a.feedback_kernel.value)
         np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
         np.testing.assert_array_equal(a.feedback_kernel.numpy(), b.feedback_kernel.numpy())
+
+
+def _forward_reads_and_writes(graph, variable):
+    """In `graph`, the reads of `variable` and the other ops that take its handle (writes, or
+    calls of functions that write it)."""
+    handle = next(internal for external, internal in graph.captures
+                  if external is variable.value.handle)
+    reads = [op for op in handle.consumers() if op.type == "ReadVariableOp"]
+    others = [op for op in handle.consumers() if op.type != "ReadVariableOp"]
+    return reads, others
+
+
+def _data_ancestors(op):
+    seen, todo = set(), [t.op for t in op.inputs]
+    while todo:
+        o = todo.pop()
+        if o not in seen:
+            seen.add(o)
+            todo.extend(t.op for t in o.inputs)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["replica_step", "call", "run", "cond"])
+def test_the_mirror_step_updates_b_from_the_forward_pass_read_of_it(how):
+    # B's assignment must wait for the forward pass's read of B by data: ordered only by a
+    # control edge it sometimes ran first (CPU, several steps per call), and the error of that
+    # step went down through the next step's B.
+    models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(5)
+        models.append(_dense_model())
+    model, reference_model = models
+    mirror = WeightMirror(model, 0.2, noise_std=1.0, decay=0.3, batch_size=8)
+    reference = WeightMirror(reference_model, 0.2, noise_std=1.0, decay=0.3, batch_size=8)
+    optimizers = [keras.optimizers.SGD(0.1) for _ in models]
+    x = np.random.RandomState(0).randn(6, 12).astype("float32")
+    y = np.random.RandomState(1).randn(6, 4).astype("float32")
+
+    def train(m, optimizer, x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(m(x, training=True) - y))
+        optimizer.apply(tape.gradient(loss, m.trainable_variables), m.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        train(model, optimizers[0], x, y)
+        counter = optimizers[0].iterations
+        if how == "replica_step":  # two steps: the second starts from the first's result
+            mirror.replica_step(counter)
+            mirror.replica_step(counter + 100)
+        elif how == "call":
+            mirror(counter)
+            mirror(counter + 100)
+        elif how == "run":
+            mirror.run(counter, 2, stride=100)
+        else:  # the callback's every > 1: a branch, given the values read outside it
+            values = mirror.known_values()
+
+            def branch():
+                mirror.replica_step(counter + 100, mirror.replica_step(counter, values))
+
+            tf.cond(counter > 0, branch, lambda: None)
+
+    graph = step.get_concrete_function(x, y).graph
+    for layer in mirror.layers:
+        reads, writers = _forward_reads_and_writes(graph, layer.feedback_kernel)
+        assert len(reads) == 1, (how, layer.name, reads)  # the forward pass's, for the backward
+        assert writers and all(reads[0] in _data_ancestors(w) for w in writers), (how, writers)
+
+    for _ in range(2):
+        step(x, y)
+        train(reference_model, optimizers[1], x, y)
+        counter = int(optimizers[1].iterations.numpy())
+        reference(counter)
+        reference(counter + 100)
+    for a, b in zip(mirror.layers, reference.layers):
+        np.testing.assert_allclose(a.feedback_kernel.numpy(), b.feedback_kernel.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.kernel.numpy(), b.kernel.numpy(), rtol=1e-5, atol=1e-6)
