@@ -52,20 +52,6 @@ FEEDBACK_ARGUMENTS = (
 FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used",)
 
 
-class _Same:
-    """Compares by identity (graphs and replica contexts)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other):
-        return isinstance(other, _Same) and self.obj is other.obj
-
-    __hash__ = None
-
-
 class _KolenPollackGuard:
     """Kernel constraint of a `kp` layer: every Keras optimizer applies a variable's constraint
     after updating it, so an optimizer other than KolenPollack is caught the first time it
@@ -219,10 +205,10 @@ class FeedbackLayer(WithFeedback):
         # here. A layer whose B learns by mirroring warns when its backward pass is built
         # without one (`_check_feedback_learner`).
         self.feedback_learner = None
-        # `(graph, replica context, [tensors])`: the values of a mirror-learned `B` known in the
-        # function being traced (`read_feedback_kernel`, `feedback_values`). A plain attribute,
-        # past Keras's and TF's attribute tracking.
-        object.__setattr__(self, "_traced_feedback", None)
+        # {graph: {id(replica context): (context, [tensors])}}: the values of a mirror-learned
+        # `B` known in each function being traced (`read_feedback_kernel`, `feedback_values`),
+        # forgotten with the graph. A plain attribute, past Keras's and TF's attribute tracking.
+        object.__setattr__(self, "_traced_feedback", weakref.WeakKeyDictionary())
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -267,34 +253,39 @@ class FeedbackLayer(WithFeedback):
         """
         value = tf.convert_to_tensor(self.feedback_kernel.value)
         if self.feedback_learning == "mirror" and tf.inside_function():
-            key = self._trace_key()
-            kept = self._traced_feedback
-            if kept is None or kept[:2] != key:
-                kept = key + ([],)
-                object.__setattr__(self, "_traced_feedback", kept)
-            kept[2].append(value)
+            self._traced_values(create=True).append(value)
         return value
 
     def feedback_values(self):
         """The tensors holding `B`'s current value in the function and replica being traced:
         the layer's reads of `B` there, or the value a mirror step assigned there last (`[]`:
         none, read the variable)."""
-        kept = self._traced_feedback
-        if kept is None or not tf.inside_function() or kept[:2] != self._trace_key():
+        if not tf.inside_function():
             return []
-        return list(kept[2])
+        return list(self._traced_values())
 
     def set_feedback_value(self, value):
         """Records `value`, just assigned to `B` in the function being traced, as `B`'s value
         there (what `feedback_values` returns until the next read)."""
         if tf.inside_function():
-            object.__setattr__(self, "_traced_feedback", self._trace_key() + ([value],))
+            self._traced_values(create=True)[:] = [value]
 
-    @staticmethod
-    def _trace_key():
-        # Identities: the graph being traced and the replica (each replica of a
-        # MirroredStrategy traces the step in its own context).
-        return (_Same(tf.compat.v1.get_default_graph()), _Same(tf.distribute.get_replica_context()))
+    def _traced_values(self, create=False):
+        # Per graph being traced and per replica: each replica of a MirroredStrategy traces
+        # the step in its own context (and thread), into the same graph.
+        graph = tf.compat.v1.get_default_graph()
+        context = tf.distribute.get_replica_context()
+        by_context = self._traced_feedback.get(graph)
+        if by_context is None:
+            if not create:
+                return []
+            by_context = self._traced_feedback[graph] = {}
+        kept = by_context.get(id(context))
+        if kept is None or kept[0] is not context:
+            if not create:
+                return []
+            kept = by_context[id(context)] = (context, [])
+        return kept[1]
 
     def feedback_seed(self):
         """The `[seed, step]` of this step's random draws (a stateless RNG seed)."""

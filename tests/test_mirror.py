@@ -643,8 +643,10 @@ def test_fused_steps_under_mirrored_strategy_equal_separate_steps(two_cpu_strate
 def _forward_reads_and_writes(graph, variable):
     """In `graph`, the reads of `variable` and the other ops that take its handle (writes, or
     calls of functions that write it)."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value  # its tf.Variable
     handle = next(internal for external, internal in graph.captures
-                  if external is variable.value.handle)
+                  if external is variable.handle)
     reads = [op for op in handle.consumers() if op.type == "ReadVariableOp"]
     others = [op for op in handle.consumers() if op.type != "ReadVariableOp"]
     return reads, others
@@ -716,3 +718,37 @@ def test_the_mirror_step_updates_b_from_the_forward_pass_read_of_it(how):
     for a, b in zip(mirror.layers, reference.layers):
         np.testing.assert_allclose(a.feedback_kernel.numpy(), b.feedback_kernel.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.kernel.numpy(), b.kernel.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_each_replica_updates_its_b_from_its_own_forward_read(two_cpu_strategy):
+    with two_cpu_strategy.scope():
+        model = _dense_model()
+        mirror = WeightMirror(model, 0.2, noise_std=1.0, decay=0.3, batch_size=8,
+                              strategy=two_cpu_strategy)
+    x = np.random.RandomState(0).randn(4, 12).astype("float32")
+    before = [layer.feedback_kernel.numpy() for layer in mirror.layers]
+
+    def replica_step(x, counter):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(x, training=True)))
+        tape.gradient(loss, model.trainable_variables)   # the backward pass reads each B
+        mirror.replica_step(counter)
+
+    @tf.function
+    def step(x, counter):
+        two_cpu_strategy.run(replica_step, args=(x, counter))
+
+    counter = tf.constant(3, tf.int64)
+    graph = step.get_concrete_function(x, counter).graph
+    for layer in mirror.layers:
+        components = two_cpu_strategy.experimental_local_results(layer.feedback_kernel.value)
+        assert len(components) == 2
+        for component in components:
+            reads, writers = _forward_reads_and_writes(graph, component)
+            assert len(reads) == 1 and writers, (layer.name, component.device)
+            assert all(reads[0] in _data_ancestors(w) for w in writers)
+    step(x, counter)
+    for i, (layer, b0) in enumerate(zip(mirror.layers, before)):
+        expected = _step_by_hand(mirror, i, b0.astype(np.float64), 3, 0.2, 0.3, replicas=2)[1]
+        for component in two_cpu_strategy.experimental_local_results(layer.feedback_kernel.value):
+            np.testing.assert_allclose(component.numpy(), expected, rtol=1e-5, atol=1e-6)
