@@ -417,7 +417,7 @@ class WeightMirror:
         if (not tf.inside_function() or tf.distribute.in_cross_replica_context()
                 or self.strategy.num_replicas_in_sync != 1):
             return None
-        values = [_known_value(layer) for layer in self.layers]
+        values = self.known_values()
         return values if any(v is not None for v in values) else None
 
     def run(self, start, count=1, stride=1):
