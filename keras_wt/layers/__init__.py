@@ -1,0 +1,95 @@
+"""Drop-in Keras layers whose error signal flows backwards through a feedback kernel `B`.
+
+Every layer here subclasses its stock Keras twin, takes every stock argument, plus:
+
+* `feedback`: one of `keras_wt.ALGORITHMS` (`"bp"`, `"fa"`, `"ss"`, `"wm"`, `"kp"`).
+* `feedback_initializer`: initializer of the stored `B` (`fa`, `wm`, `kp`). `None` (default)
+  draws `B` from the same distribution as the kernel, independently of it.
+* `feedback_scale`: for `ss` (and `brsf`), the magnitude `s` in `B = sign(W)·s`; `None` means
+  `sqrt(2 / fan_out)`.
+* `feedback_input`: for the rules whose `B` learns from a local alignment loss (`sa`, `ia`, and
+  `wm` on real inputs): `"real"` (the layer's input of the batch) or `"noise"`; `None`: the
+  algorithm's default (`keras_wt.algorithms.Algorithm.inputs`).
+* `feedback_loss`: `{primitive: coefficient}` of that loss (`keras_wt.local.PRIMITIVES`); `None`:
+  the algorithm's (`Algorithm.local_loss`).
+
+The forward pass is the stock one. Only the gradient with respect to the layer's input changes
+(DESIGN.md §1); the gradients of `W` and of the bias are the stock ones.
+
+Two kinds of layer:
+
+* A `FeedbackLayer` holds one forward kernel `W` (`layer.kernel`) and its feedback kernel `B`
+  (`layer.feedback_kernel`, W's shape) around one linear op `layer.linear(x, kernel)`: `Dense`,
+  `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D`. The mirror, the
+  Kolen–Pollack optimizer and the alignment metrics see only these.
+* A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`) is built from
+  `FeedbackLayer` sublayers, one per kernel, so every (W, B) pair is a `FeedbackLayer` of the
+  model and no other code needs to know about the composite. Its weights, with the feedback
+  kernels left out, come in the stock layer's order.
+
+What stays exact: the attention products `QKᵀ` and `AV` of `MultiHeadAttention` multiply two
+activations and hold no weight, so there is no `W` to hide and they keep their exact gradients;
+likewise normalisation, pooling, embeddings and every other layer without a kernel.
+
+One module per family: `base` (`WithFeedback`, `FeedbackLayer`: `B` and the custom gradient),
+`core` (`Dense`, `EinsumDense`), `convolutional` (every convolution), `attention`
+(`MultiHeadAttention`). `TWINS` below is the one registry of stock layer → twin.
+"""
+
+import keras
+
+from keras_wt import _compat
+from keras_wt.layers.attention import MultiHeadAttention
+from keras_wt.layers.base import FEEDBACK_ARGUMENTS
+from keras_wt.layers.base import FEEDBACK_CONFIG_KEYS
+from keras_wt.layers.base import FeedbackLayer
+from keras_wt.layers.base import WithFeedback
+from keras_wt.layers.base import stock_weights
+from keras_wt.layers.convolutional import Conv1D
+from keras_wt.layers.convolutional import Conv1DTranspose
+from keras_wt.layers.convolutional import Conv2D
+from keras_wt.layers.convolutional import Conv2DTranspose
+from keras_wt.layers.convolutional import Conv3D
+from keras_wt.layers.convolutional import Conv3DTranspose
+from keras_wt.layers.convolutional import DepthwiseConv1D
+from keras_wt.layers.convolutional import DepthwiseConv2D
+from keras_wt.layers.convolutional import SeparableConv1D
+from keras_wt.layers.convolutional import SeparableConv2D
+from keras_wt.layers.core import Dense
+from keras_wt.layers.core import EinsumDense
+
+__all__ = [
+    "FEEDBACK_ARGUMENTS", "FEEDBACK_CONFIG_KEYS", "FEEDBACK_LAYERS", "STOCK", "TWINS",
+    "WithFeedback", "FeedbackLayer", "feedback_layers", "stock_weights",
+    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
+    "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
+    "SeparableConv2D", "MultiHeadAttention",
+]
+
+# The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
+TWINS = {
+    keras.layers.Dense: Dense,
+    keras.layers.EinsumDense: EinsumDense,
+    keras.layers.Conv1D: Conv1D,
+    keras.layers.Conv2D: Conv2D,
+    keras.layers.Conv3D: Conv3D,
+    keras.layers.Conv1DTranspose: Conv1DTranspose,
+    keras.layers.Conv2DTranspose: Conv2DTranspose,
+    keras.layers.Conv3DTranspose: Conv3DTranspose,
+    keras.layers.DepthwiseConv1D: DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D: DepthwiseConv2D,
+    keras.layers.SeparableConv1D: SeparableConv1D,
+    keras.layers.SeparableConv2D: SeparableConv2D,
+    keras.layers.MultiHeadAttention: MultiHeadAttention,
+}
+STOCK = {ours: stock for stock, ours in TWINS.items()}
+
+FEEDBACK_LAYERS = tuple(cls for cls in TWINS.values() if issubclass(cls, FeedbackLayer))
+
+
+def feedback_layers(model):
+    """All keras_wt feedback layers of `model` (nested models and the sublayers of separable
+    convolutions and attention included), in order: every (W, B) pair of the model."""
+    return [
+        layer for layer in _compat.flatten_layers(model) if isinstance(layer, FeedbackLayer)
+    ]
