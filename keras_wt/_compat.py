@@ -8,6 +8,8 @@ objects or to the duration of a call, never patched into the process for good.
 """
 
 import contextlib
+import inspect
+import types
 
 import keras
 import tensorflow as tf
@@ -48,11 +50,21 @@ def flatten_layers(layer):
             return
         seen.add(id(node))
         layers.append(node)
-        for child in node._flatten_layers(include_self=False, recursive=False):
+        for child in children(node):
             visit(child)
 
     visit(layer)
     return layers
+
+
+def children(layer):
+    """The direct sublayers of `layer` (`[]` for a bare `keras.Operation`), in the order they
+    were created: the same `Layer._flatten_layers` as `flatten_layers`, one level deep."""
+    if not isinstance(layer, keras.layers.Layer):
+        return []
+    if not hasattr(layer, "_flatten_layers"):
+        raise _unsupported("Layer._flatten_layers")
+    return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
 def replace_sublayer(parent, attribute, new):
@@ -72,6 +84,125 @@ def replace_sublayer(parent, attribute, new):
     tracker.replace_tracked_value("layers", old, new)
     setattr(parent, attribute, new)
 
+
+
+def replace_child(parent, old, new):
+    """Puts `new` in place of `old` wherever `parent` holds it: in the layer tracker (keeping
+    its place in `parent`'s weight order) and in every attribute, list or dict of `parent`
+    that refers to it. Returns whether `parent` held `old` anywhere but its tracker (`False`:
+    nothing was changed).
+
+    The reasons are those of `replace_sublayer`; used by `keras_wt.nested` for a composite twin
+    (`SeparableConv2D`, `MultiHeadAttention`) that the stock layer cannot become in place.
+    """
+    tracker = getattr(parent, "_tracker", None)
+    if tracker is None or not hasattr(tracker, "replace_tracked_value"):
+        raise _unsupported("the layer tracker's replace_tracked_value")
+    store = getattr(parent, "_layers", None)
+    places = []
+    for name, value in vars(parent).items():
+        if value is old:
+            places.append((name, None))
+        elif isinstance(value, (list, dict)) and value is not store:
+            keys = range(len(value)) if isinstance(value, list) else list(value)
+            places.extend((name, key) for key in keys if value[key] is old)
+    if not places:
+        return False
+    tracker.replace_tracked_value("layers", old, new)
+    for name, key in places:
+        if key is None:
+            object.__setattr__(parent, name, new)
+        else:
+            getattr(parent, name)[key] = new
+    return True
+
+
+@contextlib.contextmanager
+def unlocked(layer):
+    """Inside this context `layer`, though built, may create weights (`add_weight`).
+
+    Keras locks a layer's tracker at the end of `build` and has no public way to add state
+    afterwards; its own `Embedding.enable_lora` and `Layer.quantize` unlock it the same way.
+    Used by `keras_wt.nested`, which turns a built stock layer into its feedback twin in place
+    and creates `B` there (`FeedbackLayer.build_feedback`).
+    """
+    tracker = getattr(layer, "_tracker", None)
+    if tracker is None or not hasattr(tracker, "unlock"):
+        raise _unsupported("the layer tracker's lock and unlock")
+    was_locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield layer
+    finally:
+        if was_locked:
+            tracker.lock()
+
+
+# `Layer.__new__` wraps each instance's `build` and `quantize` in closures (kept on the
+# instance) over the methods of the class the layer was created as; the free variable holding
+# that method, per wrapped method.
+_WRAPPED_METHODS = {"build": "original_build_method", "quantize": "original_quantize_method"}
+
+
+def set_class(layer, cls):
+    """Makes `layer` an instance of `cls`, in place: a stock layer becomes its feedback twin
+    (a subclass with the same attributes and call signature) and back, a layer becomes
+    `keras_wt.nested`'s saving subclass of its own class and back.
+
+    Python allows it for classes of one layout; what Keras adds is the per-instance wrappers
+    of `build` and `quantize` (`Layer.__new__`), closures over the *original* class's methods:
+    they are pointed at `cls`'s, so that a layer converted before it was built builds as `cls`.
+    Keras has no public way to change a layer's class (nor an upstream issue asking for one).
+    """
+    cells = []
+    for method, variable in _WRAPPED_METHODS.items():
+        wrapper = vars(layer).get(method)
+        code = getattr(wrapper, "__code__", None)
+        if code is None or variable not in code.co_freevars:
+            raise _unsupported(f"Layer.__new__'s wrapper of {method} ({variable})")
+        cells.append((method, wrapper.__closure__[code.co_freevars.index(variable)]))
+    old = type(layer)
+    if old.call is not cls.call:
+        ours = list(inspect.signature(old.call).parameters)
+        theirs = list(inspect.signature(cls.call).parameters)
+        if ours != theirs:
+            raise ValueError(
+                f"Cannot turn layer {layer.name!r} from {old.__name__} into {cls.__name__}: "
+                f"their call signatures differ ({ours} and {theirs})."
+            )
+    object.__setattr__(layer, "__class__", cls)
+    for method, cell in cells:
+        cell.cell_contents = types.MethodType(getattr(cls, method), layer)
+
+
+def is_wrapped(layer, cls):
+    """Whether `layer`'s `build` wrapper (see `set_class`) calls `cls`'s `build`."""
+    wrapper = vars(layer).get("build")
+    code = getattr(wrapper, "__code__", None)
+    if code is None or _WRAPPED_METHODS["build"] not in code.co_freevars:
+        return False
+    method = wrapper.__closure__[code.co_freevars.index(_WRAPPED_METHODS["build"])].cell_contents
+    return getattr(method, "__func__", None) is cls.build
+
+
+def graph_parents(model):
+    """`{id(operation): [the operations feeding it]}` over every call of every operation in the
+    graph of Functional model `model` (not recursing into nested models).
+
+    Read from the graph itself (`Function._nodes_by_depth`, the nodes Keras runs the model
+    by), not from `get_config()`: a Functional subclass (keras-hub's backbones and tasks)
+    overrides `get_config` with its constructor arguments. Keras has no public accessor of a
+    functional model's nodes.
+    """
+    nodes_by_depth = getattr(model, "_nodes_by_depth", None)
+    if nodes_by_depth is None:
+        raise _unsupported("Function._nodes_by_depth")
+    parents = {}
+    for nodes in nodes_by_depth.values():
+        for node in nodes:
+            found = parents.setdefault(id(node.operation), [])
+            found.extend(parent.operation for parent in node.parent_nodes)
+    return parents
 
 
 def untrack_variable(layer, variable):

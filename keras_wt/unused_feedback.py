@@ -63,51 +63,59 @@ def _inbound_layer_names(inbound_nodes):
     return names
 
 
-def _layers_without_input_error(model):
-    """The layers of graph model `model` (not recursing) whose input gradient no weight needs,
-    given that nothing above the model's inputs needs one either."""
+def _input_errors(model, inputs_need_error, needed, order):
+    """Records, for every layer of graph model `model` and of the graph models nested in it,
+    whether the gradient at its input is needed by some weight (`needed[id(layer)]`, or-ed
+    over every graph the layer is called in), given whether it is needed at `model`'s inputs;
+    `order` lists the layers in graph order, each nested model's layers right after it."""
     if isinstance(model, keras.Sequential):
-        result = []
+        above = inputs_need_error  # the error at the previous layer's output is needed
+        entries = []
         for layer in model.layers:
-            result.append(layer)
-            if _carries_weights(layer):
-                break
-        return result
-    config = model.get_config()
-    parents = {
-        entry["name"]: set(_inbound_layer_names(entry.get("inbound_nodes", [])))
-        for entry in config["layers"]
-    }
-    operations = {operation.name: operation for operation in model.operations}
-    carries = {}
+            entries.append((layer, above))
+            above = above or _carries_weights(layer)
+    else:
+        # Per operation, its parents over all its calls in this graph: a layer called several
+        # times (keras-hub's tied embedding: a lookup at the input, a projection at the output)
+        # needs its input's error if any call does.
+        parents = _compat.graph_parents(model)
+        carries = {}
 
-    def error_needed_above(name):
-        # Whether the error at the output of operation `name` reaches a weight (at or below it).
-        if name not in carries:
-            carries[name] = _carries_weights(operations[name]) or any(
-                error_needed_above(parent) for parent in parents[name]
-            )
-        return carries[name]
+        def error_needed_above(operation):
+            # Whether the error at the output of `operation` reaches a weight (at or below it).
+            key = id(operation)
+            if key not in carries:
+                if isinstance(operation, keras.layers.InputLayer):
+                    carries[key] = inputs_need_error
+                else:
+                    carries[key] = _carries_weights(operation) or any(
+                        error_needed_above(parent) for parent in parents.get(key, ())
+                    )
+            return carries[key]
 
-    return [
-        operations[name]
-        for name in parents
-        if not any(error_needed_above(parent) for parent in parents[name])
-    ]
+        entries = [
+            (operation, any(error_needed_above(p) for p in parents.get(id(operation), ())))
+            for operation in model.operations
+        ]
+    for layer, need in entries:
+        if id(layer) not in needed:
+            order.append(layer)
+        needed[id(layer)] = needed.get(id(layer), False) or need
+        if _is_graph(layer):
+            _input_errors(layer, need, needed, order)
 
 
 def unused_input_error_layers(model):
-    """The layers of `model`, of any type, whose input gradient no trainable weight needs,
-    nested Sequential or Functional models searched when their own input needs none; `[]` for
-    a subclassed model (no graph to read)."""
+    """The layers of `model`, of any type, whose input gradient no trainable weight needs, in
+    graph order, the layers of nested Sequential or Functional models (keras-hub's backbones
+    too) included; a layer called in several graphs or several times is listed only if none of
+    its calls needs one. `[]` for a subclassed model (no graph to read); the sublayers of a
+    layer that is not a graph (a custom layer) are not listed: they keep their `B`."""
     if not _is_graph(model):
         return []
-    found = []
-    for layer in _layers_without_input_error(model):
-        found.append(layer)
-        if _is_graph(layer):
-            found.extend(unused_input_error_layers(layer))
-    return found
+    needed, order = {}, []
+    _input_errors(model, False, needed, order)
+    return [layer for layer in order if not needed[id(layer)]]
 
 
 def unused_feedback_layers(model):

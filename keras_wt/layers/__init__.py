@@ -20,8 +20,9 @@ Two kinds of layer:
 
 * A `FeedbackLayer` holds one forward kernel `W` (`layer.kernel`) and its feedback kernel `B`
   (`layer.feedback_kernel`, W's shape) around one linear op `layer.linear(x, kernel)`: `Dense`,
-  `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D`. The mirror, the
-  Kolen–Pollack optimizer and the alignment metrics see only these.
+  `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D`, and
+  `ReversibleEmbedding` (its reverse projection `h·Eᵀ`; the lookup stays a lookup). The mirror,
+  the Kolen–Pollack optimizer and the alignment metrics see only these.
 * A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`) is built from
   `FeedbackLayer` sublayers, one per kernel, so every (W, B) pair is a `FeedbackLayer` of the
   model and no other code needs to know about the composite. Its weights, with the feedback
@@ -33,7 +34,9 @@ likewise normalisation, pooling, embeddings and every other layer without a kern
 
 One module per family: `base` (`WithFeedback`, `FeedbackLayer`: `B` and the custom gradient),
 `core` (`Dense`, `EinsumDense`), `convolutional` (every convolution), `attention`
-(`MultiHeadAttention`). `TWINS` below is the one registry of stock layer → twin.
+(`MultiHeadAttention`), `embedding` (`ReversibleEmbedding`). `TWINS` below is the one registry
+of stock layer → twin; `twin_of` also knows the subclasses that add nothing to a stock layer
+(`SAME_AS_STOCK`).
 """
 
 import keras
@@ -57,13 +60,14 @@ from keras_wt.layers.convolutional import SeparableConv1D
 from keras_wt.layers.convolutional import SeparableConv2D
 from keras_wt.layers.core import Dense
 from keras_wt.layers.core import EinsumDense
+from keras_wt.layers.embedding import ReversibleEmbedding
 
 __all__ = [
     "FEEDBACK_ARGUMENTS", "FEEDBACK_CONFIG_KEYS", "FEEDBACK_LAYERS", "STOCK", "TWINS",
     "WithFeedback", "FeedbackLayer", "feedback_layers", "stock_weights",
     "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
     "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
-    "SeparableConv2D", "MultiHeadAttention",
+    "SeparableConv2D", "MultiHeadAttention", "ReversibleEmbedding", "SAME_AS_STOCK", "twin_of",
 ]
 
 # The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
@@ -81,8 +85,33 @@ TWINS = {
     keras.layers.SeparableConv1D: SeparableConv1D,
     keras.layers.SeparableConv2D: SeparableConv2D,
     keras.layers.MultiHeadAttention: MultiHeadAttention,
+    keras.layers.ReversibleEmbedding: ReversibleEmbedding,
 }
 STOCK = {ours: stock for stock, ours in TWINS.items()}
+
+# Subclasses of a stock layer that add nothing to it (no method, no property of their own), by
+# their registered name (so that keras_wt need not import their library): they compute what the
+# stock layer computes, and convert to its twin. Any other subclass may compute something else
+# and is left alone.
+SAME_AS_STOCK = {
+    "keras_hub>ReversibleEmbedding": keras.layers.ReversibleEmbedding,
+}
+
+
+def twin_of(cls):
+    """The keras_wt twin of the stock layer class `cls` (`TWINS`, or `SAME_AS_STOCK`'s stock
+    layer's twin), else `None` (keras_wt layers included: they are twins already)."""
+    twin = TWINS.get(cls)
+    if twin is not None:
+        return twin
+    stock = SAME_AS_STOCK.get(keras.saving.get_registered_name(cls))
+    if stock is None or cls.__bases__ != (stock,):
+        return None
+    own = [
+        name for name, value in vars(cls).items()
+        if callable(value) or isinstance(value, (property, classmethod, staticmethod))
+    ]
+    return None if own else TWINS[stock]
 
 FEEDBACK_LAYERS = tuple(cls for cls in TWINS.values() if issubclass(cls, FeedbackLayer))
 

@@ -185,6 +185,17 @@ class FeedbackLayer(WithFeedback):
 
     def build(self, input_shape):
         super().build(input_shape)
+        self.build_feedback(input_shape)
+
+    def build_feedback(self, input_shape):
+        """Creates what feedback adds to the built stock layer: `B` (when the algorithm stores
+        one and `feedback_used`), the Kolen–Pollack guard on the kernel, the per-step state,
+        and `feedback_input_shape`.
+
+        Called by `build` after the stock build, and by `keras_wt.convert` on a built stock
+        layer that it turns into this class in place (`keras_wt.nested`), with the shape the
+        stock layer was built with.
+        """
         self.feedback_input_shape = tuple(input_shape)
         kernel = self.kernel
         # The optimizer finds the layer of a kernel through this link (see KolenPollack).
