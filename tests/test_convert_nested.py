@@ -71,10 +71,11 @@ def _set_b_to_w(model):
 
 def _gradients(model, x, y):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    with tf.GradientTape() as tape, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # wm without a mirror: irrelevant here
-        value = loss(y, model(x))
-    return tape.gradient(value, model.trainable_weights)
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x))
+        return tape.gradient(value, model.trainable_weights)
 
 
 def test_sublayers_of_custom_layers_and_wrappers_are_converted_with_identical_outputs():
