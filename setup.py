@@ -19,7 +19,8 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"dev": ["pytest"]},
+    # keras-hub: the tests convert small keras-hub models built from configs (no downloads).
+    extras_require={"dev": ["pytest", "keras-hub"]},
     entry_points={
         "console_scripts": [
             "keras-wt-train=keras_wt_cli:main",

@@ -3,6 +3,11 @@ a GPT-2 causal LM with tied embeddings and a ViT classifier convert completely, 
 outputs, are backprop with every B := W, train a step with each rule, save, load and train on,
 and strip back to stock keras-hub models that load without keras_wt."""
 
+import gzip
+import json
+import os
+import runpy
+import struct
 import subprocess
 import sys
 import warnings
@@ -195,3 +200,31 @@ def test_stripped_keras_hub_model_is_stock_uncompiled_and_loads_without_keras_wt
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "False"
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(stock(x)))
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_vit_example_runs_a_rule_and_writes_accuracy_and_angles_per_epoch(tmp_path):
+    rng = np.random.RandomState(0)
+    for prefix, n in (("train", 48), ("t10k", 16)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.randint(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.randint(0, 10, n))
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "keras_hub_vit.py")
+    main = runpy.run_path(example)["main"]
+    out = tmp_path / "vit.json"
+    result = main(["--algo", "kp", "--epochs", "2", "--limit", "48", "--batch_size", "16",
+                   "--layers", "1", "--heads", "2", "--hidden", "16", "--mlp", "32", "--probe", "16",
+                   "--data_dir", str(tmp_path), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["algo"] == "kp" and [e["epoch"] for e in saved["epochs"]] == [1, 2]
+    layers = saved["feedback_layers"]
+    assert len(layers) == 8 and result["feedback_layers"] == layers
+    for epoch in saved["epochs"]:
+        assert 0.0 <= epoch["test_accuracy"] <= 1.0
+        assert sorted(epoch["weight_angle"]) == sorted(layers)
+        assert all(0.0 <= angle <= 180.0 for angle in epoch["weight_angle"].values())
+        assert set(epoch["delta_angle"]) <= set(layers) and len(epoch["delta_angle"]) >= 7
