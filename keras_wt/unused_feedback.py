@@ -9,8 +9,10 @@ mirror) is work for nothing: in the reference MLP that layer holds 99% of the fe
 entries.
 
 `unused_feedback_layers(model)` finds these layers from the graph of a Sequential or
-Functional model (nested ones included); a subclassed model has no graph to read, and keeps
-every `B`. `drop_unused_feedback(model)` marks them `feedback_used=False`
+Functional model (nested ones included, and Functional subclasses such as keras-hub's models: the
+graph is read from its nodes, not from `get_config`); a layer called several times, or in several
+graphs, keeps its `B` if any call needs it. A subclassed model has no graph to read, and keeps
+every `B`, as do the sublayers of a layer that is not a graph (a custom layer). `drop_unused_feedback(model)` marks them `feedback_used=False`
 (`keras_wt.layers.FeedbackLayer`): such a layer stores no `B`, computes no input gradient
 (its input is read through `tf.stop_gradient`), and neither `KolenPollack` nor the mirror
 touches it (`W`'s own update and decay are unchanged, so every other weight trains bit for bit

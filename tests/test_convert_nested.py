@@ -397,3 +397,31 @@ def test_functional_subclass_keeps_its_class_alone_or_nested_in_a_graph(tmp_path
     assert type(stripped.get_layer("inner_tower")) is Tower
     assert not any(isinstance(l, wt.WithFeedback) for l in stripped._flatten_layers())
     np.testing.assert_array_equal(outer(X), stripped(X))
+
+
+@keras.saving.register_keras_serializable(package="test_convert_nested")
+class ToyRecurrentTwin(wt.base._Twin, wt.WithFeedback, keras.layers.SimpleRNN):
+    """Stands in for a recurrent twin (they come from another branch): a keras_wt layer that is
+    not a FeedbackLayer, with the stock layer's weights. What is tested is where convert puts
+    such a twin of keras_wt.layers.TWINS, not its gradient."""
+
+
+def test_any_composite_twin_of_the_registry_reaches_both_layers_of_a_bidirectional(monkeypatch, tmp_path):
+    monkeypatch.setitem(wt.TWINS, keras.layers.SimpleRNN, ToyRecurrentTwin)
+    monkeypatch.setitem(wt.STOCK, ToyRecurrentTwin, keras.layers.SimpleRNN)
+    inputs = keras.Input((5, 6))
+    h = keras.layers.Bidirectional(keras.layers.SimpleRNN(3, return_sequences=True), name="bi")(inputs)
+    stock = keras.Model(inputs, keras.layers.Dense(2)(h))
+    with pytest.warns(UserWarning, match="SimpleRNNCell"):  # the toy has no feedback cell
+        converted = keras_wt.convert(stock, "fa")
+    bi = converted.get_layer("bi")
+    assert isinstance(bi.forward_layer, ToyRecurrentTwin) and isinstance(bi.backward_layer, ToyRecurrentTwin)
+    assert bi.backward_layer.go_backwards and bi.forward_layer.feedback == "fa"
+    np.testing.assert_array_equal(stock(X), converted(X))
+    converted.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.get_layer("bi").backward_layer, ToyRecurrentTwin)
+    np.testing.assert_array_equal(converted(X), loaded(X))
+    stripped = keras_wt.strip(converted)
+    assert type(stripped.get_layer("bi").forward_layer) is keras.layers.SimpleRNN
+    np.testing.assert_array_equal(stock(X), stripped(X))
