@@ -423,20 +423,27 @@ def apply(root, entries):
 
 def copy_model(model, compile=True):
     """A copy of `model` (a layer or model with `get_config`/`from_config`) made by a
-    `keras.saving` round trip, with `model`'s weights; without its compile configuration when
-    `compile=False` (and a keras-hub task is then made with `compile=False`).
+    `keras.saving` round trip, and the `(source, copy)` pairs of its weights; without its
+    compile configuration when `compile=False` (and a keras-hub task is then made with
+    `compile=False`). A keras-hub task's copy shares the source's preprocessor.
 
     Raises:
         ValueError: the round trip fails or gives other weights.
     """
     cls = original_class(type(model))
+    task = _is_keras_hub_task(model)
+    # A keras-hub task's preprocessor holds no weights, and its tokenizer's vocabulary is an
+    # asset of the saved file, not part of its config: the copy shares the source's.
+    preprocessor = getattr(model, "preprocessor", None) if task else None
     try:
         config = keras.saving.serialize_keras_object(model)
+        inner = config["config"]["layer"] if isinstance(model, Converted) else config
         if not compile:
             config.pop("compile_config", None)
-            inner = config["config"].get("layer", config) if isinstance(model, Converted) else config
-            if _is_keras_hub_task(model):
+            if task:
                 inner["config"]["compile"] = False
+        if preprocessor is not None:
+            inner["config"]["preprocessor"] = None
         with warnings.catch_warnings():
             # A model whose class overrides `compile` (keras-hub's tasks, which compile
             # themselves with their defaults when made) is not recompiled from its config;
@@ -452,6 +459,8 @@ def copy_model(model, compile=True):
             "this model object itself, or make the class serializable (get_config returning "
             "its constructor arguments, keras.saving.register_keras_serializable)."
         ) from error
+    if preprocessor is not None:
+        new.preprocessor = preprocessor
     sources, targets = model.weights, new.weights
     if [tuple(w.shape) for w in sources] != [tuple(w.shape) for w in targets]:
         raise ValueError(

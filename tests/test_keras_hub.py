@@ -167,17 +167,33 @@ def test_unused_feedback_reads_the_graph_of_keras_hub_models():
     assert "pooled_dense" not in names
 
 
-def test_generate_of_the_converted_causal_lm_is_the_stock_one():
-    stock, x, _ = gpt2()
+def test_converted_causal_lm_generates_as_the_stock_one_with_its_preprocessor(tmp_path):
+    vocabulary = {"<|endoftext|>": 0, "a": 1, "b": 2, "\u0120a": 3, "\u0120b": 4, "ab": 5, "\u0120ab": 6}
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary, merges=["a b", "\u0120a b"])
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(tokenizer, sequence_length=LENGTH)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(vocabulary), num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    )
+    stock = keras_hub.models.GPT2CausalLM(backbone, preprocessor=preprocessor)
     converted = keras_wt.convert(stock, "fa")
     assert isinstance(converted, keras_hub.models.GPT2CausalLM)
-    prompt = {"token_ids": TOKENS[:2] * (np.arange(LENGTH) < 3), "padding_mask": np.arange(LENGTH)[None].repeat(2, 0) < 3}
+    # The copy shares the source's preprocessor: its vocabulary is not part of its config.
+    assert converted.preprocessor is stock.preprocessor
     for model in (stock, converted):
         model.compile(sampler="greedy")
+    prompts = ["a b", "ab a"]
+    expected = stock.generate(prompts, max_length=6)
+    assert converted.generate(prompts, max_length=6) == expected
+    converted.save(tmp_path / "lm.keras")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`compile\(\)` was not called.*")
+        loaded = keras.saving.load_model(tmp_path / "lm.keras")
+    # Its tokenizer came back from the file's assets; its logits are the converted model's.
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(loaded.preprocessor(prompts))
     np.testing.assert_array_equal(
-        stock.generate(prompt, stop_token_ids=None)["token_ids"],
-        converted.generate(prompt, stop_token_ids=None)["token_ids"],
-    )
+        x["token_ids"], keras.utils.unpack_x_y_sample_weight(converted.preprocessor(prompts))[0]["token_ids"])
+    np.testing.assert_array_equal(loaded(x), converted(x))
 
 
 def test_stripped_keras_hub_model_is_stock_uncompiled_and_loads_without_keras_wt(tmp_path):
