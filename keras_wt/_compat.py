@@ -175,16 +175,6 @@ def set_class(layer, cls):
         cell.cell_contents = types.MethodType(getattr(cls, method), layer)
 
 
-def is_wrapped(layer, cls):
-    """Whether `layer`'s `build` wrapper (see `set_class`) calls `cls`'s `build`."""
-    wrapper = vars(layer).get("build")
-    code = getattr(wrapper, "__code__", None)
-    if code is None or _WRAPPED_METHODS["build"] not in code.co_freevars:
-        return False
-    method = wrapper.__closure__[code.co_freevars.index(_WRAPPED_METHODS["build"])].cell_contents
-    return getattr(method, "__func__", None) is cls.build
-
-
 def graph_parents(model):
     """`{id(operation): [the operations feeding it]}` over every call of every operation in the
     graph of Functional model `model` (not recursing into nested models).

@@ -205,17 +205,25 @@ def test_stripped_keras_hub_model_is_stock_uncompiled_and_loads_without_keras_wt
     assert [w.shape for w in stripped.weights] == [w.shape for w in stock.weights]
     np.testing.assert_array_equal(stock(x), stripped(x))
     stripped.save(tmp_path / "serve.keras")
+    kp.save(tmp_path / "kp.keras")
     np.save(tmp_path / "ids.npy", x["token_ids"])
+    # In a fresh interpreter: the stripped file loads without keras_wt; then, once keras_wt is
+    # imported (it registers keras_wt>Converted), so does the converted one.
     code = (
-        "import sys, keras, keras_hub, numpy as np; m = keras.saving.load_model(%r); "
-        "ids = np.load(%r); y = m({'token_ids': ids, 'padding_mask': np.ones_like(ids)}); "
-        "np.save(%r, np.asarray(y)); print('keras_wt' in sys.modules)"
-        % (str(tmp_path / "serve.keras"), str(tmp_path / "ids.npy"), str(tmp_path / "y.npy"))
+        "import sys, keras, keras_hub, numpy as np; ids = np.load(%r); "
+        "x = {'token_ids': ids, 'padding_mask': np.ones_like(ids)}; "
+        "m = keras.saving.load_model(%r); np.save(%r, np.asarray(m(x))); "
+        "print('keras_wt' in sys.modules); import keras_wt; "
+        "c = keras.saving.load_model(%r); np.save(%r, np.asarray(c(x))); "
+        "print(len(keras_wt.layers.feedback_layers(c)), type(c).__name__)"
+        % (str(tmp_path / "ids.npy"), str(tmp_path / "serve.keras"), str(tmp_path / "y.npy"),
+           str(tmp_path / "kp.keras"), str(tmp_path / "kp.npy"))
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == "False"
+    assert out.stdout.split()[-3:] == ["False", "7", "GPT2CausalLM"]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(stock(x)))
+    np.testing.assert_array_equal(np.load(tmp_path / "kp.npy"), np.asarray(kp(x)))
 
 
 def _write_idx(path, array):
