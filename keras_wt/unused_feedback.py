@@ -12,7 +12,8 @@ entries.
 Functional model (nested ones included, and Functional subclasses such as keras-hub's models: the
 graph is read from its nodes, not from `get_config`); a layer called several times, or in several
 graphs, keeps its `B` if any call needs it. A subclassed model has no graph to read, and keeps
-every `B`, as do the sublayers of a layer that is not a graph (a custom layer). `drop_unused_feedback(model)` marks them `feedback_used=False`
+every `B`, as do the sublayers of a layer that is not a graph (a custom layer).
+`drop_unused_feedback(model)` marks them `feedback_used=False`
 (`keras_wt.layers.FeedbackLayer`): such a layer stores no `B`, computes no input gradient
 (its input is read through `tf.stop_gradient`), and neither `KolenPollack` nor the mirror
 touches it (`W`'s own update and decay are unchanged, so every other weight trains bit for bit

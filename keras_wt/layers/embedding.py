@@ -70,8 +70,8 @@ class ReversibleEmbedding(_Twin, FeedbackLayer, keras.layers.ReversibleEmbedding
             kernel = keras.ops.cast(kernel, self.reverse_dtype)
         logits = self.linear_with_feedback(inputs, kernel)
         if self.logit_soft_cap is not None:
-            soft_cap = self.logit_soft_cap
-            logits = keras.ops.multiply(keras.ops.tanh(keras.ops.divide(logits, soft_cap)), soft_cap)
+            cap = self.logit_soft_cap
+            logits = keras.ops.multiply(keras.ops.tanh(keras.ops.divide(logits, cap)), cap)
         return logits
 
     def default_feedback_initializer(self):
