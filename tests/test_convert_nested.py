@@ -321,7 +321,7 @@ def test_unconverted_layers_name_their_parent_and_the_reason():
             return self.plain(self.mine(x))
 
     inputs = keras.Input((5, 6))
-    h = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True), name="bi")(inputs)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True, name="lstm"), name="bi")(inputs)
     h = Holder(name="holder")(h)
     model = keras.Model(inputs, h)
     with pytest.warns(UserWarning) as recorded:
