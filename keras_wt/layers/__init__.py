@@ -57,13 +57,20 @@ from keras_wt.layers.convolutional import SeparableConv1D
 from keras_wt.layers.convolutional import SeparableConv2D
 from keras_wt.layers.core import Dense
 from keras_wt.layers.core import EinsumDense
+from keras_wt.layers.recurrent import GRU
+from keras_wt.layers.recurrent import LSTM
+from keras_wt.layers.recurrent import GRUCell
+from keras_wt.layers.recurrent import LSTMCell
+from keras_wt.layers.recurrent import SimpleRNN
+from keras_wt.layers.recurrent import SimpleRNNCell
 
 __all__ = [
     "FEEDBACK_ARGUMENTS", "FEEDBACK_CONFIG_KEYS", "FEEDBACK_LAYERS", "STOCK", "TWINS",
     "WithFeedback", "FeedbackLayer", "feedback_layers", "stock_weights",
     "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
     "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
-    "SeparableConv2D", "MultiHeadAttention",
+    "SeparableConv2D", "MultiHeadAttention", "SimpleRNNCell", "LSTMCell", "GRUCell", "SimpleRNN",
+    "LSTM", "GRU",
 ]
 
 # The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
@@ -81,6 +88,12 @@ TWINS = {
     keras.layers.SeparableConv1D: SeparableConv1D,
     keras.layers.SeparableConv2D: SeparableConv2D,
     keras.layers.MultiHeadAttention: MultiHeadAttention,
+    keras.layers.SimpleRNNCell: SimpleRNNCell,
+    keras.layers.LSTMCell: LSTMCell,
+    keras.layers.GRUCell: GRUCell,
+    keras.layers.SimpleRNN: SimpleRNN,
+    keras.layers.LSTM: LSTM,
+    keras.layers.GRU: GRU,
 }
 STOCK = {ours: stock for stock, ours in TWINS.items()}
 
