@@ -224,56 +224,76 @@ class _Step:
             return tap(projection, y)
         # A measurement (keras_wt.alignment) takes the gradient with respect to the whole linear
         # output; the pieces the cell computes separately each add their slice of one zero probe
-        # of that shape, whose gradient is the delta.
+        # of that shape, whose gradient is the delta. The probe is `0·y` of the first piece,
+        # padded: a tensor the measurement's tape records (a constant it would not).
         axis = projection.output_axis % len(y.shape)
+        total = int(kernel.shape[-1])
+        stop = total if stop is None else stop
         if projection not in self.probes:
-            shape = tf.unstack(tf.shape(y))
-            shape[axis] = int(kernel.shape[-1])
-            self.probes[projection] = tap(projection, tf.zeros(tf.stack(shape), y.dtype))
+            padding = [[0, 0]] * len(y.shape)
+            padding[axis] = [start, total - stop]
+            self.probes[projection] = tap(projection, tf.pad(0.0 * y, padding))
         index = [slice(None)] * len(y.shape)
         index[axis] = slice(start, stop)
         return y + self.probes[projection][tuple(index)]
 
 
+def _check_feedback(layer):
+    """The rules and options the recurrent layers refuse (see the module docstring)."""
+    if layer.algorithm.direct:
+        raise ValueError(
+            f"feedback={layer.feedback!r} is not supported by the recurrent layers (layer "
+            f"{layer.name!r}): direct feedback sends the output error to each layer's output, "
+            "and with no error crossing the recurrent kernel (B_rec = 0) every error would stop "
+            "at the time step it entered. Use another rule, or keep this layer on 'bp'."
+        )
+    reads_input = [p for p in layer.local_loss_coefficients if p in _READS_INPUT]
+    if layer.feedback_learning == "loss" and layer.resolved_feedback_input == "real" and reads_input:
+        raise ValueError(
+            f"feedback_input='real' is not supported by the recurrent layers (layer "
+            f"{layer.name!r}, feedback={layer.feedback!r}: the primitives {reads_input} read the "
+            "input): the real inputs of its kernels, x_t and h_(t-1) at every time step, exist "
+            "only inside the time loop, and the local loss is added once per call, outside it. "
+            "Use feedback_input='noise'."
+        )
+
+
 class _FeedbackCell(_Twin, WithFeedback):
     """A stock cell whose kernels are `FeedbackLayer` projections (module docstring).
 
-    Subclasses define `_projection_layers(input_shape, names)` (the input and recurrent
-    projections, unbuilt, and the bias shape and initializer) and `_step_call(step, inputs,
-    states, training)` (the stock call, with `step.project(...)` for every product by a
-    kernel).
+    `feedback_prefix` names the projections `<prefix>_input` and `<prefix>_recurrent`: the twin
+    layers set it to their own name; otherwise it is the cell's path when it is built (e.g.
+    `bidirectional_forward_rnn_lstm_cell` for a cell in `Bidirectional(RNN(cell))`), saved in its
+    config so that a loaded model has the same names.
+
+    Subclasses define `_projection_layers(input_shape, names, common)` (the input and recurrent
+    projections, unbuilt, the bias shape and initializer), the projections' input shapes, and
+    `_step_call(step, inputs, states, training)` (the stock call, with `step.project(...)` for
+    every product by a kernel).
     """
+
+    def __init__(self, *args, feedback_prefix=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.feedback_prefix = feedback_prefix
 
     def _init_feedback(self, *args, **kwargs):
         super()._init_feedback(*args, **kwargs)
-        if self.algorithm.direct:
-            raise ValueError(
-                f"feedback={self.feedback!r} is not supported by the recurrent layers (layer "
-                f"{self.name!r}): direct feedback sends the output error to each layer's output, "
-                "and with no error crossing the recurrent kernel (B_rec = 0) every error would "
-                "stop at the time step it entered. Use another rule, or keep this layer on 'bp'."
-            )
-        reads_input = [p for p in self.local_loss_coefficients if p in _READS_INPUT]
-        if self.feedback_learning == "loss" and self.resolved_feedback_input == "real" and (
-            reads_input
-        ):
-            raise ValueError(
-                f"feedback_input='real' is not supported by the recurrent layers (layer "
-                f"{self.name!r}, feedback={self.feedback!r}, primitives {reads_input} read the "
-                "input): the real inputs of its kernels, x_t and h_(t-1) at every time step, exist "
-                "only inside the time loop, and the local loss is added once per call, outside it. "
-                "Use feedback_input='noise'."
-            )
-        # The projections are named `<feedback_prefix>_input` and `<feedback_prefix>_recurrent`;
-        # the twin layers set it to their own name, else the cell's path is used.
-        self.feedback_prefix = None
+        _check_feedback(self)
         # The open sequence of each thread (each replica of a MirroredStrategy runs its own).
         object.__setattr__(self, "_open", threading.local())
+
+    def get_config(self):
+        config = super().get_config()
+        if self.feedback_prefix is not None:
+            config["feedback_prefix"] = self.feedback_prefix
+        return config
 
     # --- weights -----------------------------------------------------------------------------
 
     def build(self, input_shape):
-        prefix = self.feedback_prefix or (self.path or self.name).replace("/", "_")
+        if self.feedback_prefix is None:
+            self.feedback_prefix = (self.path or self.name).replace("/", "_")
+        prefix = self.feedback_prefix
         common = dict(dtype=self.dtype_policy, **self.feedback_config())
         inputs, recurrent, bias_shape, bias_initializer = self._projection_layers(
             input_shape, (f"{prefix}_input", f"{prefix}_recurrent"), common
@@ -387,6 +407,7 @@ class _FeedbackRNN(_Twin, WithFeedback):
 
     def _init_feedback(self, *args, **kwargs):
         super()._init_feedback(*args, **kwargs)
+        _check_feedback(self)
         # The stock constructor made a stock cell (not built: no weights yet); the twin takes
         # its place with the same config plus the feedback arguments.
         stock = self.cell
