@@ -157,3 +157,15 @@ def multi_worker_fit(model):
     finally:
         tf_trainer.reduce_per_replica = original
         del model._maybe_symbolic_build
+
+
+def conv_lstm_cell_class():
+    """The stock cell of `keras.layers.ConvLSTM1D/2D/3D`, which `keras_wt.layers.ConvLSTMCell`
+    subclasses (its forward pass and dropout masks are the stock ones). Keras creates it inside
+    the `ConvLSTM*` layers and does not export it (no public `keras.layers.ConvLSTMCell`; no
+    upstream issue asking for one was found)."""
+    try:
+        from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
+    except ImportError:
+        raise _unsupported("keras.src.layers.rnn.conv_lstm.ConvLSTMCell") from None
+    return ConvLSTMCell

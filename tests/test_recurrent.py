@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import runpy
-import sys
+
 import warnings
 
 import keras
@@ -46,13 +46,21 @@ LAYERS = [
     ("gru_reset_before_impl1", keras.layers.GRU, wt.GRU,
      dict(reset_after=False, implementation=1, use_bias=False)),
 ]
+CONV_X = RNG.randn(2, 3, 6, 2).astype("float32")  # (batch, time, width, channels)
+CONV_LAYERS = [
+    ("conv_lstm1d", keras.layers.ConvLSTM1D, wt.ConvLSTM1D, CONV_X.shape,
+     dict(padding="same", dropout=0.3, recurrent_dropout=0.2, return_sequences=True)),
+    ("conv_lstm2d", keras.layers.ConvLSTM2D, wt.ConvLSTM2D, (2, 3, 2, 5, 4),
+     dict(strides=2, data_format="channels_first", return_state=True)),
+    ("conv_lstm3d", keras.layers.ConvLSTM3D, wt.ConvLSTM3D, (2, 2, 3, 4, 3, 1), dict(use_bias=False)),
+]
 
 
-def _pair(stock_class, twin_class, units=6, shape=X.shape, feedback="bp", **kwargs):
+def _pair(stock_class, twin_class, units=6, shape=X.shape, feedback="bp", args=(), **kwargs):
     """A twin and a stock layer with the same weights (the twin's)."""
-    twin = twin_class(units, feedback=feedback, seed=3, **kwargs)
+    twin = twin_class(units, *args, feedback=feedback, seed=3, **kwargs)
     twin.build(shape)
-    stock = stock_class(units, seed=3, **kwargs)
+    stock = stock_class(units, *args, seed=3, **kwargs)
     stock.build(shape)
     assert [w.shape for w in wt.stock_weights(twin)] == [w.shape for w in stock.weights]
     for target, source in zip(stock.weights, wt.stock_weights(twin)):
@@ -60,15 +68,14 @@ def _pair(stock_class, twin_class, units=6, shape=X.shape, feedback="bp", **kwar
     return twin, stock
 
 
-def _grads(layer, x, mask=None, training=True, weights=None):
+def _grads(layer, x, mask=None, training=True):
     """Outputs, then the gradients of `Σ outputs²` (every output) wrt x and the stock weights."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         outputs = layer(x, training=training, mask=mask)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         loss = tf.add_n([tf.reduce_sum(o * o) for o in outputs])
-    weights = wt.stock_weights(layer) if weights is None else weights
-    grads = tape.gradient(loss, [x] + weights)
+    grads = tape.gradient(loss, [x] + wt.stock_weights(layer))
     assert all(g is not None for g in grads)
     return outputs + grads
 
@@ -85,7 +92,16 @@ def test_forward_and_bp_gradients_are_bit_for_bit_the_stock_layer():
         assert not getattr(twin, "use_cudnn", False)
         for a, b in zip(_grads(twin, x, mask), _grads(stock, x, mask)):
             np.testing.assert_array_equal(a, b, err_msg=name)
-        if name in ("simple_rnn", "lstm_impl1", "gru_reset_before"):
+        if name in ("lstm_impl1", "gru_reset_before"):
+            compiled = [tf.function(functools.partial(_grads, layer)) for layer in (twin, stock)]
+            for a, b in zip(compiled[0](x), compiled[1](x)):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+    for name, stock_class, twin_class, shape, kwargs in CONV_LAYERS:
+        twin, stock = _pair(stock_class, twin_class, 3, shape, args=(3,), **kwargs)
+        x = tf.constant(RNG.randn(*shape).astype("float32"))
+        for a, b in zip(_grads(twin, x), _grads(stock, x)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        if name == "conv_lstm1d":
             compiled = [tf.function(functools.partial(_grads, layer)) for layer in (twin, stock)]
             for a, b in zip(compiled[0](x), compiled[1](x)):
                 np.testing.assert_array_equal(a, b, err_msg=name)
@@ -242,6 +258,54 @@ def test_every_rule_sends_its_own_b_through_both_kernels():
                 assert projection.feedback_state.numpy()[1] == 1
 
 
+def _fb_op(op, x, w, b):
+    """`op(x, W)` (bilinear) whose input gradient is the vector-Jacobian product of `op(·, B)`."""
+
+    @tf.custom_gradient
+    def product(x, w):
+        def grad(dy):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch([x, w])
+                through_b, through_w = op(x, b), op(x, w)
+            return tape.gradient(through_b, x, dy), tape.gradient(through_w, w, dy)
+
+        return op(x, w), grad
+
+    return product(x, w)
+
+
+def test_conv_lstm_errors_cross_both_convolutions_through_b():
+    """ConvLSTM1D ("valid" input convolution, "same" recurrent one): the error crosses the input
+    convolution as its transpose with `B_in` and each step's recurrent convolution as its
+    transpose with `B_rec`; the gates and the carry are exact."""
+    layer = wt.ConvLSTM1D(3, 3, feedback="fa", return_sequences=True)
+    layer.build(CONV_X.shape)
+    cell = layer.cell
+    b_in, b_rec = (p.feedback_kernel for p in cell.projections)
+    conv_in = lambda x, k: tf.nn.conv1d(x, k, stride=1, padding="VALID")  # noqa: E731
+    conv_rec = lambda x, k: tf.nn.conv1d(x, k, stride=1, padding="SAME")  # noqa: E731
+    x = tf.constant(CONV_X)
+    h0, c0 = (tf.constant(RNG.randn(2, 4, 3).astype("float32")) for _ in range(2))
+    weights = [cell.kernel, cell.recurrent_kernel, cell.bias]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, h0, c0])
+        y = layer(x, initial_state=[h0, c0])
+        h, c, outputs = h0, c0, []
+        w_in, w_rec = tf.convert_to_tensor(cell.kernel), tf.convert_to_tensor(cell.recurrent_kernel)
+        for t in range(3):
+            z = _fb_op(conv_in, x[:, t], w_in, b_in) + _fb_op(conv_rec, h, w_rec, b_rec) + cell.bias
+            i, f, g, o = tf.split(z, 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            h = tf.sigmoid(o) * tf.tanh(c)
+            outputs.append(h)
+        y_reference = tf.stack(outputs, axis=1)
+    assert_allclose(y, y_reference, rtol=1e-5, atol=1e-6)
+    dy = tf.constant(RNG.randn(*y.shape).astype("float32"))
+    wrt = [x, h0, c0] + weights
+    for a, b in zip(tape.gradient(y, wrt, dy), tape.gradient(y_reference, wrt, dy)):
+        assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_with_b_equal_to_w_every_gradient_is_backprops():
     """`B := W` in every projection (`fa`) gives the stock model's gradients of every weight and
     of the input, through two stacked recurrent layers and time."""
@@ -292,23 +356,22 @@ def _compile(model, feedback, lr=0.1, **kwargs):
 
 
 def test_every_rule_trains_with_fit_in_every_wrapper():
-    """One `fit` trains a model holding a recurrent layer of each rule, in each wrapper (a twin
+    """One `fit` trains a model holding recurrent layers of several rules, in each wrapper (a twin
     layer, `Bidirectional`, a twin cell in `keras.layers.RNN`, stacked cells), with
-    `KolenPollack` and `MirrorCallback`: every weight moves, feedback layer names are unique, the
+    `KolenPollack` and `MirrorCallback`: every kernel moves, feedback layer names are unique, the
     `[seed, step]` states advance once per training step (not per time step), and the `B`s that
-    learn (kp, wm, sa, ia) move."""
+    learn (kp, wm, sa, ia) move. (ss and frsf use the code path of fa, with their own `B`:
+    `test_every_rule_sends_its_own_b_through_both_kernels`.)"""
     inputs = keras.Input(X.shape[1:])
     h = wt.LSTM(6, feedback="fa", return_sequences=True)(inputs)
     h = keras.layers.Bidirectional(wt.GRU(4, feedback="brsf", return_sequences=True))(h)
-    h = keras.layers.RNN(wt.SimpleRNNCell(5, feedback="kp"), return_sequences=True)(h)
     h = keras.layers.RNN([wt.LSTMCell(4, feedback="wm"), wt.GRUCell(4, feedback="sa", reset_after=False)],
                          return_sequences=True)(h)
     h = wt.SimpleRNN(4, feedback="ia", return_sequences=True)(h)
-    h = wt.GRU(4, feedback="frsf", return_sequences=True, implementation=1)(h)
-    h = wt.LSTM(4, feedback="ss")(h)
+    h = keras.layers.RNN(wt.SimpleRNNCell(5, feedback="kp"))(h)
     model = keras.Model(inputs, wt.Dense(3, feedback="fa")(h))
     names = [layer.name for layer in wt.feedback_layers(model)]
-    assert len(set(names)) == len(names) == 2 * 9 + 1
+    assert len(set(names)) == len(names) == 2 * 7 + 1
     assert [n.split("_")[0] for n in names[2:6]] == ["forward", "forward", "backward", "backward"]
     optimizer = KolenPollack(keras.optimizers.SGD(0.1), weight_decay=0.1)
     mirror = keras_wt.callbacks.MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=0.5, batch_size=8)
@@ -328,23 +391,35 @@ def test_every_rule_trains_with_fit_in_every_wrapper():
     assert len(optimizer.kp_pairs) == 2 and len(mirror.mirror.layers) == 2  # both kernels of each
 
 
-def test_xla_steps_equal_eager_steps():
-    """Compiled with XLA, a `brsf` recurrent layer computes the eager gradients (the same `R_t`
-    drawn once for the whole sequence) and `fit(jit_compile=True)` trains with `kp` and `sa`."""
-    layer = wt.LSTM(4, feedback="brsf", return_sequences=True)
-    layer.build(X.shape)
-    grads = functools.partial(_grads, layer)
-    state = [p.feedback_state.numpy() for p in layer.cell.projections]
-    eager = grads(tf.constant(X))
-    for p, s in zip(layer.cell.projections, state):
-        p.feedback_state.assign(s)
-    for a, b in zip(eager, tf.function(grads, jit_compile=True)(tf.constant(X))):
-        assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for feedback in ("kp", "sa"):
-        model = keras.Sequential([keras.Input(X.shape[1:]), wt.GRU(4, feedback=feedback), wt.Dense(3, feedback=feedback)])
-        _compile(model, feedback, jit_compile=True)
-        history = model.fit(RNG.randn(16, 3, 5).astype("float32"), RNG.randint(0, 3, 16), batch_size=8, verbose=0)
-        assert np.isfinite(history.history["loss"]).all()
+def _mixed_model():
+    """SimpleRNN (brsf) → SimpleRNN (sa) → Dense (kp): a per-step draw, a local loss, an
+    optimizer-learned B (the mechanisms every recurrent twin shares)."""
+    keras.utils.set_random_seed(11)
+    return keras.Sequential([keras.Input(X.shape[1:]), wt.SimpleRNN(4, feedback="brsf", return_sequences=True),
+                             wt.SimpleRNN(3, feedback="sa"), wt.Dense(3, feedback="kp")])
+
+
+def _train_mixed(strategy=None, jit_compile=False, start=None):
+    """Two SGD steps of `_mixed_model` from the weights `start` (default: its own)."""
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = _mixed_model()
+        model.compile(KolenPollack(keras.optimizers.SGD(0.1), weight_decay=0.1), LOSS, jit_compile=jit_compile)
+        start = [w.numpy() for w in model.weights] if start is None else start
+        model.set_weights(start)
+    rng = np.random.RandomState(5)
+    x, y = rng.randn(16, 3, 5).astype("float32"), rng.randint(0, 3, 16)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return model, start
+
+
+def test_xla_training_steps_equal_eager_ones():
+    """With `jit_compile=True` the same two steps give the same weights, `B`s and states: the
+    `brsf` draw (one per sequence), `sa`'s local loss and Kolen–Pollack compile with XLA."""
+    plain, start = _train_mixed()
+    compiled, _ = _train_mixed(jit_compile=True, start=start)
+    for a, b in zip(plain.weights, compiled.weights):
+        assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert [p.feedback_state.numpy()[1] for p in compiled.layers[0].cell.projections] == [2, 2]
 
 
 def test_brsf_measurements_do_not_advance_the_step_and_state_is_per_layer_call():
@@ -400,6 +475,10 @@ def test_local_input_real_is_refused_where_the_loss_reads_it():
 
 def test_kolen_pollack_keeps_both_kernel_pairs_of_every_layer_in_step():
     model = _model("kp")
+    convolutional = keras.Sequential([keras.layers.Reshape((3, 5, 1)),
+                                      wt.ConvLSTM1D(2, 3, padding="same", feedback="kp"),
+                                      keras.layers.Flatten(), wt.Dense(3, feedback="kp")])
+    model = keras.Model(model.inputs[0], model.outputs[0] + convolutional(model.inputs[0]))
     pairs = [(l.kernel, l.feedback_kernel) for l in wt.feedback_layers(model)]
     optimizer = KolenPollack(keras.optimizers.SGD(0.05, momentum=0.9), weight_decay=0.3)
     y = RNG.randint(0, 3, 4)
@@ -413,7 +492,7 @@ def test_kolen_pollack_keeps_both_kernel_pairs_of_every_layer_in_step():
             np.testing.assert_allclose(b, (1 - 0.05 * 0.3) * a, rtol=0, atol=2e-6)
         differences = after
     assert {id(w) for w, _ in optimizer.kp_pairs} == {id(w) for w, _ in pairs}
-    assert len(pairs) == 9 and all(np.abs(w.numpy() - b.numpy()).max() > 0 for w, b in pairs)
+    assert len(pairs) == 9 + 3 and all(np.abs(w.numpy() - b.numpy()).max() > 0 for w, b in pairs)
 
 
 def test_kp_without_kolen_pollack_fails_loudly():
@@ -461,6 +540,17 @@ def test_mirror_reaches_the_fixed_point_on_both_kernels():
         assert measured[layer.name] == pytest.approx(refined, rel=0.08), (layer.name, measured, law)
         w, b = layer.kernel.numpy(), layer.feedback_kernel.numpy()
         assert np.sum(b * w) / np.sum(w * w) == pytest.approx(sigma**2 / lam, rel=0.05), layer.name
+    # ConvLSTM: a "valid" input convolution and a "same" recurrent one (whose border taps see
+    # fewer real inputs: the link counts make the fixed point exact all the same).
+    model = keras.Sequential([keras.Input((3, 9, 4)), wt.ConvLSTM1D(6, 3, feedback="wm")])
+    mirror = WeightMirror(model, eta, noise_std=sigma, decay=lam, batch_size=n, seed=2)
+    assert [tuple(mirror.noise(i, 0).shape) for i in range(2)] == [(n, 9, 4), (n, 7, 6)]
+    assert keras_wt.mirror.link_counts(mirror.layers[1]).min() < 7  # padded borders
+    mirror.run(0, 300)
+    for layer in mirror.layers:
+        w, b = layer.kernel.numpy(), layer.feedback_kernel.numpy()
+        assert np.sum(b * w) / np.sum(w * w) == pytest.approx(sigma**2 / lam, rel=0.05), layer.name
+        assert angle(w, b) < 10, layer.name
 
 
 # --- saving, convert, strip, wrappers, alignment, distribution ------------------------------------
@@ -579,25 +669,29 @@ def test_twin_arguments_and_configs():
 
 def test_two_replicas_train_like_one_device(two_cpu_strategy):
     """Under MirroredStrategy every replica keeps the same W, B and state, and two steps give one
-    device's weights, for a rule drawing per step (brsf) and one with a local loss (sa)."""
-    y = RNG.randint(0, 3, 16)
-    x = RNG.randn(16, 3, 5).astype("float32")
-    for feedback in ("brsf", "sa"):
-        def train(strategy, start=None):
-            with strategy.scope():
-                keras.utils.set_random_seed(11)
-                model = keras.Sequential([keras.Input(X.shape[1:]), wt.LSTM(4, feedback=feedback),
-                                          wt.Dense(3, feedback=feedback)])
-                _compile(model, feedback)
-                start = [w.numpy() for w in model.weights] if start is None else start
-                model.set_weights(start)
-            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-            return model, start
+    device's weights (brsf's draw, sa's local loss, Kolen–Pollack)."""
+    one, start = _train_mixed()
+    two, _ = _train_mixed(two_cpu_strategy, start=start)
+    for a, b in zip(one.weights, two.weights):
+        first, *others = [np.asarray(v) for v in b.value.values]
+        for value in others:
+            np.testing.assert_array_equal(value, first, err_msg=b.path)
+        np.testing.assert_allclose(first, a.numpy(), rtol=1e-5, atol=1e-6, err_msg=b.path)
 
-        one, start = train(tf.distribute.get_strategy())
-        two, _ = train(two_cpu_strategy, start)
-        for a, b in zip(one.weights, two.weights):
-            first, *others = [np.asarray(v) for v in b.value.values]
-            for value in others:
-                np.testing.assert_array_equal(value, first, err_msg=b.path)
-            np.testing.assert_allclose(first, a.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{feedback} {b.path}")
+
+def test_example_script_runs_on_a_tiny_dataset(data_dir, tmp_path):
+    """examples/lstm_fashion_mnist.py, one epoch on the tiny IDX files of conftest (no network):
+    a JSON with per-epoch test accuracy and the angles of both kernels and the classifier."""
+    path = __file__.rsplit("/tests/", 1)[0] + "/examples/lstm_fashion_mnist.py"
+    example = runpy.run_path(path)  # defines main() without running it
+    out = tmp_path / "result.json"
+    example["main"]([
+        "--algo", "kp", "--cell", "gru", "--units", "8", "--epochs", "1", "--batch_size", "16",
+        "--probe", "8", "--data_dir", data_dir, "--out", str(out), "--verbose", "0",
+    ])
+    result = json.loads(out.read_text())
+    (epoch,) = result["epochs"]
+    assert 0 <= epoch["test_accuracy"] <= 1 and result["train_examples"] == 48
+    names = ["gru_input", "gru_recurrent", "classifier"]
+    assert sorted(epoch["weight_angle"]) == sorted(epoch["delta_angle"]) == sorted(names)
+    assert all(np.isfinite(v) for v in epoch["weight_angle"].values())

@@ -58,6 +58,10 @@ from keras_wt.layers.convolutional import SeparableConv2D
 from keras_wt.layers.core import Dense
 from keras_wt.layers.core import EinsumDense
 from keras_wt.layers.recurrent import GRU
+from keras_wt.layers.recurrent import ConvLSTM1D
+from keras_wt.layers.recurrent import ConvLSTM2D
+from keras_wt.layers.recurrent import ConvLSTM3D
+from keras_wt.layers.recurrent import ConvLSTMCell
 from keras_wt.layers.recurrent import LSTM
 from keras_wt.layers.recurrent import GRUCell
 from keras_wt.layers.recurrent import LSTMCell
@@ -70,7 +74,7 @@ __all__ = [
     "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
     "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
     "SeparableConv2D", "MultiHeadAttention", "SimpleRNNCell", "LSTMCell", "GRUCell", "SimpleRNN",
-    "LSTM", "GRU",
+    "LSTM", "GRU", "ConvLSTMCell", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D",
 ]
 
 # The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
@@ -94,6 +98,9 @@ TWINS = {
     keras.layers.SimpleRNN: SimpleRNN,
     keras.layers.LSTM: LSTM,
     keras.layers.GRU: GRU,
+    keras.layers.ConvLSTM1D: ConvLSTM1D,
+    keras.layers.ConvLSTM2D: ConvLSTM2D,
+    keras.layers.ConvLSTM3D: ConvLSTM3D,
 }
 STOCK = {ours: stock for stock, ours in TWINS.items()}
 
