@@ -22,10 +22,10 @@ Two kinds of layer:
   (`layer.feedback_kernel`, W's shape) around one linear op `layer.linear(x, kernel)`: `Dense`,
   `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D`. The mirror, the
   Kolen–Pollack optimizer and the alignment metrics see only these.
-* A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`) is built from
-  `FeedbackLayer` sublayers, one per kernel, so every (W, B) pair is a `FeedbackLayer` of the
-  model and no other code needs to know about the composite. Its weights, with the feedback
-  kernels left out, come in the stock layer's order.
+* A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`, the recurrent
+  layers and cells) is built from `FeedbackLayer` sublayers, one per kernel, so every (W, B)
+  pair is a `FeedbackLayer` of the model and no other code needs to know about the composite.
+  Its weights, with the feedback kernels left out, come in the stock layer's order.
 
 What stays exact: the attention products `QKᵀ` and `AV` of `MultiHeadAttention` multiply two
 activations and hold no weight, so there is no `W` to hide and they keep their exact gradients;
@@ -33,7 +33,8 @@ likewise normalisation, pooling, embeddings and every other layer without a kern
 
 One module per family: `base` (`WithFeedback`, `FeedbackLayer`: `B` and the custom gradient),
 `core` (`Dense`, `EinsumDense`), `convolutional` (every convolution), `attention`
-(`MultiHeadAttention`). `TWINS` below is the one registry of stock layer → twin.
+(`MultiHeadAttention`), `recurrent` (`SimpleRNN`, `LSTM`, `GRU`, `ConvLSTM1D/2D/3D` and their
+cells: `B_in` and `B_rec`). `TWINS` below is the one registry of stock layer → twin.
 """
 
 import keras
@@ -109,7 +110,8 @@ FEEDBACK_LAYERS = tuple(cls for cls in TWINS.values() if issubclass(cls, Feedbac
 
 def feedback_layers(model):
     """All keras_wt feedback layers of `model` (nested models and the sublayers of separable
-    convolutions and attention included), in order: every (W, B) pair of the model."""
+    convolutions, attention and recurrent cells included), in order: every (W, B) pair of the
+    model."""
     return [
         layer for layer in _compat.flatten_layers(model) if isinstance(layer, FeedbackLayer)
     ]
