@@ -169,3 +169,21 @@ def conv_lstm_cell_class():
     except ImportError:
         raise _unsupported("keras.src.layers.rnn.conv_lstm.ConvLSTMCell") from None
     return ConvLSTMCell
+
+
+def read_without_autocast(variable):
+    """`variable`'s value in its own dtype, also inside a layer call under mixed precision, whose
+    autocast scope would cast it to the compute dtype.
+
+    The recurrent twins read each kernel once per layer call, outside the time loop, and cast
+    it at every step, as the stock cell's per-step read does: the weight gradient of each step
+    is then cast back before the steps are summed, in the variable's dtype (summed in float16 it
+    would lose precision). Keras has no public way to read a variable past the autocast scope;
+    `AutocastScope(None)` is the scope that casts nothing.
+    """
+    try:
+        from keras.src.backend.common.variables import AutocastScope
+    except ImportError:
+        raise _unsupported("keras.src.backend.common.variables.AutocastScope") from None
+    with AutocastScope(None):
+        return tf.convert_to_tensor(variable.value)

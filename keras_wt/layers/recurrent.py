@@ -176,18 +176,20 @@ def _notify_backward(x, callback):
 
 class _Sequence:
     """What a cell computes once per layer call (outside the time loop) for its projections:
-    `W`, `B` (`None`: exact backprop), and at the end the local losses."""
+    `W` (read in its own dtype; each step casts it, as the stock cell's per-step read does), `B`
+    in the compute dtype (`None`: exact backprop), and at the end the local losses."""
 
     def __init__(self, cell, batch_size, owner):
         self.owner = owner
         self.batch_size = batch_size
+        self.compute_dtype = cell.compute_dtype
         self.tapped = feedback_lib.linear_tap() is not None
         self.kernels = {}
         for projection in cell.projections:
-            kernel = tf.cast(tf.convert_to_tensor(projection.kernel), cell.compute_dtype)
+            kernel = _compat.read_without_autocast(projection.kernel)
             feedback = None
             if projection.feedback_used:
-                feedback = projection.feedback_tensor(kernel)
+                feedback = projection.feedback_tensor(tf.cast(kernel, self.compute_dtype))
             if feedback is not None and not self.tapped and (
                 projection.feedback_learning == "mirror" or projection.feedback_state is not None
             ):
@@ -207,6 +209,7 @@ class _Sequence:
         for projection, (kernel, feedback) in self.kernels.items():
             if projection.feedback_learning != "loss" or feedback is None:
                 continue
+            kernel = tf.cast(kernel, self.compute_dtype)
             coefficients = projection.local_loss_coefficients
             coefficients.setdefault("decay", 0.0)  # B's update waits for this read by data
             shape = [self.batch_size] + list(projection.feedback_input_shape[1:])
@@ -221,21 +224,28 @@ class _Step:
 
     def __init__(self, sequence):
         self.sequence = sequence
-        self.kernels = dict(sequence.kernels)
+        self.kernels = {}
         self.probes = {}
+
+    def _kernel(self, projection):
+        """`W` in the compute dtype for this step, and `B`."""
+        if projection not in self.kernels:
+            kernel, feedback = self.sequence.kernels[projection]
+            self.kernels[projection] = (tf.cast(kernel, self.sequence.compute_dtype), feedback)
+        return self.kernels[projection]
 
     def read_once(self, projection):
         """Where the stock cell splits a kernel it has read once for the step (LSTM's
         `implementation=1`), its pieces' weight gradients meet in one tensor per step before
         they are summed over the steps: eagerly, TensorFlow sums gradients in groups, and the
         same grouping keeps `bp` bit for bit."""
-        kernel, feedback = self.kernels[projection]
+        kernel, feedback = self._kernel(projection)
         self.kernels[projection] = (tf.identity(kernel), feedback)
 
     def project(self, projection, x, start=None, stop=None):
         """The projection's op on `x` (restricted to the columns `start:stop` if given), with
         its input gradient through `B`."""
-        kernel, feedback = self.kernels[projection]
+        kernel, feedback = self._kernel(projection)
         if start is None:
             op = projection.linear
         else:
