@@ -1,4 +1,5 @@
-"""Recurrent layers: `SimpleRNN`, `LSTM`, `GRU` and their cells, with feedback on both kernels.
+"""Recurrent layers (`SimpleRNN`, `LSTM`, `GRU`, `ConvLSTM1D/2D/3D` and their cells) with a
+feedback kernel for the input kernel and one for the recurrent kernel.
 
 A recurrent cell multiplies two things by a kernel at every time step: the input `x_t` (by the
 input kernel `W_in`) and the previous state `h_{t−1}` (by the recurrent kernel `W_rec`). In
@@ -32,10 +33,13 @@ evaluates the projection's op restricted to those columns (`columns`), through t
 **One layer call, many time steps.** Keras runs the cell inside a `tf.while_loop`, once per
 step. What a `FeedbackLayer` does once per call is done here once per *sequence*, outside the
 loop: `W` and `B` are read (so the mirror finds the forward pass's read of `B` in the training
-step's graph, and the loop captures one tensor instead of reading the variables at every step),
-`brsf`'s `B` is drawn once (every step of a sequence uses the same `R_t`), the `[seed, step]`
-state advances once per backward pass (on the gradient of `W`'s read, outside the loop), and the
-local loss of `sa`/`ia` is added once (`add_loss` cannot take a tensor from inside the loop). The
+step's graph, and the loop captures one tensor instead of reading the variables at every step;
+`W` is read in its own dtype and cast at every step, as the stock cell's per-step read is, so
+under mixed precision the steps' weight gradients are summed in float32), `brsf`'s `B` is drawn
+once (every step of a sequence uses the same `R_t`), the `[seed, step]` state advances once per
+backward pass (on the gradient of `W`'s read, outside the loop: not while the kernel is frozen),
+and the local loss of `sa`/`ia` is added once (`add_loss` cannot take a tensor from inside the
+loop). The
 local loss of a recurrent projection sees noise (one batch of the layer's batch size per call):
 its real input, every step's `x_t` or `h_{t−1}`, exists only inside the loop, so
 `feedback_input="real"` is refused for a loss that reads the input (`sa`'s default `self + decay`
