@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam's")
-    parser.add_argument("--kp_weight_decay", type=float, default=1.0, help="λ of KolenPollack")
+    parser.add_argument("--kp_weight_decay", type=float, default=2.0, help="λ of KolenPollack (B − W shrinks by 1 − lr·λ per step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="training images used (default: all)")
     parser.add_argument("--test_limit", type=int, default=None, help="test images used (default: all)")

@@ -82,8 +82,8 @@ def _grads(layer, x, mask=None, training=True):
 
 def test_forward_and_bp_gradients_are_bit_for_bit_the_stock_layer():
     """Every stock option the cell sees (both implementations, dropout and recurrent dropout
-    masks, reset_after, use_bias, masking, go_backwards, unroll, return_sequences/state, mixed
-    precision) and the ConvLSTM layers: outputs, input gradient and weight gradients equal the
+    masks, reset_after, use_bias, masking, go_backwards, unroll, return_sequences/state, stateful,
+    mixed precision) and the ConvLSTM layers: outputs, input gradient and weight gradients equal the
     stock layer's bit for bit, eagerly and in a compiled function (where `fit` runs)."""
     x = tf.constant(X)
     mask = tf.constant(np.array([[1, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 1]], bool))
@@ -96,6 +96,9 @@ def test_forward_and_bp_gradients_are_bit_for_bit_the_stock_layer():
             compiled = [tf.function(functools.partial(_grads, layer)) for layer in (twin, stock)]
             for a, b in zip(compiled[0](x), compiled[1](x)):
                 np.testing.assert_array_equal(a, b, err_msg=name)
+    twin, stock = _pair(keras.layers.GRU, wt.GRU, stateful=True)  # the state carries over calls
+    for _ in range(2):
+        np.testing.assert_array_equal(twin(X), stock(X), err_msg="stateful")
     # Mixed precision: each step casts W, and the weight gradients are summed in float32.
     keras.mixed_precision.set_global_policy("mixed_float16")
     for name, stock_class, twin_class, kwargs in (LAYERS[2], LAYERS[5]):
