@@ -1,4 +1,4 @@
-"""Recurrent twins: SimpleRNN, LSTM, GRU and their cells, feedback on both kernels.
+"""Recurrent twins: SimpleRNN, LSTM, GRU, ConvLSTM and their cells, feedback on both kernels.
 
 The error crosses the input kernel as `dx_t = dz_t·B_inᵀ` and time as `dh_{t−1} = dz_t·B_recᵀ`
 (through the gate pre-activations `z_t`); the gates, the carry and the weight gradients are
@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import runpy
-
 import warnings
 
 import keras
