@@ -278,3 +278,33 @@ def multi_worker_fit(model):
     finally:
         tf_trainer.reduce_per_replica = original
         del model._maybe_symbolic_build
+
+
+def conv_lstm_cell_class():
+    """The stock cell of `keras.layers.ConvLSTM1D/2D/3D`, which `keras_wt.layers.ConvLSTMCell`
+    subclasses (its forward pass and dropout masks are the stock ones). Keras creates it inside
+    the `ConvLSTM*` layers and does not export it (no public `keras.layers.ConvLSTMCell`; no
+    upstream issue asking for one was found)."""
+    try:
+        from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
+    except ImportError:
+        raise _unsupported("keras.src.layers.rnn.conv_lstm.ConvLSTMCell") from None
+    return ConvLSTMCell
+
+
+def read_without_autocast(variable):
+    """`variable`'s value in its own dtype, also inside a layer call under mixed precision, whose
+    autocast scope would cast it to the compute dtype.
+
+    The recurrent twins read each kernel once per layer call, outside the time loop, and cast
+    it at every step, as the stock cell's per-step read does: the weight gradient of each step
+    is then cast back before the steps are summed, in the variable's dtype (summed in float16 it
+    would lose precision). Keras has no public way to read a variable past the autocast scope;
+    `AutocastScope(None)` is the scope that casts nothing.
+    """
+    try:
+        from keras.src.backend.common.variables import AutocastScope
+    except ImportError:
+        raise _unsupported("keras.src.backend.common.variables.AutocastScope") from None
+    with AutocastScope(None):
+        return tf.convert_to_tensor(variable.value)

@@ -160,7 +160,8 @@ class _MyDense(keras.layers.Dense):
 
 def test_unconverted_kernel_layers_are_named_in_a_warning_or_refused_when_strict():
     inputs = keras.Input((4, 3))
-    h = keras.layers.LSTM(5, return_sequences=True)(inputs)
+    # A stock LSTMCell in a generic RNN wrapper (keras_wt converts SimpleRNN, LSTM and GRU).
+    h = keras.layers.RNN(keras.layers.LSTMCell(5), return_sequences=True)(inputs)
     h = keras.layers.Conv1D(4, 2)(h)
     h = _MyDense(3)(keras.layers.Flatten()(h))
     model = keras.Model(inputs, keras.layers.Dense(2)(h))

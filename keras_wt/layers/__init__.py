@@ -23,7 +23,8 @@ Two kinds of layer:
   `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D`, and
   `ReversibleEmbedding` (its reverse projection `h·Eᵀ`; the lookup stays a lookup). The mirror,
   the Kolen–Pollack optimizer and the alignment metrics see only these.
-* A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`) is built from
+* A layer with several kernels (`SeparableConv1D/2D`, `MultiHeadAttention`, the recurrent
+  layers and cells) is built from
   `FeedbackLayer` sublayers, one per kernel, so every (W, B) pair is a `FeedbackLayer` of the
   model and no other code needs to know about the composite. Its weights, with the feedback
   kernels left out, come in the stock layer's order.
@@ -34,9 +35,10 @@ likewise normalisation, pooling, embeddings and every other layer without a kern
 
 One module per family: `base` (`WithFeedback`, `FeedbackLayer`: `B` and the custom gradient),
 `core` (`Dense`, `EinsumDense`), `convolutional` (every convolution), `attention`
-(`MultiHeadAttention`), `embedding` (`ReversibleEmbedding`). `TWINS` below is the one registry
-of stock layer → twin; `twin_of` also knows the subclasses that add nothing to a stock layer
-(`SAME_AS_STOCK`).
+(`MultiHeadAttention`), `embedding` (`ReversibleEmbedding`), `recurrent` (`SimpleRNN`, `LSTM`,
+`GRU`, `ConvLSTM1D/2D/3D` and their cells: `B_in` and `B_rec`). `TWINS` below is the one
+registry of stock layer → twin; `twin_of` also knows the subclasses that add nothing to a
+stock layer (`SAME_AS_STOCK`).
 """
 
 import keras
@@ -61,6 +63,16 @@ from keras_wt.layers.convolutional import SeparableConv2D
 from keras_wt.layers.core import Dense
 from keras_wt.layers.core import EinsumDense
 from keras_wt.layers.embedding import ReversibleEmbedding
+from keras_wt.layers.recurrent import GRU
+from keras_wt.layers.recurrent import ConvLSTM1D
+from keras_wt.layers.recurrent import ConvLSTM2D
+from keras_wt.layers.recurrent import ConvLSTM3D
+from keras_wt.layers.recurrent import ConvLSTMCell
+from keras_wt.layers.recurrent import LSTM
+from keras_wt.layers.recurrent import GRUCell
+from keras_wt.layers.recurrent import LSTMCell
+from keras_wt.layers.recurrent import SimpleRNN
+from keras_wt.layers.recurrent import SimpleRNNCell
 
 __all__ = [
     "FEEDBACK_ARGUMENTS", "FEEDBACK_CONFIG_KEYS", "FEEDBACK_LAYERS", "STOCK", "TWINS",
@@ -68,6 +80,8 @@ __all__ = [
     "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
     "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
     "SeparableConv2D", "MultiHeadAttention", "ReversibleEmbedding", "SAME_AS_STOCK", "twin_of",
+    "SimpleRNNCell", "LSTMCell", "GRUCell", "SimpleRNN", "LSTM", "GRU", "ConvLSTMCell",
+    "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D",
 ]
 
 # The one registry: every stock Keras layer with a kernel that keras_wt replaces, and its twin.
@@ -86,6 +100,15 @@ TWINS = {
     keras.layers.SeparableConv2D: SeparableConv2D,
     keras.layers.MultiHeadAttention: MultiHeadAttention,
     keras.layers.ReversibleEmbedding: ReversibleEmbedding,
+    keras.layers.SimpleRNNCell: SimpleRNNCell,
+    keras.layers.LSTMCell: LSTMCell,
+    keras.layers.GRUCell: GRUCell,
+    keras.layers.SimpleRNN: SimpleRNN,
+    keras.layers.LSTM: LSTM,
+    keras.layers.GRU: GRU,
+    keras.layers.ConvLSTM1D: ConvLSTM1D,
+    keras.layers.ConvLSTM2D: ConvLSTM2D,
+    keras.layers.ConvLSTM3D: ConvLSTM3D,
 }
 STOCK = {ours: stock for stock, ours in TWINS.items()}
 
@@ -113,12 +136,14 @@ def twin_of(cls):
     ]
     return None if own else TWINS[stock]
 
+
 FEEDBACK_LAYERS = tuple(cls for cls in TWINS.values() if issubclass(cls, FeedbackLayer))
 
 
 def feedback_layers(model):
     """All keras_wt feedback layers of `model` (nested models and the sublayers of separable
-    convolutions and attention included), in order: every (W, B) pair of the model."""
+    convolutions, attention and recurrent cells included), in order: every (W, B) pair of the
+    model."""
     return [
         layer for layer in _compat.flatten_layers(model) if isinstance(layer, FeedbackLayer)
     ]
