@@ -16,6 +16,17 @@ class _Pairs:
     kernels = ()
 
 
+def _barrier(dependencies, name):
+    """`[op]`: one op that runs after every one of `dependencies` (tensors, `IndexedSlices` or
+    ops), for `tf.control_dependencies`: whatever waits for the barrier waits for all of them
+    through one control edge each, not one per dependency. `[]` when there is nothing to wait
+    for or no graph is being built (eager execution runs in program order)."""
+    if not dependencies or not tf.inside_function():
+        return []
+    with tf.control_dependencies(dependencies):
+        return [tf.no_op(name=name)]
+
+
 @keras.saving.register_keras_serializable(package="keras_wt")
 class KolenPollack(keras.optimizers.Optimizer):
     """Wraps any Keras optimizer so that Kolen–Pollack feedback kernels learn.
@@ -128,7 +139,10 @@ class KolenPollack(keras.optimizers.Optimizer):
         # soon as W and B can be read, during the backward pass: every assignment then copies a
         # kernel that the backward pass still reads, while the activations are alive (ResNet-18:
         # a step's peak memory 1.30x stock Keras's with it, 0.93x without).
-        gradients_done = [g for g in grads if g is not None]
+        # One barrier op waits for every gradient, and what must follow them waits for the
+        # barrier: n + n control edges, not n·n (an edge from every gradient to every op of the
+        # update made the first trace of a 150-convolution chain 5x fa's, DESIGN.md §2).
+        gradients_done = _barrier([g for g in grads if g is not None], "kp_gradients_done")
         # B ← (1 − lr·λ)(B_t − W_t), written into B's own storage: no second kernel-sized
         # tensor stays alive while W is updated.
         with tf.name_scope("kp_difference"), tf.control_dependencies(gradients_done):
@@ -143,7 +157,9 @@ class KolenPollack(keras.optimizers.Optimizer):
         # *reads* of W before its updates, but a read may alias W's buffer, which the wrapped
         # optimizer then updates in place: without this edge the subtraction sometimes ran after
         # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
-        with tf.control_dependencies(differences + gradients_done):
+        # (The barrier waits for every difference and, through them or directly, every gradient.)
+        differences_done = _barrier(differences + gradients_done, "kp_differences_done")
+        with tf.control_dependencies(differences_done):
             if self.kp_weight_decay and kernels:
                 assign_on_every_replica(strategy, kernels, [
                     tf.cast(shrink, w.dtype) * tf.convert_to_tensor(w.value) for w in kernels

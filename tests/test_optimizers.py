@@ -280,3 +280,44 @@ def test_plain_float16_policy():
 def test_wrapped_optimizer_with_use_ema_is_refused():
     with pytest.raises(ValueError, match="use_ema=True"):
         KolenPollack(keras.optimizers.SGD(0.1, use_ema=True))
+
+
+def _train_step_graph(model, optimizer, input_shape):
+    """The graph of `model`'s training step, traced as `fit` traces it."""
+    model.compile(optimizer, "mse")
+    optimizer.build(model.trainable_variables)
+    x = tf.ones((4,) + input_shape)
+    y = tf.zeros((4,) + tuple(model.output_shape[1:]))
+    return tf.function(model.train_step).get_concrete_function((x, y)).graph
+
+
+def _graph_size(depth, feedback):
+    """`(ops, control edges)` of the training step of a chain of `depth` Dense layers."""
+    model = keras.Sequential(
+        [keras.Input((4,))] + [wt.Dense(4, feedback=feedback) for _ in range(depth)]
+    )
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    if feedback == "kp":
+        optimizer = KolenPollack(optimizer, weight_decay=0.1)
+    graph = _train_step_graph(model, optimizer, (4,))
+    operations = graph.get_operations()
+    return len(operations), sum(len(op.control_inputs) for op in operations)
+
+
+def test_the_kp_training_step_graph_grows_linearly_with_depth():
+    """Every ordering edge of the KP update goes through one barrier after the gradients and one
+    after the differences: the graph grows by a fixed number of ops and control edges per layer.
+    (An edge from every gradient to every op of the update made it quadratic: 2,944, 10,992 and
+    42,448 control edges at depths 8, 16 and 32, and the first `fit` of a 150-convolution chain
+    5x fa's.) Counted in the traced graph, not timed."""
+    depths = (8, 16, 32)
+    sizes = {feedback: [_graph_size(depth, feedback) for depth in depths] for feedback in ("fa", "kp")}
+
+    def per_layer(sizes, which):
+        # The growth per added layer between depths 8 → 16 and 16 → 32.
+        return [(sizes[i + 1][which] - sizes[i][which]) / (depths[i + 1] - depths[i]) for i in range(2)]
+
+    for which in (0, 1):  # ops, control edges
+        kp, fa = per_layer(sizes["kp"], which), per_layer(sizes["fa"], which)
+        assert kp[1] <= 1.05 * kp[0], (which, sizes["kp"])  # quadratic growth doubles it
+        assert kp[1] <= 4 * fa[1], (which, sizes)
