@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from keras_wt import feedback as feedback_lib
 from keras_wt._distribute import assign_on_every_replica
+from keras_wt.layers.base import _KolenPollackGuard
 
 
 class _Pairs:
@@ -14,6 +15,19 @@ class _Pairs:
 
     pairs = ()
     kernels = ()
+
+
+def _kp_kernels(var_list):
+    """`[(W, layer)]`: the kernels among `var_list` of layers with `feedback="kp"`, and their
+    layers. A `kp` layer's kernel carries its `_KolenPollackGuard` as Keras's `constraint`, which
+    holds a weak reference to the layer (`keras_wt.layers.base`)."""
+    found = []
+    for variable in var_list:
+        guard = getattr(variable, "constraint", None)
+        layer = guard.layer() if isinstance(guard, _KolenPollackGuard) else None
+        if layer is not None:
+            found.append((variable, layer))
+    return found
 
 
 def _barrier(dependencies, name):
@@ -98,15 +112,20 @@ class KolenPollack(keras.optimizers.Optimizer):
         self._kp = _Pairs()
 
     def build(self, var_list):
-        self.inner_optimizer.build(var_list)
         pairs, kernels = [], []
-        for variable in var_list:
-            link = getattr(variable, "_keras_wt_layer", None)
-            layer = link() if link is not None else None
-            if layer is not None and layer.algorithm.learns_feedback == "optimizer":
-                kernels.append(variable)
-                if layer.feedback_kernel is not None:
-                    pairs.append((variable, layer.feedback_kernel))
+        for variable, layer in _kp_kernels(var_list):
+            kernels.append(variable)
+            if layer.feedback_kernel is not None:
+                pairs.append((variable, layer.feedback_kernel))
+        if not kernels:
+            raise ValueError(
+                f"KolenPollack was given {len(var_list)} variables to train, and none is the "
+                "kernel of a layer with feedback='kp': it would train the model as its wrapped "
+                "optimizer does, with exact backprop or fixed feedback. Convert the model first "
+                "(keras_wt.convert(model, 'kp')), or build it from keras_wt.layers with "
+                "feedback='kp'; for other rules compile with the plain optimizer."
+            )
+        self.inner_optimizer.build(var_list)
         self._kp.pairs = tuple(pairs)
         self._kp.kernels = tuple(kernels)
         super().build(var_list)
