@@ -321,3 +321,37 @@ def test_the_kp_training_step_graph_grows_linearly_with_depth():
         kp, fa = per_layer(sizes["kp"], which), per_layer(sizes["fa"], which)
         assert kp[1] <= 1.05 * kp[0], (which, sizes["kp"])  # quadratic growth doubles it
         assert kp[1] <= 4 * fa[1], (which, sizes)
+
+
+def test_kp_keeps_the_models_feedback_pairs_found_without_attributes_on_variables():
+    """KolenPollack is given variables, not a model: it finds the kp kernels, at any depth, through
+    their `_KolenPollackGuard` constraint and its layer; nothing is written onto a variable."""
+    inner = keras.Sequential([keras.Input((5, 6)), wt.Dense(6, feedback="kp", name="inner")])
+    inputs = keras.Input((5, 6))
+    h = wt.MultiHeadAttention(2, 3, feedback="kp", name="att")(inner(inputs), inputs)
+    h = wt.Dense(4, feedback="fa", name="fa")(h)
+    model = keras.Model(inputs, wt.Dense(3, feedback="kp", name="top")(h))
+    optimizer = KolenPollack(keras.optimizers.SGD(0.1), weight_decay=0.1)
+    optimizer.build(model.trainable_variables)
+    expected = [pair for key, pair in keras_wt.feedback_pairs(model).items() if key != "fa"]
+    assert len(expected) == 6
+    assert [(w.path, b.path) for w, b in optimizer.kp_pairs] == [(w.path, b.path) for w, b in expected]
+    assert all(a is w and c is b for (a, c), (w, b) in zip(optimizer.kp_pairs, expected))
+    assert not [v.path for v in model.weights if any(k.startswith("_keras_wt") for k in vars(v))]
+
+
+@pytest.mark.parametrize("feedback", [None, "fa", "ss"])
+def test_kolen_pollack_refuses_a_model_without_kp_layers(feedback):
+    """A model with no kp layer (stock, or another rule) would train as the wrapped optimizer
+    trains it, without a word: KolenPollack refuses it and says to convert the model."""
+    dense = keras.layers.Dense if feedback is None else (lambda n: wt.Dense(n, feedback=feedback))
+    model = keras.Sequential([keras.Input((6,)), dense(4), dense(3)])
+    with pytest.raises(ValueError, match=r"none is the kernel of a layer with feedback='kp'.*"
+                                         r"keras_wt\.convert\(model, 'kp'\)"):
+        KolenPollack(keras.optimizers.SGD(0.1)).build(model.trainable_variables)
+    model.compile(KolenPollack(keras.optimizers.SGD(0.1)), "mse")
+    weights = [w.numpy() for w in model.weights]
+    with pytest.raises(ValueError, match="convert"):
+        model.fit(X, np.zeros((96, 3), "float32"), batch_size=BATCH, epochs=1, verbose=0)
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(after.numpy(), before)
