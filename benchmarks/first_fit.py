@@ -272,6 +272,7 @@ def main(argv=None):
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("keras_wt").setLevel(logging.WARNING)  # convert's report of every model
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # "triggered tf.function retracing"
     logger.setLevel(logging.INFO)
     rounds = 1 if args.quick else args.rounds
     rng = random.Random(args.seed)

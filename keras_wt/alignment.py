@@ -155,14 +155,14 @@ def _prefixed(groups):
 
 
 def weight_metrics(model):
-    """`weight_angle/<layer>` and `norm_ratio/<layer>` as one flat dict: what can be measured
+    """`weight_angle/<key>` and `norm_ratio/<key>` as one flat dict: what can be measured
     from the variables alone, with no batch and no forward pass."""
     return _prefixed((("weight_angle", weight_angles(model)), ("norm_ratio", norm_ratios(model))))
 
 
 def alignment_metrics(model, x, y, loss=None):
-    """All alignment measurements as one flat dict with keys `weight_angle/<layer>`,
-    `delta_angle/<layer>`, `gradient_angle/<layer>` and `norm_ratio/<layer>`."""
+    """All alignment measurements as one flat dict with keys `weight_angle/<key>`,
+    `delta_angle/<key>`, `gradient_angle/<key>` and `norm_ratio/<key>`."""
     delta, gradient = _compare(model, x, y, loss)
     metrics = weight_metrics(model)
     metrics.update(_prefixed((("delta_angle", delta), ("gradient_angle", gradient))))

@@ -374,8 +374,10 @@ def _mirroring_train_function(model, after_step):
 class AlignmentCallback(keras.callbacks.Callback):
     """Writes alignment measurements into `logs` at the end of epochs.
 
-    Keys: `weight_angle/<layer>`, `delta_angle/<layer>`, `gradient_angle/<layer>` (degrees) and
-    `norm_ratio/<layer>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them. They are
+    Keys: `weight_angle/<key>`, `delta_angle/<key>`, `gradient_angle/<key>` (degrees) and
+    `norm_ratio/<key>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them; `<key>` is
+    the layer's name, or its path where feedback layers share a name
+    (`keras_wt.layers.feedback_keys`). They are
     measured on the fixed `probe` batch every `every` epochs (first at the first epoch) and at
     the last epoch of `fit`, and are NaN in the epochs between, so every epoch has the same keys.
     Put it before the callbacks that read `logs` (`CSVLogger`, `TensorBoard`, `ModelCheckpoint`
