@@ -117,14 +117,6 @@ class KolenPollack(keras.optimizers.Optimizer):
             kernels.append(variable)
             if layer.feedback_kernel is not None:
                 pairs.append((variable, layer.feedback_kernel))
-        if not kernels:
-            raise ValueError(
-                f"KolenPollack was given {len(var_list)} variables to train, and none is the "
-                "kernel of a layer with feedback='kp': it would train the model as its wrapped "
-                "optimizer does, with exact backprop or fixed feedback. Convert the model first "
-                "(keras_wt.convert(model, 'kp')), or build it from keras_wt.layers with "
-                "feedback='kp'; for other rules compile with the plain optimizer."
-            )
         self.inner_optimizer.build(var_list)
         self._kp.pairs = tuple(pairs)
         self._kp.kernels = tuple(kernels)
@@ -144,6 +136,17 @@ class KolenPollack(keras.optimizers.Optimizer):
             self.built = True
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        if not self._kp.kernels:
+            # Refused at the first update, not when built: Keras also builds the optimizer of a
+            # model it clones (`keras_wt.strip`, `convert`) or loads, which must still work.
+            raise ValueError(
+                f"KolenPollack was given {len(trainable_variables)} variables to train, and none "
+                "is the kernel of a layer with feedback='kp': it would train the model as its "
+                "wrapped optimizer does, with exact backprop or fixed feedback, without a word. "
+                "Convert the model first (keras_wt.convert(model, 'kp')), or build it from "
+                "keras_wt.layers with feedback='kp'; for other rules compile with the plain "
+                "optimizer."
+            )
         grads = list(grads)
         updated = {id(v) for v, g in zip(trainable_variables, grads) if g is not None}
         pairs = [(w, b) for w, b in self._kp.pairs if id(w) in updated]

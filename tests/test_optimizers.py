@@ -343,15 +343,34 @@ def test_kp_keeps_the_models_feedback_pairs_found_without_attributes_on_variable
 @pytest.mark.parametrize("feedback", [None, "fa", "ss"])
 def test_kolen_pollack_refuses_a_model_without_kp_layers(feedback):
     """A model with no kp layer (stock, or another rule) would train as the wrapped optimizer
-    trains it, without a word: KolenPollack refuses it and says to convert the model."""
+    trains it, without a word: KolenPollack refuses it at its first update and says to convert
+    the model. Building it on such variables is allowed: Keras does when it clones or loads a
+    model compiled with it (`keras_wt.strip` of a trained kp model)."""
     dense = keras.layers.Dense if feedback is None else (lambda n: wt.Dense(n, feedback=feedback))
     model = keras.Sequential([keras.Input((6,)), dense(4), dense(3)])
+    optimizer = KolenPollack(keras.optimizers.SGD(0.1))
+    optimizer.build(model.trainable_variables)  # as Keras builds it when cloning or loading
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
     with pytest.raises(ValueError, match=r"none is the kernel of a layer with feedback='kp'.*"
                                          r"keras_wt\.convert\(model, 'kp'\)"):
-        KolenPollack(keras.optimizers.SGD(0.1)).build(model.trainable_variables)
+        optimizer.apply(zeros, model.trainable_variables)
     model.compile(KolenPollack(keras.optimizers.SGD(0.1)), "mse")
     weights = [w.numpy() for w in model.weights]
     with pytest.raises(ValueError, match="convert"):
         model.fit(X, np.zeros((96, 3), "float32"), batch_size=BATCH, epochs=1, verbose=0)
     for before, after in zip(weights, model.weights):
         np.testing.assert_array_equal(after.numpy(), before)
+
+
+def test_a_trained_kp_model_strips_and_its_stock_copy_is_refused_by_kolen_pollack():
+    """`strip` clones the model with its compiled KolenPollack, which Keras builds on the stock
+    copy's variables: that works; training the copy with it is refused."""
+    model = _kp_model()
+    model.compile(KolenPollack(keras.optimizers.SGD(0.1)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    stripped = keras_wt.strip(model)
+    np.testing.assert_array_equal(stripped(X), model(X))
+    if isinstance(stripped.optimizer, KolenPollack):
+        with pytest.raises(ValueError, match="convert"):
+            stripped.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)

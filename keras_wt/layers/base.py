@@ -194,7 +194,7 @@ class FeedbackLayer(WithFeedback):
         super().build(input_shape)
         self.feedback_input_shape = tuple(input_shape)
         kernel = self.kernel
-        if self.algorithm.learns_feedback == "optimizer":  # KolenPollack finds W and B through it
+        if self.algorithm.learns_feedback == "optimizer":
             kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
         if self.algorithm.stores_feedback and self.feedback_used:
             self.feedback_kernel = self.add_weight(
