@@ -27,6 +27,7 @@ from keras_wt import schedules  # noqa: E402  (registers WarmupSchedule for load
 from keras_wt import unused_feedback  # noqa: E402
 from keras_wt.convert import convert, strip  # noqa: E402
 from keras_wt.algorithms import ALGORITHMS  # noqa: E402
+from keras_wt.layers import feedback_pairs  # noqa: E402
 from keras_wt.unused_feedback import drop_unused_feedback  # noqa: E402
 
 __version__ = "0.1.0"

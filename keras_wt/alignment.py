@@ -1,5 +1,9 @@
 """How well the feedback pathway aligns with backprop.
 
+Every result is a dict keyed by `keras_wt.layers.feedback_keys`: a layer's name, or, where
+several feedback layers share it (the blocks of a Transformer), its path of ancestor names
+(`transformer_layer_0/self_attention_layer/query`).
+
 * `weight_angles(model)`: per feedback layer, the angle between `W` and the `B` its algorithm
   sends errors through (`sign(W)·s` for `ss`, `W` itself for `bp`).
 * `delta_angles(model, x, y)`: per layer, the angle between the delta the algorithm sends to
@@ -41,32 +45,33 @@ def effective_feedback(layer):
 
 
 def _with_weight_angle(model):
-    """The feedback layers of `model` whose `B` has `W`'s shape and is used: not `dfa`'s (its
-    `Bₗ` maps the output error to the layer's units: no angle to `W` is defined), nor those with
-    `feedback_used=False`, which have no feedback."""
-    return [
-        layer for layer in layers_lib.feedback_layers(model)
+    """`{layer: key}` of the feedback layers of `model` whose `B` has `W`'s shape and is used:
+    not `dfa`'s (its `Bₗ` maps the output error to the layer's units: no angle to `W` is
+    defined), nor those with `feedback_used=False`, which have no feedback."""
+    return {
+        layer: key for layer, key in layers_lib.feedback_keys(model).items()
         if layer.algorithm.weight_angle and layer.feedback_used
-    ]
+    }
 
 
 def weight_angles(model):
-    """`{layer_name: degrees between W and B}` for every feedback layer of `model` whose
-    algorithm defines one and that has feedback (no key for `dfa` layers or layers with
-    `feedback_used=False`)."""
+    """`{key: degrees between W and B}` for every feedback layer of `model` whose algorithm
+    defines one and that has feedback (no key for `dfa` layers or layers with
+    `feedback_used=False`); keys as `keras_wt.layers.feedback_keys` (the layer's name unless
+    another feedback layer has it)."""
     return {
-        layer.name: angle(layer.kernel.numpy(), effective_feedback(layer).numpy())
-        for layer in _with_weight_angle(model)
+        key: angle(layer.kernel.numpy(), effective_feedback(layer).numpy())
+        for layer, key in _with_weight_angle(model).items()
     }
 
 
 def norm_ratios(model):
-    """`{layer_name: ‖B‖/‖W‖}` for the layers of `weight_angles`."""
+    """`{key: ‖B‖/‖W‖}` for the layers of `weight_angles`."""
     ratios = {}
-    for layer in _with_weight_angle(model):
+    for layer, key in _with_weight_angle(model).items():
         w = np.linalg.norm(layer.kernel.numpy().astype(np.float64))
         b = np.linalg.norm(effective_feedback(layer).numpy().astype(np.float64))
-        ratios[layer.name] = float(b / w) if w else float("nan")
+        ratios[key] = float(b / w) if w else float("nan")
     return ratios
 
 
@@ -83,8 +88,10 @@ def _loss_fn(model, loss):
 
 
 def _deltas_and_gradients(model, x, y, loss_fn, backprop):
-    """Deltas and kernel gradients of every feedback layer, in algorithm or backprop mode."""
-    layers = layers_lib.feedback_layers(model)
+    """Deltas and kernel gradients of every feedback layer, in algorithm or backprop mode, keyed
+    as `feedback_keys`. A layer called several times in the forward pass has one delta per call:
+    they are flattened and concatenated in call order. Its kernel gradient sums over its calls."""
+    keys = layers_lib.feedback_keys(model)
     with feedback_lib.tap_linear_outputs() as tap:
         with tf.GradientTape() as tape:
             if backprop:
@@ -93,15 +100,24 @@ def _deltas_and_gradients(model, x, y, loss_fn, backprop):
             else:
                 y_pred = model(x, training=False)
             loss = loss_fn(x, y, y_pred)
-    layers = [layer for layer in layers if layer in tap.outputs]
-    grads = tape.gradient(
-        loss,
-        [tap.outputs[layer] for layer in layers] + [layer.kernel for layer in layers],
-    )
-    n = len(layers)
-    deltas = {layer.name: g for layer, g in zip(layers, grads[:n])}
-    kernel_grads = {layer.name: g for layer, g in zip(layers, grads[n:])}
+    layers = [layer for layer in keys if layer in tap.calls]
+    calls = [tap.calls[layer] for layer in layers]
+    outputs = [output for layer_calls in calls for output in layer_calls]
+    grads = tape.gradient(loss, outputs + [layer.kernel for layer in layers])
+    deltas, start = {}, 0
+    for layer, outputs in zip(layers, calls):
+        per_call = grads[start:start + len(outputs)]
+        start += len(outputs)
+        deltas[keys[layer]] = tf.concat(
+            [tf.reshape(_dense(g, o), [-1]) for g, o in zip(per_call, outputs)], axis=0
+        )
+    kernel_grads = {keys[layer]: g for layer, g in zip(layers, grads[start:])}
     return deltas, kernel_grads
+
+
+def _dense(gradient, output):
+    """`gradient`, or zeros of `output`'s shape where no gradient reaches the output."""
+    return tf.zeros_like(output) if gradient is None else gradient
 
 
 def _compare(model, x, y, loss):
@@ -114,8 +130,10 @@ def _compare(model, x, y, loss):
 
 
 def delta_angles(model, x, y, loss=None):
-    """`{layer_name: degrees}` between the delta the algorithm sends to each feedback layer's
-    linear output and the true backprop delta, on batch `(x, y)`.
+    """`{key: degrees}` between the delta the algorithm sends to each feedback layer's linear
+    output and the true backprop delta, on batch `(x, y)` (keys as `weight_angles`). For a layer
+    called several times in the forward pass (a shared layer, a projection at every time step),
+    the deltas of all its calls, flattened and concatenated, form one vector.
 
     Args:
         model: a model with keras_wt feedback layers.
@@ -127,8 +145,8 @@ def delta_angles(model, x, y, loss=None):
 
 
 def gradient_angles(model, x, y, loss=None):
-    """`{layer_name: degrees}` between the kernel gradient `ΔW` of the algorithm and the
-    backprop `ΔW`, on batch `(x, y)` (arguments as `delta_angles`)."""
+    """`{key: degrees}` between the kernel gradient `ΔW` of the algorithm and the backprop `ΔW`
+    (summed over the layer's calls), on batch `(x, y)` (arguments as `delta_angles`)."""
     return _compare(model, x, y, loss)[1]
 
 
@@ -137,14 +155,14 @@ def _prefixed(groups):
 
 
 def weight_metrics(model):
-    """`weight_angle/<layer>` and `norm_ratio/<layer>` as one flat dict: what can be measured
+    """`weight_angle/<key>` and `norm_ratio/<key>` as one flat dict: what can be measured
     from the variables alone, with no batch and no forward pass."""
     return _prefixed((("weight_angle", weight_angles(model)), ("norm_ratio", norm_ratios(model))))
 
 
 def alignment_metrics(model, x, y, loss=None):
-    """All alignment measurements as one flat dict with keys `weight_angle/<layer>`,
-    `delta_angle/<layer>`, `gradient_angle/<layer>` and `norm_ratio/<layer>`."""
+    """All alignment measurements as one flat dict with keys `weight_angle/<key>`,
+    `delta_angle/<key>`, `gradient_angle/<key>` and `norm_ratio/<key>`."""
     delta, gradient = _compare(model, x, y, loss)
     metrics = weight_metrics(model)
     metrics.update(_prefixed((("delta_angle", delta), ("gradient_angle", gradient))))

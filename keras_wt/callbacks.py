@@ -43,8 +43,9 @@ class MirrorCallback(keras.callbacks.Callback):
         decay: `λ`, the mirror decay of `B` (`B → (σ²/λ)·W` when `λ > 0`).
         every: mirror after every `every` training batches.
         steps: mirror steps each time.
-        batch_size: noise samples per layer and step: an int; a dict `{layer_name: n}` naming
-            every `wm` layer; a callable `layer -> n` (register it with
+        batch_size: noise samples per layer and step: an int; a dict `{key: n}` naming every
+            `wm` layer (keys as `keras_wt.layers.feedback_keys`: the layer's name unless another
+            feedback layer has it); a callable `layer -> n` (register it with
             `keras.saving.register_keras_serializable` for `get_config` to reload); or
             `"auto"` (needs `decay > 0`). Each `n` is rounded up to a multiple of the
             strategy's replicas; `callback.mirror.batch_sizes` holds the results once
@@ -123,6 +124,8 @@ class MirrorCallback(keras.callbacks.Callback):
         self._in_step = False
         self._train_functions = None  # (the model's own, the mirroring one) of a compilation
         self._call_expected = False
+        self._warmup_owed = False  # warm-up steps of a model built at its first batch
+        self._first_call = None  # the function that builds such a model (between calls)
 
     def set_model(self, model):
         if model is not self._model:
@@ -164,11 +167,49 @@ class MirrorCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.mirror is None or self.mirror.jit_compile != self._mirror_jit_compile():
-            self._build()
+            self.mirror = None
+            # A model that builds its layers at its first call (a subclassed model, without a
+            # strategy) gets its mirror at its first batch (`_build_at_first_batch`); a model
+            # without `wm` layers is refused here.
+            if not _unbuilt(mirror_lib.wm_layers(self.model)):
+                self._build()
         self._iterations = None
+        self._warmup_owed = False
         self._in_step = self._mirrors_in_train_step()
         if self._in_step:
             self._use_mirroring_train_function()
+        elif self.mirror is None:
+            self._build_before_first_call()
+
+    def _build_at_first_batch(self, iterator):
+        """Builds the model's unbuilt layers from the shapes of `iterator`'s batches (as Keras
+        builds a model under a strategy: a symbolic call), then the mirror, and runs the warm-up
+        steps owed: all before the first training step runs (and, inside the step, before it is
+        traced, since the step's mirror steps need the mirror)."""
+        if _unbuilt(mirror_lib.wm_layers(self.model)):
+            _build_from_batches(self.model, iterator)
+        self._build()
+        if self._warmup_owed:
+            self._warmup_owed = False
+            self.mirror.run(-1, self.warmup_steps, stride=-1)  # counters -1, -2, ...
+
+    def _build_before_first_call(self):
+        """Between calls, for a model whose layers are built at its first call: the model's
+        training function, for its next call only, builds them and the mirror first."""
+        model = self.model
+        if model.train_function is None:
+            model.make_train_function()
+        plain = model.train_function
+
+        def first_call(iterator):
+            model.train_function = plain
+            self._first_call = None
+            if self._call_expected:
+                self._build_at_first_batch(iterator)
+            return plain(iterator)
+
+        self._first_call = (plain, first_call)
+        model.train_function = first_call
 
     def _use_mirroring_train_function(self):
         """Gives the model, for this `fit`, a training function whose step ends with the mirror
@@ -192,6 +233,8 @@ class MirrorCallback(keras.callbacks.Callback):
                     model.train_function = plain
                     return plain(iterator)
                 self._call_expected = False
+                if self.mirror is None:  # layers built at the first call (before tracing)
+                    self._build_at_first_batch(iterator)
                 return mirroring(iterator)
 
             self._train_functions = (plain, train_function)
@@ -203,6 +246,9 @@ class MirrorCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._train_functions is not None and self.model.train_function is self._train_functions[1]:
             self.model.train_function = self._train_functions[0]
+        if self._first_call is not None and self.model.train_function is self._first_call[1]:
+            self.model.train_function = self._first_call[0]
+        self._first_call = None
 
     def _mirror_after_step(self):
         """In the training step (a replica context), after the optimizer's update: the mirror
@@ -228,7 +274,10 @@ class MirrorCallback(keras.callbacks.Callback):
         # restore too); within the epoch it advances with the batch index Keras passes.
         iterations = int(self.model.optimizer.iterations.numpy())
         if self._iterations is None and iterations == 0 and self.warmup_steps:
-            self.mirror.run(-1, self.warmup_steps, stride=-1)  # counters -1, -2, ...
+            if self.mirror is None:  # the model builds its layers at its first batch
+                self._warmup_owed = True
+            else:
+                self.mirror.run(-1, self.warmup_steps, stride=-1)  # counters -1, -2, ...
         self._epoch_start = iterations
         self._iterations = iterations
 
@@ -275,6 +324,30 @@ class MirrorCallback(keras.callbacks.Callback):
         return cls(**config)
 
 
+def _unbuilt(layers):
+    """The layers among `layers` not built yet (whose input shape is unknown)."""
+    return [layer for layer in layers if layer.feedback_input_shape is None]
+
+
+def _build_from_batches(model, iterator):
+    """Builds `model`'s layers by calling it symbolically on inputs of the shapes and dtypes of
+    the batches `iterator` yields (its `element_spec`), as Keras builds a model before `fit` under
+    a strategy. A subclassed model's `build(input_shape)` does not build its sublayers: only a
+    call does, which `fit` makes when it traces the training step, after `on_train_begin`."""
+    spec = getattr(iterator, "element_spec", None)
+    if spec is None:
+        return
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(spec)
+
+    def symbolic(spec):
+        if isinstance(spec, tf.TensorSpec):
+            return keras.KerasTensor(tuple(spec.shape), spec.dtype.name)
+        return spec
+
+    with model.distribute_strategy.scope():
+        model(tf.nest.map_structure(symbolic, x), training=False)
+
+
 def _mirroring_train_function(model, after_step):
     """`model`'s training function (as `make_train_function` builds it, for its current
     compilation) with a `train_step` that calls `after_step()` after the model's own. The model
@@ -301,8 +374,10 @@ def _mirroring_train_function(model, after_step):
 class AlignmentCallback(keras.callbacks.Callback):
     """Writes alignment measurements into `logs` at the end of epochs.
 
-    Keys: `weight_angle/<layer>`, `delta_angle/<layer>`, `gradient_angle/<layer>` (degrees) and
-    `norm_ratio/<layer>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them. They are
+    Keys: `weight_angle/<key>`, `delta_angle/<key>`, `gradient_angle/<key>` (degrees) and
+    `norm_ratio/<key>` (`‖B‖/‖W‖`), so History, CSVLogger and TensorBoard record them; `<key>` is
+    the layer's name, or its path where feedback layers share a name
+    (`keras_wt.layers.feedback_keys`). They are
     measured on the fixed `probe` batch every `every` epochs (first at the first epoch) and at
     the last epoch of `fit`, and are NaN in the epochs between, so every epoch has the same keys.
     Put it before the callbacks that read `logs` (`CSVLogger`, `TensorBoard`, `ModelCheckpoint`

@@ -53,20 +53,28 @@ def in_kolen_pollack_update():
 
 
 class _LinearTap:
-    """Collects the linear outputs (before bias and activation) of feedback layers."""
+    """Collects the linear outputs (before bias and activation) of feedback layers: every call
+    of each layer, in call order (a layer called several times in one forward pass, such as a
+    shared layer or a projection applied at every time step, has one output per call)."""
 
     def __init__(self):
-        self.outputs = {}
+        self.calls = {}
 
     def __call__(self, layer, y):
-        self.outputs[layer] = y
+        self.calls.setdefault(layer, []).append(y)
         return y
+
+    @property
+    def outputs(self):
+        """`{layer: the linear output of its last call}`."""
+        return {layer: calls[-1] for layer, calls in self.calls.items()}
 
 
 def tap_linear_outputs():
-    """Context manager yielding a dict-like tap: `tap.outputs[layer]` is the linear output of
-    each feedback layer called inside it (eagerly), so that a `tf.GradientTape` can take the
-    gradient of a loss with respect to it (the layer's *delta*)."""
+    """Context manager yielding a tap: `tap.calls[layer]` lists the linear output of every call
+    of each feedback layer called inside it (eagerly), in call order, so that a
+    `tf.GradientTape` can take the gradient of a loss with respect to them (the layer's *delta*
+    at each call); `tap.outputs[layer]` is the last call's."""
     return _set("tap", _LinearTap())
 
 

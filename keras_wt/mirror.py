@@ -77,7 +77,7 @@ def _link_tensors(layer):
     `C = ∇_W Σ f_W(1)` counts the pairs each kernel entry links on real input and
     `V = ∇_W Σ F ⊙ f_W(1)` sums `F` over those pairs. Both depend only on shapes and padding.
     """
-    shape = (1,) + tuple(layer.feedback_input_shape[1:])
+    shape = (1,) + layer.mirror_input_shape
     kernel = tf.ones(tuple(layer.kernel.shape), tf.float32)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(kernel)
@@ -203,15 +203,24 @@ def _compact(array):
 def wm_layers(model):
     """The layers of `model` whose feedback kernel learns by mirroring (those without a stored
     `B`, `feedback_used=False`, included: they keep their place in the noise seeds)."""
-    return [
-        layer
-        for layer in layers_lib.feedback_layers(model)
+    return list(_wm_keys(model))
+
+
+def _wm_keys(model):
+    """`{layer: key}` of `wm_layers(model)` (keys as `keras_wt.layers.feedback_keys`)."""
+    return {
+        layer: key
+        for layer, key in layers_lib.feedback_keys(model).items()
         if layer.feedback_learning == "mirror"
-    ]
+    }
 
 
 class WeightMirror:
     """Compiled mirror steps for a list of `wm` layers (built layers with known input shapes).
+
+    Each layer draws noise of its `mirror_input_shape`: its input shape, with 1 for an unknown
+    length along which its linear op works slice by slice (the sequence axis of a `Dense` or
+    `EinsumDense` projection), which gives the same mirror step in expectation whatever the length.
 
     Args:
         layers: the `wm` feedback layers, or a model (its `wm` layers are used).
@@ -219,7 +228,9 @@ class WeightMirror:
         noise_std: `σ`, the standard deviation of the noise.
         decay: `λ`, the mirror weight decay of `B`.
         batch_size: `n`, noise samples per layer and step: an int for every layer; a dict
-            `{layer_name: n}` naming every `wm` layer; a callable `layer -> n`; or `"auto"`:
+            `{key: n}` naming every `wm` layer (keys as `keras_wt.layers.feedback_keys`: the
+            layer's name unless another feedback layer has it; for a list of layers, their
+            names); a callable `layer -> n`; or `"auto"`:
             each layer's `auto_batch_size` for `target_angle` (needs `decay > 0`). Each layer's
             `n` is then rounded up to a multiple of the strategy's replicas, which draw
             `n / replicas` samples each; `batch_sizes` holds the results.
@@ -249,8 +260,11 @@ class WeightMirror:
         target_angle=5.0,
         max_batch_size=4096,
     ):
-        if not isinstance(layers, (list, tuple)):
-            layers = wm_layers(layers)
+        if isinstance(layers, (list, tuple)):
+            keys = {layer: layer.name for layer in layers}
+        else:
+            keys = _wm_keys(layers)
+            layers = list(keys)
         if not layers:
             raise ValueError(
                 "Weight mirror needs at least one layer with feedback='wm'; found none."
@@ -261,16 +275,11 @@ class WeightMirror:
         # A layer's noise is seeded by its place in `layers`; those without a `B` (no gradient
         # uses it) are not mirrored, and the others keep their places.
         self._seed_indices = [i for i, layer in enumerate(layers) if layer.feedback_used]
-        self._unused_names = {layer.name for layer in layers if not layer.feedback_used}
+        self._unused_names = {keys[layer] for layer in layers if not layer.feedback_used}
         layers = [layers[i] for i in self._seed_indices]
-        for layer in layers:
-            shape = layer.feedback_input_shape
-            if shape is None or any(d is None for d in shape[1:]):
-                raise ValueError(
-                    f"Layer {layer.name!r} has input shape {shape}; mirror noise needs a fully "
-                    "known input shape (apart from the batch). Build the model with a fixed "
-                    "input size."
-                )
+        self.keys = [keys[layer] for layer in layers]
+        # Raises where a layer is not built, or an unknown input length meets its kernel.
+        self._input_shapes = [layer.mirror_input_shape for layer in layers]
         if noise_distribution not in NOISE_DISTRIBUTIONS:
             raise ValueError(
                 f"noise_distribution={noise_distribution!r} is not one of {NOISE_DISTRIBUTIONS}"
@@ -306,10 +315,10 @@ class WeightMirror:
 
     def _resolve_batch_sizes(self):
         spec = self.batch_size
-        names = [layer.name for layer in self.layers]
+        names = self.keys
         if isinstance(spec, str):  # "auto"
             sizes = []
-            for layer in self.layers:
+            for layer, key in zip(self.layers, names):
                 fan_in = mirror_fan_in(layer)
                 n = auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
                                     self.max_batch_size)
@@ -318,7 +327,7 @@ class WeightMirror:
                     logger.warning(
                         "Mirror noise batch of layer %r capped at max_batch_size=%d: its "
                         "residual angle will be about %.1f degrees, not target_angle=%.1f.",
-                        layer.name, n, angle, self.target_angle,
+                        key, n, angle, self.target_angle,
                     )
                 sizes.append(n)
         elif isinstance(spec, collections.abc.Mapping):
@@ -331,7 +340,10 @@ class WeightMirror:
                 )
             sizes = [spec[name] for name in names]
         elif callable(spec):
-            sizes = [_check_size(spec(layer), f"batch_size({layer.name!r})") for layer in self.layers]
+            sizes = [
+                _check_size(spec(layer), f"batch_size({key!r})")
+                for layer, key in zip(self.layers, names)
+            ]
         else:
             sizes = [spec] * len(self.layers)
         replicas = self.strategy.num_replicas_in_sync
@@ -340,11 +352,11 @@ class WeightMirror:
         return sizes
 
     def expected_angles(self):
-        """`{layer_name: degrees}`: the `residual_angle` of each layer at its noise batch (the
-        angle `B` settles at if `W` stood still; needs `decay > 0`)."""
+        """`{key: degrees}`: the `residual_angle` of each layer at its noise batch (the angle
+        `B` settles at if `W` stood still; needs `decay > 0`)."""
         return {
-            layer.name: residual_angle(mirror_fan_in(layer), n, self.learning_rate, self.decay)
-            for layer, n in zip(self.layers, self.batch_sizes)
+            key: residual_angle(mirror_fan_in(layer), n, self.learning_rate, self.decay)
+            for key, layer, n in zip(self.keys, self.layers, self.batch_sizes)
         }
 
     def noise(self, layer_index, counter, replica=0):
@@ -353,8 +365,7 @@ class WeightMirror:
         return self._compiled_noise(layer_index, tf.constant(counter, tf.int64), tf.constant(replica, tf.int32))
 
     def _noise(self, layer_index, counter, replica):
-        layer = self.layers[layer_index]
-        shape = (self._local_batches[layer_index],) + tuple(layer.feedback_input_shape[1:])
+        shape = (self._local_batches[layer_index],) + self._input_shapes[layer_index]
         seed = tf.stack(
             [
                 tf.constant(self.seed, tf.int64) * 7919 + self._seed_indices[layer_index],

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from keras_wt import feedback as feedback_lib
 from keras_wt._distribute import assign_on_every_replica
+from keras_wt.layers.base import _KolenPollackGuard
 
 
 class _Pairs:
@@ -14,6 +15,30 @@ class _Pairs:
 
     pairs = ()
     kernels = ()
+
+
+def _kp_kernels(var_list):
+    """`[(W, layer)]`: the kernels among `var_list` of layers with `feedback="kp"`, and their
+    layers. A `kp` layer's kernel carries its `_KolenPollackGuard` as Keras's `constraint`, which
+    holds a weak reference to the layer (`keras_wt.layers.base`)."""
+    found = []
+    for variable in var_list:
+        guard = getattr(variable, "constraint", None)
+        layer = guard.layer() if isinstance(guard, _KolenPollackGuard) else None
+        if layer is not None:
+            found.append((variable, layer))
+    return found
+
+
+def _barrier(dependencies, name):
+    """`[op]`: one op that runs after every one of `dependencies` (tensors, `IndexedSlices` or
+    ops), for `tf.control_dependencies`: whatever waits for the barrier waits for all of them
+    through one control edge each, not one per dependency. `[]` when there is nothing to wait
+    for or no graph is being built (eager execution runs in program order)."""
+    if not dependencies or not tf.inside_function():
+        return []
+    with tf.control_dependencies(dependencies):
+        return [tf.no_op(name=name)]
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
@@ -87,15 +112,12 @@ class KolenPollack(keras.optimizers.Optimizer):
         self._kp = _Pairs()
 
     def build(self, var_list):
-        self.inner_optimizer.build(var_list)
         pairs, kernels = [], []
-        for variable in var_list:
-            link = getattr(variable, "_keras_wt_layer", None)
-            layer = link() if link is not None else None
-            if layer is not None and layer.algorithm.learns_feedback == "optimizer":
-                kernels.append(variable)
-                if layer.feedback_kernel is not None:
-                    pairs.append((variable, layer.feedback_kernel))
+        for variable, layer in _kp_kernels(var_list):
+            kernels.append(variable)
+            if layer.feedback_kernel is not None:
+                pairs.append((variable, layer.feedback_kernel))
+        self.inner_optimizer.build(var_list)
         self._kp.pairs = tuple(pairs)
         self._kp.kernels = tuple(kernels)
         super().build(var_list)
@@ -114,6 +136,17 @@ class KolenPollack(keras.optimizers.Optimizer):
             self.built = True
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        if not self._kp.kernels:
+            # Refused at the first update, not when built: Keras also builds the optimizer of a
+            # model it clones (`keras_wt.strip`, `convert`) or loads, which must still work.
+            raise ValueError(
+                f"KolenPollack was given {len(trainable_variables)} variables to train, and none "
+                "is the kernel of a layer with feedback='kp': it would train the model as its "
+                "wrapped optimizer does, with exact backprop or fixed feedback, without a word. "
+                "Convert the model first (keras_wt.convert(model, 'kp')), or build it from "
+                "keras_wt.layers with feedback='kp'; for other rules compile with the plain "
+                "optimizer."
+            )
         grads = list(grads)
         updated = {id(v) for v, g in zip(trainable_variables, grads) if g is not None}
         pairs = [(w, b) for w, b in self._kp.pairs if id(w) in updated]
@@ -128,7 +161,10 @@ class KolenPollack(keras.optimizers.Optimizer):
         # soon as W and B can be read, during the backward pass: every assignment then copies a
         # kernel that the backward pass still reads, while the activations are alive (ResNet-18:
         # a step's peak memory 1.30x stock Keras's with it, 0.93x without).
-        gradients_done = [g for g in grads if g is not None]
+        # One barrier op waits for every gradient, and what must follow them waits for the
+        # barrier: n + n control edges, not n·n (an edge from every gradient to every op of the
+        # update made the first trace of a 150-convolution chain 5x fa's, DESIGN.md §2).
+        gradients_done = _barrier([g for g in grads if g is not None], "kp_gradients_done")
         # B ← (1 − lr·λ)(B_t − W_t), written into B's own storage: no second kernel-sized
         # tensor stays alive while W is updated.
         with tf.name_scope("kp_difference"), tf.control_dependencies(gradients_done):
@@ -143,7 +179,9 @@ class KolenPollack(keras.optimizers.Optimizer):
         # *reads* of W before its updates, but a read may alias W's buffer, which the wrapped
         # optimizer then updates in place: without this edge the subtraction sometimes ran after
         # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
-        with tf.control_dependencies(differences + gradients_done):
+        # (The barrier waits for every difference and, through them or directly, every gradient.)
+        differences_done = _barrier(differences + gradients_done, "kp_differences_done")
+        with tf.control_dependencies(differences_done):
             if self.kp_weight_decay and kernels:
                 assign_on_every_replica(strategy, kernels, [
                     tf.cast(shrink, w.dtype) * tf.convert_to_tensor(w.value) for w in kernels

@@ -116,3 +116,114 @@ def test_callback_keys_land_in_history_and_csv(tmp_path):
     )
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == 3 and f"delta_angle/{names[1]}" in rows[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Keys of nested and repeated layers; layers called several times
+# --------------------------------------------------------------------------------------------
+
+
+class _Block(keras.layers.Layer):
+    """A custom layer holding feedback layers named alike in every block (as the `query` and
+    `value` of every keras-hub Transformer block)."""
+
+    def __init__(self, feedback="fa", twin=False, **kwargs):
+        super().__init__(**kwargs)
+        self.query = wt.Dense(4, feedback=feedback, name="query")
+        self.value = wt.Dense(4, feedback=feedback, name="query" if twin else "value")
+        self.mix = wt.Dense(4, activation="tanh", feedback=feedback, name=f"mix_{self.name}")
+
+    def call(self, x):
+        return self.mix(self.query(x) + self.value(x))
+
+
+def _blocks_model(feedback="fa", twin=False):
+    inputs = keras.Input((4,))
+    h = _Block(feedback, name="block_0")(inputs)
+    h = _Block(feedback, twin=twin, name="block_1")(h)
+    return keras.Model(inputs, wt.Dense(3, feedback=feedback, name="head")(h))
+
+
+def test_keys_are_layer_names_unless_shared_then_paths_of_ancestor_names():
+    model = _blocks_model()
+    keys = wt.feedback_keys(model)
+    assert list(keys.values()) == [
+        "block_0/query", "block_0/value", "mix_block_0",
+        "block_1/query", "block_1/value", "mix_block_1", "head",
+    ]
+    assert list(keys) == wt.feedback_layers(model)
+    # Every measurement and the pairs use these keys, one per layer.
+    pairs = keras_wt.feedback_pairs(model)
+    assert list(pairs) == list(keys.values())
+    for layer, key in keys.items():
+        assert pairs[key][0] is layer.kernel and pairs[key][1] is layer.feedback_kernel
+    assert list(alignment.weight_angles(model)) == list(keys.values())
+    assert list(alignment.norm_ratios(model)) == list(keys.values())
+    assert list(alignment.delta_angles(model, X[:, :4], Y, loss=LOSS)) == list(keys.values())
+    # Each key measures its own layer.
+    block_1_query = model.get_layer("block_1").query
+    assert alignment.weight_angles(model)["block_1/query"] == pytest.approx(
+        alignment.angle(block_1_query.kernel.numpy(), block_1_query.feedback_kernel.numpy())
+    )
+    # Two sublayers of one parent named alike: the second (in model order) gets "#2".
+    twin = _blocks_model(twin=True)
+    assert list(wt.feedback_keys(twin).values())[3:5] == ["block_1/query", "block_1/query#2"]
+    # A model whose feedback layers are named apart is keyed by their names.
+    plain = _model("fa")
+    assert list(alignment.weight_angles(plain)) == [l.name for l in wt.feedback_layers(plain)]
+
+
+def test_pairs_exist_where_b_is_stored_and_used_at_any_depth():
+    inner = keras.Sequential([keras.Input((5, 6)), wt.Dense(5, feedback="kp", name="inner_kp"),
+                              wt.Dense(5, feedback="ss", name="inner_ss")], name="inner")
+    inputs = keras.Input((5, 6))
+    h = wt.Dense(6, feedback="fa", feedback_used=False, name="first")(inputs)
+    h = inner(h)
+    h = wt.MultiHeadAttention(2, 3, feedback="wm", name="att")(h, h)
+    h = wt.Dense(4, feedback="brsf", name="brsf")(h)
+    h = wt.Dense(4, feedback="frsf", name="frsf")(h)
+    h = wt.Dense(4, feedback="sa", name="sa")(h)
+    h = wt.Dense(4, feedback="ia", name="ia")(h)
+    h = wt.Dense(4, feedback="bp", name="bp")(h)
+    model = keras.Model(inputs, h)
+    pairs = keras_wt.feedback_pairs(model)
+    assert list(pairs) == [
+        "inner_kp", "att_query", "att_key", "att_value", "att_attention_output", "frsf", "sa", "ia",
+    ]
+    for key, (w, b) in pairs.items():
+        layer = next(l for l, k in wt.feedback_keys(model).items() if k == key)
+        assert w is layer.kernel and b is layer.feedback_kernel and w.shape == b.shape
+
+
+def test_a_layer_called_twice_has_one_delta_over_both_calls():
+    """A shared layer's delta is the concatenation of its deltas at each call, computed here by
+    hand for feedback alignment and for backprop; its kernel gradient sums over the calls."""
+    shared = wt.Dense(3, activation="tanh", feedback="fa", name="shared")
+    a, b = keras.Input((4,)), keras.Input((4,))
+    both = keras.layers.Concatenate()([shared(a), shared(b)])
+    model = keras.Model([a, b], wt.Dense(3, feedback="fa", name="out")(both))
+    xa, xb = X[:, :4], X[:, 1:]
+    w1, bias1 = shared.kernel.numpy().astype(np.float64), shared.bias.numpy().astype(np.float64)
+    out = model.get_layer("out")
+    w2, b2 = out.kernel.numpy().astype(np.float64), out.feedback_kernel.numpy().astype(np.float64)
+    bias2 = out.bias.numpy().astype(np.float64)
+    za, zb = xa @ w1 + bias1, xb @ w1 + bias1
+    logits = np.concatenate([np.tanh(za), np.tanh(zb)], 1) @ w2 + bias2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d_out = (p - np.eye(3)[Y]) / len(X)
+
+    def deltas(matrix):  # the deltas at the two calls of the shared layer
+        d = d_out @ matrix.T
+        return d[:, :3] * (1 - np.tanh(za) ** 2), d[:, 3:] * (1 - np.tanh(zb) ** 2)
+
+    (fa_a, fa_b), (bp_a, bp_b) = deltas(b2), deltas(w2)
+    expected = alignment.angle(np.concatenate([fa_a.ravel(), fa_b.ravel()]),
+                               np.concatenate([bp_a.ravel(), bp_b.ravel()]))
+    got = alignment.delta_angles(model, [xa, xb], Y, loss=LOSS)
+    assert got["shared"] == pytest.approx(expected, abs=1e-3)
+    assert abs(expected - alignment.angle(fa_b, bp_b)) > 1  # not the last call alone
+    gradient = alignment.gradient_angles(model, [xa, xb], Y, loss=LOSS)["shared"]
+    assert gradient == pytest.approx(
+        alignment.angle(xa.T @ fa_a + xb.T @ fa_b, xa.T @ bp_a + xb.T @ bp_b), abs=1e-3
+    )

@@ -752,3 +752,147 @@ def test_each_replica_updates_its_b_from_its_own_forward_read(two_cpu_strategy):
         expected = _step_by_hand(mirror, i, b0.astype(np.float64), 3, 0.2, 0.3, replicas=2)[1]
         for component in two_cpu_strategy.experimental_local_results(layer.feedback_kernel.value):
             np.testing.assert_allclose(component.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Models built at their first call; unknown sequence lengths; refusal; graph size
+# --------------------------------------------------------------------------------------------
+
+
+def _seeded(seed):
+    return keras.initializers.GlorotUniform(seed=seed)
+
+
+def _three_dense(names=("hidden", "middle", "out")):
+    """Three wm layers with seeded W and B: equal in every model made from them."""
+    units, activations = (10, 8, 4), ("relu", "relu", None)
+    return [
+        wt.Dense(n, activation=a, feedback="wm", name=name, kernel_initializer=_seeded(i),
+                 feedback_initializer=_seeded(10 + i))
+        for i, (n, a, name) in enumerate(zip(units, activations, names))
+    ]
+
+
+class _Subclassed(keras.Model):
+    """Its layers are built at its first call (its `build(input_shape)` does not build them)."""
+
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.hidden, self.middle, self.out = _three_dense()
+
+    def call(self, x):
+        return self.out(self.middle(self.hidden(x)))
+
+
+@pytest.mark.parametrize("in_train_step", [True, False])
+@pytest.mark.parametrize("build", [False, True])
+def test_a_subclassed_model_mirrors_and_measures_as_the_functional_model(in_train_step, build):
+    """A subclassed model's layers are built at its first call, after `on_train_begin` (without a
+    strategy Keras builds while tracing the step; `model.build(shape)` marks the model built
+    without building its layers): its mirror is built at the first batch, before the warm-up and
+    the first step, and draws the noise, and reaches the B, of the Functional model of the same
+    layers. The alignment probe measures both alike."""
+    x = np.random.RandomState(0).randn(48, 12).astype("float32")
+    y = np.random.RandomState(1).randn(48, 4).astype("float32")
+    probe = (x[:8], y[:8])
+
+    def fit(model):
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        mirror = MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=0.1, batch_size=8,
+                                warmup_steps=2, in_train_step=in_train_step)
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                            callbacks=[mirror, keras_wt.callbacks.AlignmentCallback(probe)])
+        assert model.train_function is not None and "train_step" not in vars(model)
+        return history.history, [l.feedback_kernel.numpy() for l in wt.feedback_layers(model)]
+
+    functional = keras.Sequential([keras.Input((12,))] + _three_dense())
+    subclassed = _Subclassed()
+    if build:
+        with pytest.warns(UserWarning, match=r"does not have a `build\(\)` method"):
+            subclassed.build((None, 12))  # Keras: marked built, its layers are not
+    assert not subclassed.hidden.built
+    reference, expected = fit(functional)
+    history, got = fit(subclassed)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(expected[0], _three_dense()[0].feedback_initializer((12, 10)))
+    assert set(history) == set(reference) and "weight_angle/middle" in history
+    for key in reference:
+        np.testing.assert_allclose(history[key], reference[key], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_lengths_that_the_linear_op_keeps_apart_get_noise_of_length_one():
+    """Dense and EinsumDense map every position of a sequence alike: with an unknown length the
+    noise has length 1 there, the link counts are 1, and the step is the formula by hand."""
+    tokens = keras.Input((None, 6))
+    h = wt.Dense(5, feedback="wm", name="dense")(tokens)
+    h = wt.EinsumDense("abc,cde->abde", (None, 2, 3), feedback="wm", name="einsum")(h)
+    model = keras.Model(tokens, h)
+    dense, einsum = wt.feedback_layers(model)
+    assert dense.feedback_input_shape == (None, None, 6)
+    assert dense.mirror_input_shape == (1, 6) and einsum.mirror_input_shape == (1, 5)
+    mirror = WeightMirror(model, learning_rate=0.3, noise_std=0.7, decay=0.2, batch_size=16)
+    assert mirror.noise(0, 3).shape == (16, 1, 6) and mirror.noise(1, 3).shape == (16, 1, 5)
+    np.testing.assert_array_equal(keras_wt.mirror.link_counts(einsum), np.ones((5, 2, 3)))
+    before = [layer.feedback_kernel.numpy().astype(np.float64) for layer in (dense, einsum)]
+    noise = [mirror.noise(i, 3).numpy()[:, 0].astype(np.float64) for i in range(2)]
+    mirror(3)
+    for layer, b0, x in zip((dense, einsum), before, noise):
+        w = layer.kernel.numpy().astype(np.float64).reshape(len(x.T), -1)
+        expected = b0 + 0.3 * (x.T @ (x @ w) / 16).reshape(b0.shape) - 0.3 * 0.2 * b0
+        np.testing.assert_allclose(layer.feedback_kernel.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # A known length keeps the noise of the layer's input shape, exactly as before.
+    fixed = keras.Sequential([keras.Input((7, 6)), wt.Dense(5, feedback="wm")])
+    assert fixed.layers[0].mirror_input_shape == (7, 6)
+    assert WeightMirror(fixed, 0.1, 1.0, batch_size=4).noise(0, 0).shape == (4, 7, 6)
+
+
+@pytest.mark.parametrize("layer", [
+    wt.Conv1D(4, 3, padding="same", feedback="wm"),  # mixes neighbouring positions
+    wt.EinsumDense("abc,cd->ad", 4, feedback="wm"),  # sums over the positions
+])
+def test_an_unknown_length_the_linear_op_mixes_is_refused_clearly(layer):
+    model = keras.Sequential([keras.Input((None, 3)), layer])
+    with pytest.raises(ValueError, match=r"needs the size of axis 1, which the layer's linear op "
+                                         r"mixes.*fixed input size"):
+        WeightMirror(model, 0.1, 1.0)
+    # A pointwise convolution maps each position alike.
+    pointwise = keras.Sequential([keras.Input((None, 3)), wt.Conv1D(4, 1, feedback="wm")])
+    assert pointwise.layers[0].mirror_input_shape == (1, 3)
+
+
+def test_mirror_callback_refuses_a_model_without_wm_layers():
+    model = keras.Sequential([keras.Input((3,)), wt.Dense(2, feedback="kp"), keras.layers.Dense(2)])
+    model.compile(keras_wt.optimizers.KolenPollack(keras.optimizers.SGD(0.1)), "mse")
+    with pytest.raises(ValueError, match="needs at least one layer with feedback='wm'; found none"):
+        model.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0,
+                  callbacks=[MirrorCallback(learning_rate=0.1, noise_std=1.0)])
+
+
+def test_the_mirroring_training_step_graph_grows_linearly_with_depth():
+    """The mirror steps inside the training step add a fixed number of ops and control edges per
+    layer (no ordering edge from every layer to every other), as KolenPollack's update
+    (tests/test_optimizers.py)."""
+
+    def size(depth):
+        model = keras.Sequential([keras.Input((4,))] + [wt.Dense(4, feedback="wm") for _ in range(depth)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.optimizer.build(model.trainable_variables)
+        callback = MirrorCallback(learning_rate=0.1, noise_std=1.0, decay=0.1, batch_size=4, steps=2)
+        callback.set_model(model)
+        callback.on_train_begin()
+        callback.on_train_end()
+
+        def step(x, y):
+            logs = model.train_step((x, y))
+            callback._mirror_after_step()
+            return logs
+
+        graph = tf.function(step).get_concrete_function(tf.ones((4, 4)), tf.zeros((4, 4))).graph
+        operations = graph.get_operations()
+        return len(operations), sum(len(op.control_inputs) for op in operations)
+
+    sizes = [size(depth) for depth in (4, 8, 16)]
+    for which in (0, 1):
+        growth = [(sizes[1][which] - sizes[0][which]) / 4, (sizes[2][which] - sizes[1][which]) / 8]
+        assert growth[1] <= 1.05 * growth[0], sizes

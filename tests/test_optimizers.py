@@ -280,3 +280,97 @@ def test_plain_float16_policy():
 def test_wrapped_optimizer_with_use_ema_is_refused():
     with pytest.raises(ValueError, match="use_ema=True"):
         KolenPollack(keras.optimizers.SGD(0.1, use_ema=True))
+
+
+def _train_step_graph(model, optimizer, input_shape):
+    """The graph of `model`'s training step, traced as `fit` traces it."""
+    model.compile(optimizer, "mse")
+    optimizer.build(model.trainable_variables)
+    x = tf.ones((4,) + input_shape)
+    y = tf.zeros((4,) + tuple(model.output_shape[1:]))
+    return tf.function(model.train_step).get_concrete_function((x, y)).graph
+
+
+def _graph_size(depth, feedback):
+    """`(ops, control edges)` of the training step of a chain of `depth` Dense layers."""
+    model = keras.Sequential(
+        [keras.Input((4,))] + [wt.Dense(4, feedback=feedback) for _ in range(depth)]
+    )
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    if feedback == "kp":
+        optimizer = KolenPollack(optimizer, weight_decay=0.1)
+    graph = _train_step_graph(model, optimizer, (4,))
+    operations = graph.get_operations()
+    return len(operations), sum(len(op.control_inputs) for op in operations)
+
+
+def test_the_kp_training_step_graph_grows_linearly_with_depth():
+    """Every ordering edge of the KP update goes through one barrier after the gradients and one
+    after the differences: the graph grows by a fixed number of ops and control edges per layer.
+    (An edge from every gradient to every op of the update made it quadratic: 2,944, 10,992 and
+    42,448 control edges at depths 8, 16 and 32, and the first `fit` of a 150-convolution chain
+    5x fa's.) Counted in the traced graph, not timed."""
+    depths = (8, 16, 32)
+    sizes = {feedback: [_graph_size(depth, feedback) for depth in depths] for feedback in ("fa", "kp")}
+
+    def per_layer(sizes, which):
+        # The growth per added layer between depths 8 → 16 and 16 → 32.
+        return [(sizes[i + 1][which] - sizes[i][which]) / (depths[i + 1] - depths[i]) for i in range(2)]
+
+    for which in (0, 1):  # ops, control edges
+        kp, fa = per_layer(sizes["kp"], which), per_layer(sizes["fa"], which)
+        assert kp[1] <= 1.05 * kp[0], (which, sizes["kp"])  # quadratic growth doubles it
+        assert kp[1] <= 4 * fa[1], (which, sizes)
+
+
+def test_kp_keeps_the_models_feedback_pairs_found_without_attributes_on_variables():
+    """KolenPollack is given variables, not a model: it finds the kp kernels, at any depth, through
+    their `_KolenPollackGuard` constraint and its layer; nothing is written onto a variable."""
+    inner = keras.Sequential([keras.Input((5, 6)), wt.Dense(6, feedback="kp", name="inner")])
+    inputs = keras.Input((5, 6))
+    h = wt.MultiHeadAttention(2, 3, feedback="kp", name="att")(inner(inputs), inputs)
+    h = wt.Dense(4, feedback="fa", name="fa")(h)
+    model = keras.Model(inputs, wt.Dense(3, feedback="kp", name="top")(h))
+    optimizer = KolenPollack(keras.optimizers.SGD(0.1), weight_decay=0.1)
+    optimizer.build(model.trainable_variables)
+    expected = [pair for key, pair in keras_wt.feedback_pairs(model).items() if key != "fa"]
+    assert len(expected) == 6
+    assert [(w.path, b.path) for w, b in optimizer.kp_pairs] == [(w.path, b.path) for w, b in expected]
+    assert all(a is w and c is b for (a, c), (w, b) in zip(optimizer.kp_pairs, expected))
+    assert not [v.path for v in model.weights if any(k.startswith("_keras_wt") for k in vars(v))]
+
+
+@pytest.mark.parametrize("feedback", [None, "fa", "ss"])
+def test_kolen_pollack_refuses_a_model_without_kp_layers(feedback):
+    """A model with no kp layer (stock, or another rule) would train as the wrapped optimizer
+    trains it, without a word: KolenPollack refuses it at its first update and says to convert
+    the model. Building it on such variables is allowed: Keras does when it clones or loads a
+    model compiled with it (`keras_wt.strip` of a trained kp model)."""
+    dense = keras.layers.Dense if feedback is None else (lambda n: wt.Dense(n, feedback=feedback))
+    model = keras.Sequential([keras.Input((6,)), dense(4), dense(3)])
+    optimizer = KolenPollack(keras.optimizers.SGD(0.1))
+    optimizer.build(model.trainable_variables)  # as Keras builds it when cloning or loading
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match=r"none is the kernel of a layer with feedback='kp'.*"
+                                         r"keras_wt\.convert\(model, 'kp'\)"):
+        optimizer.apply(zeros, model.trainable_variables)
+    model.compile(KolenPollack(keras.optimizers.SGD(0.1)), "mse")
+    weights = [w.numpy() for w in model.weights]
+    with pytest.raises(ValueError, match="convert"):
+        model.fit(X, np.zeros((96, 3), "float32"), batch_size=BATCH, epochs=1, verbose=0)
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(after.numpy(), before)
+
+
+def test_a_trained_kp_model_strips_and_its_stock_copy_is_refused_by_kolen_pollack():
+    """`strip` clones the model with its compiled KolenPollack, which Keras builds on the stock
+    copy's variables: that works; training the copy with it is refused."""
+    model = _kp_model()
+    model.compile(KolenPollack(keras.optimizers.SGD(0.1)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    stripped = keras_wt.strip(model)
+    np.testing.assert_array_equal(stripped(X), model(X))
+    if isinstance(stripped.optimizer, KolenPollack):
+        with pytest.raises(ValueError, match="convert"):
+            stripped.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)

@@ -41,6 +41,8 @@ registry of stock layer → twin; `twin_of` also knows the subclasses that add n
 stock layer (`SAME_AS_STOCK`).
 """
 
+import collections
+
 import keras
 
 from keras_wt import _compat
@@ -76,7 +78,8 @@ from keras_wt.layers.recurrent import SimpleRNNCell
 
 __all__ = [
     "FEEDBACK_ARGUMENTS", "FEEDBACK_CONFIG_KEYS", "FEEDBACK_LAYERS", "STOCK", "TWINS",
-    "WithFeedback", "FeedbackLayer", "feedback_layers", "stock_weights",
+    "WithFeedback", "FeedbackLayer", "feedback_keys", "feedback_layers", "feedback_pairs",
+    "stock_weights",
     "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
     "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
     "SeparableConv2D", "MultiHeadAttention", "ReversibleEmbedding", "SAME_AS_STOCK", "twin_of",
@@ -147,3 +150,73 @@ def feedback_layers(model):
     return [
         layer for layer in _compat.flatten_layers(model) if isinstance(layer, FeedbackLayer)
     ]
+
+
+def feedback_keys(model):
+    """`{layer: key}` for every feedback layer of `model`, in the order of `feedback_layers`: the
+    names under which keras_wt reports and looks up a layer (`keras_wt.feedback_pairs`, the
+    alignment metrics, `MirrorCallback`'s per-layer `batch_size`).
+
+    A layer's key is its name when no other feedback layer of the model has that name, so a model
+    whose layers are named apart is keyed by its layer names. Layers that share a name (the
+    `query` projection of every Transformer block of a keras-hub model) are keyed by their place
+    in the model: the names of the layers containing them, outermost first (the model itself left
+    out), and their own, joined by `/`, e.g. `transformer_layer_0/self_attention_layer/query`.
+    Keras names cannot contain `/`, so such a path never equals a name. Where even the paths
+    coincide (two sublayers of one parent given the same name), the second and later, in model
+    order, get `#2`, `#3`, ...
+    """
+    layers = feedback_layers(model)
+    count = collections.Counter(layer.name for layer in layers)
+    if all(count[layer.name] == 1 for layer in layers):
+        return {layer: layer.name for layer in layers}
+    parents = _parents(model)
+    keys, seen = {}, collections.Counter()
+    for layer in layers:
+        key = layer.name
+        if count[key] > 1:
+            names, node = [], layer
+            while node is not None and node is not model:
+                names.append(node.name)
+                node = parents.get(id(node))
+            key = "/".join(reversed(names))
+        seen[key] += 1
+        keys[layer] = key if seen[key] == 1 else f"{key}#{seen[key]}"
+    return keys
+
+
+def _parents(model):
+    """`{id(layer): the layer it was found in}` for every sublayer of `model` (depth first, as
+    `_compat.flatten_layers` visits them: a layer held by several parents is found in the first).
+    In that depth-first order each layer's parent is the nearest layer before it whose sublayers
+    include it."""
+    parents, stack = {}, []
+    for node in _compat.flatten_layers(model):
+        while stack and id(node) not in stack[-1][1]:
+            stack.pop()
+        if stack:
+            parents[id(node)] = stack[-1][0]
+        stack.append((node, {id(n) for n in _compat.flatten_layers(node)}))
+    return parents
+
+
+def feedback_pairs(model):
+    """`{key: (W, B)}`: every forward kernel of `model` with the feedback kernel stored for it, at
+    any depth (nested models, composite layers such as `SeparableConv2D` and
+    `MultiHeadAttention`), in model order, keyed as `feedback_keys`.
+
+    A pair exists where a `B` variable is stored: the rules whose `B` is a variable (`fa`, `wm`,
+    `kp`, `frsf`, `sa`, `ia`), in layers whose `B` some gradient uses (`feedback_used=True`).
+    `bp`, `ss` and `brsf` compute their `B` from `W` at each step, and `dfa` keeps its matrices
+    in the `keras_wt.dfa.DirectFeedback` marker: none of these has a pair.
+
+    Example:
+
+    >>> for key, (w, b) in keras_wt.feedback_pairs(model).items():
+    ...     print(key, w.shape, keras_wt.alignment.angle(w.numpy(), b.numpy()))
+    """
+    return {
+        key: (layer.kernel, layer.feedback_kernel)
+        for layer, key in feedback_keys(model).items()
+        if layer.feedback_kernel is not None
+    }

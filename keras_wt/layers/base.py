@@ -11,6 +11,7 @@ import warnings
 import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_wt import _compat
@@ -28,10 +29,16 @@ FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used",)
 class _KolenPollackGuard:
     """Kernel constraint of a `kp` layer: every Keras optimizer applies a variable's constraint
     after updating it, so an optimizer other than KolenPollack is caught the first time it
-    updates the kernel (when the train step is traced), before B could silently stay fixed."""
+    updates the kernel (when the train step is traced), before B could silently stay fixed.
+
+    It is also how `keras_wt.optimizers.KolenPollack.build`, which is given variables and no
+    model, finds the `kp` kernels among them and their layers (`layer`: a weak reference, so the
+    constraint keeps no layer alive): Keras's own `variable.constraint`, set in `build`.
+    """
 
     def __init__(self, layer, constraint):
         self.layer_name = layer.name
+        self.layer = weakref.ref(layer)
         self.constraint = constraint
 
     def __call__(self, kernel):
@@ -198,8 +205,6 @@ class FeedbackLayer(WithFeedback):
         """
         self.feedback_input_shape = tuple(input_shape)
         kernel = self.kernel
-        # The optimizer finds the layer of a kernel through this link (see KolenPollack).
-        kernel._keras_wt_layer = weakref.ref(self)
         if self.algorithm.learns_feedback == "optimizer":
             kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
         if self.algorithm.stores_feedback and self.feedback_used:
@@ -270,6 +275,44 @@ class FeedbackLayer(WithFeedback):
                 return []
             kept = by_context[id(context)] = (context, [])
         return kept[1]
+
+    @property
+    def mirror_input_shape(self):
+        """The shape of one sample of the weight mirror's noise (`keras_wt.mirror`): the layer's
+        input shape without the batch axis (`feedback_input_shape[1:]`), exactly, where every
+        dimension is known.
+
+        A dimension still unknown (`None`: the sequence length of a keras-hub Transformer) is 1
+        when the layer's linear op maps the slices of its input along that axis independently,
+        each with the same kernel: every axis but the last for `Dense`, the input axes that reach
+        the output without meeting the kernel for `EinsumDense`. The mirror's step is then the
+        same average whatever the length, since its link counts `C` come from the same shape.
+        Which axes qualify is found from `linear` itself (on random inputs, the output of a
+        length-2 input must be the outputs of its two slices, side by side), so no layer type
+        needs code of its own.
+
+        Raises:
+            ValueError: an unknown dimension that the linear op mixes (a convolution's spatial
+                axes): the noise needs its size.
+        """
+        shape = self.feedback_input_shape
+        if shape is None:
+            raise ValueError(
+                f"Layer {self.name!r} is not built: the weight mirror's noise has the shape of its "
+                "input. Call the model on a batch first (the build() of a subclassed model does "
+                "not build the layers it holds; a call does)."
+            )
+        shape = tuple(shape[1:])
+        unknown = [axis for axis, size in enumerate(shape) if size is None]
+        for axis in unknown:
+            if not _slices_independent(self, shape, axis):
+                raise ValueError(
+                    f"Layer {self.name!r} has input shape {tuple(self.feedback_input_shape)}: the "
+                    f"weight mirror's noise needs the size of axis {axis + 1}, which the layer's "
+                    "linear op mixes across positions (the spatial axes of a convolution). Give "
+                    "the model a fixed input size (e.g. keras.Input((32, 32, 3)))."
+                )
+        return tuple(1 if size is None else size for size in shape)
 
     def feedback_seed(self):
         """The `[seed, step]` of this step's random draws (a stateless RNG seed)."""
@@ -417,6 +460,39 @@ class FeedbackLayer(WithFeedback):
         variables += [variable for _, variable in self.feedback_variables()]
         for key, variable in zip(expected, variables):
             variable.assign(store[key])
+
+
+def _slices_independent(layer, sample_shape, axis):
+    """Whether `layer.linear` maps the slices of a sample along `axis` (of `sample_shape`, no
+    batch axis) independently and alike: on a sample of length 2 there (1 on other unknown axes),
+    its output is the outputs of the two slices, concatenated along the one output axis that has
+    length 2 where a slice's has length 1. Inputs and kernel are Gaussian (so no sum cancels by
+    chance), compared to float32 rounding. Computed eagerly, also while a function is traced."""
+    rng = np.random.RandomState(0)
+    shape = [1] + [1 if size is None else size for size in sample_shape]
+    shape[axis + 1] = 2
+    with tf.init_scope():
+        x = tf.constant(rng.standard_normal(shape), tf.float32)
+        kernel = tf.constant(rng.standard_normal(tuple(layer.kernel.shape)), tf.float32)
+        try:
+            whole = layer.linear(x, kernel)
+            parts = [layer.linear(_slice(x, axis + 1, i), kernel) for i in range(2)]
+        except (ValueError, tf.errors.OpError):  # e.g. a "valid" window wider than 2
+            return False
+        whole_shape, part_shape = tuple(whole.shape), tuple(parts[0].shape)
+        if tuple(parts[1].shape) != part_shape or len(whole_shape) != len(part_shape):
+            return False
+        differ = [i for i, (a, b) in enumerate(zip(whole_shape, part_shape)) if a != b]
+        if len(differ) != 1 or (whole_shape[differ[0]], part_shape[differ[0]]) != (2, 1):
+            return False
+        joined = tf.concat(parts, axis=differ[0])
+        whole, joined = whole.numpy(), joined.numpy()
+        return bool(np.allclose(whole, joined, rtol=1e-5, atol=1e-5 * np.abs(whole).max()))
+
+
+def _slice(x, axis, index):
+    """`x` restricted to `index` along `axis` (the axis kept, with length 1)."""
+    return tf.gather(x, [index], axis=axis)
 
 
 def _add_bias_and_activate(layer, outputs, channel_axis=None):
