@@ -17,9 +17,10 @@ in a copy of the model (`keras_wt.convert` makes it):
   attribute, list or dict of its parent that holds it (`_compat.replace_child`). A node of a
   graph Keras did not clone cannot be replaced: it is reported (`Conversion.left`).
 
-A converted stock sublayer of a layer that is not a graph is renamed `<parent>_<name>` (up to
-the nearest graph node: `transformer_layer_0_feedforward_intermediate_dense`), so that the names
-of the feedback layers (the keys of the alignment metrics) are unique across blocks.
+A converted layer keeps its name: where several feedback layers share one (the `query` of every
+Transformer block), the keys of the alignment metrics, `feedback_pairs` and the mirror are paths
+of ancestor names (`keras_wt.layers.feedback_keys`), and a wrapper that names its sublayers
+after its own (`Bidirectional`'s `forward_<name>`) names them the same when it is loaded.
 
 **Saving.** Such a layer's `get_config` holds only its constructor arguments: loaded, it would
 rebuild stock sublayers, which do not take the feedback variables saved. So the *root* of an
@@ -78,10 +79,6 @@ def _is_node(parent, layer):
     return isinstance(parent, keras.Function) and any(op is layer for op in parent.operations)
 
 
-def _qualified(prefix, name):
-    return name if name.startswith(prefix + "_") else f"{prefix}_{name}"
-
-
 class Conversion:
     """One conversion: the feedback arguments every converted layer takes, the layers whose `B`
     no gradient uses, and the report.
@@ -106,27 +103,26 @@ class Conversion:
         before = sum(self.converted.values())
         seen = set()
 
-        def visit(layer, qualified, graph):
+        def visit(layer):
             for child in _compat.children(layer):
                 if id(child) in seen or isinstance(child, keras.layers.InputLayer):
                     continue
                 seen.add(id(child))
                 if isinstance(child, layers_lib.WithFeedback):
-                    twin, name = type(child), child.name
+                    twin = type(child)
                 else:
                     twin = layers_lib.twin_of(type(child))
-                    name = child.name if graph else _qualified(qualified, child.name)
                 if twin is None:
-                    visit(child, name, is_graph(child))
+                    visit(child)
                     continue
                 used = id(child) not in self.unused
-                reason = convert_layer(layer, child, twin, self.config, used, name)
+                reason = convert_layer(layer, child, twin, self.config, used)
                 if reason is None:
                     self.converted[_stock_name(child, twin)] += 1
                 else:
                     self.left[id(child)] = reason
 
-        visit(root, root.name, is_graph(root))
+        visit(root)
         return sum(self.converted.values()) - before
 
 

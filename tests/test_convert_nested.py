@@ -82,10 +82,10 @@ def test_sublayers_of_custom_layers_and_wrappers_are_converted_with_identical_ou
     model = _block_model()
     converted = keras_wt.convert(model, "fa", strict=True)
     ours = {layer.name: layer for layer in wt.feedback_layers(converted)}
-    # Sublayers of a layer that is not a graph are named after it (unique across blocks).
+    # Sublayers of a layer that is not a graph keep their names (the keys are unique anyway).
     assert len(ours) == 5 and {"head", "stem"} < set(ours)
-    assert sorted(name.split("_dense")[0] for name in ours if name not in ("head", "stem")) == [
-        "block", "block", "per_step"]
+    keys = wt.feedback_keys(converted)
+    assert len(set(keys.values())) == 5
     assert unconverted_layers(converted) == []
     block = converted.get_layer("block")
     assert isinstance(block, Block) and isinstance(block, nested.Converted)
@@ -140,7 +140,6 @@ def test_composite_twins_replace_their_stock_layer_everywhere_the_parent_holds_i
     pair = converted.get_layer("pair")
     assert isinstance(pair.conv, wt.SeparableConv1D) and pair.convs[0] is pair.conv
     assert isinstance(pair.heads["out"], wt.Dense)
-    assert pair.conv.name.startswith("pair_separable_conv1d")
     names = [type(l).__name__ for l in wt.feedback_layers(converted)]
     assert names.count("DepthwiseConv1D") == names.count("Conv1D") == 1
     # The replaced layer's weights are the stock ones, in the stock order.
@@ -166,8 +165,7 @@ def test_attention_inside_a_custom_layer_is_replaced_by_the_feedback_twin():
     converted = keras_wt.convert(stock, "kp", strict=True)
     attention = converted.get_layer("attend").attention
     assert isinstance(attention, wt.MultiHeadAttention)
-    assert attention.query_dense.name.startswith("attend_multi_head_attention")
-    assert attention.query_dense.name.endswith("_query")
+    assert attention.query_dense.name == f"{attention.name}_query"
     np.testing.assert_array_equal(stock(X), converted(X))
 
 
@@ -305,6 +303,26 @@ def test_a_layer_converted_before_it_is_built_builds_as_its_twin():
     assert net.hidden.feedback_input_shape == (8, 6)
 
 
+@keras.saving.register_keras_serializable(package="test_convert_nested")
+class MyCell(keras.layers.Layer):
+    """A user's recurrent cell with a kernel of its own: keras_wt has no twin for it."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1] + self.units, self.units), name="kernel")
+
+    def call(self, inputs, states):
+        h = keras.ops.tanh(keras.ops.matmul(keras.ops.concatenate([inputs, states[0]], -1), self.kernel))
+        return h, [h]
+
+    def get_config(self):
+        return dict(super().get_config(), units=self.units)
+
+
 def test_unconverted_layers_name_their_parent_and_the_reason():
     class MyDense(keras.layers.Dense):
         def call(self, x):
@@ -321,15 +339,16 @@ def test_unconverted_layers_name_their_parent_and_the_reason():
             return self.plain(self.mine(x))
 
     inputs = keras.Input((5, 6))
-    h = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True, name="lstm"), name="bi")(inputs)
+    h = keras.layers.Bidirectional(
+        keras.layers.RNN(MyCell(3), return_sequences=True, name="rnn"), name="bi")(inputs)
     h = Holder(name="holder")(h)
     model = keras.Model(inputs, h)
     with pytest.warns(UserWarning) as recorded:
         converted = keras_wt.convert(model, "fa")
     message = str([w for w in recorded if "were not converted" in str(w.message)][0].message)
     assert "3 layers that hold a kernel were not converted" in message
-    assert "in 'forward_lstm' (LSTM): keras_wt has no feedback twin of LSTMCell" in message
-    assert "in 'backward_lstm' (LSTM)" in message
+    assert "in 'forward_rnn' (RNN): keras_wt has no feedback twin of MyCell" in message
+    assert "in 'backward_rnn' (RNN)" in message
     assert "(MyDense) in 'holder' (Holder): it is a subclass of Dense, whose call may compute" in message
     assert isinstance(converted.get_layer("holder").plain, wt.Dense)
     with pytest.raises(ValueError, match="were not converted"):
@@ -349,8 +368,8 @@ def test_a_composite_node_of_a_graph_cannot_be_converted_in_place_and_says_why()
 
 def test_a_model_with_nothing_to_convert_is_refused():
     inputs = keras.Input((5, 6))
-    model = keras.Model(inputs, keras.layers.LSTM(2)(inputs))
-    with pytest.raises(ValueError, match="no layer could be converted.*LSTMCell"):
+    model = keras.Model(inputs, keras.layers.RNN(MyCell(2))(inputs))
+    with pytest.raises(ValueError, match="no layer could be converted.*MyCell"):
         keras_wt.convert(model, "fa")
     with pytest.raises(ValueError, match="no layer could be converted"):
         keras_wt.convert(keras.Sequential([keras.Input((3,)), keras.layers.Flatten()]), "fa")
@@ -378,7 +397,9 @@ def test_functional_subclass_keeps_its_class_alone_or_nested_in_a_graph(tmp_path
     assert converted.get_layer("first").feedback_used is False
     names = [l.name for l in wt.feedback_layers(converted)]
     assert len(names) == 4 and names[0] == "first" and names[-1] == "last"
-    assert all(name.startswith("tower_block_dense") for name in names[1:3])
+    # Converted in place, they keep their names; their keys are unique.
+    assert names[1:3] == [l.name for l in converted.get_layer("tower_block")._flatten_layers()[1:]]
+    assert len(set(wt.feedback_keys(converted).values())) == 4
     np.testing.assert_array_equal(tower(X), converted(X))
 
     inputs = keras.Input((5, 6))
@@ -399,29 +420,35 @@ def test_functional_subclass_keeps_its_class_alone_or_nested_in_a_graph(tmp_path
     np.testing.assert_array_equal(outer(X), stripped(X))
 
 
-@keras.saving.register_keras_serializable(package="test_convert_nested")
-class ToyRecurrentTwin(wt.base._Twin, wt.WithFeedback, keras.layers.SimpleRNN):
-    """Stands in for a recurrent twin (they come from another branch): a keras_wt layer that is
-    not a FeedbackLayer, with the stock layer's weights. What is tested is where convert puts
-    such a twin of keras_wt.layers.TWINS, not its gradient."""
-
-
-def test_any_composite_twin_of_the_registry_reaches_both_layers_of_a_bidirectional(monkeypatch, tmp_path):
-    monkeypatch.setitem(wt.TWINS, keras.layers.SimpleRNN, ToyRecurrentTwin)
-    monkeypatch.setitem(wt.STOCK, ToyRecurrentTwin, keras.layers.SimpleRNN)
+@pytest.mark.parametrize("wrapper", ["bidirectional", "rnn"])
+def test_recurrent_twins_reach_both_directions_of_a_bidirectional_and_a_generic_rnn(wrapper, tmp_path):
     inputs = keras.Input((5, 6))
-    h = keras.layers.Bidirectional(keras.layers.SimpleRNN(3, return_sequences=True), name="bi")(inputs)
-    stock = keras.Model(inputs, keras.layers.Dense(2)(h))
-    with pytest.warns(UserWarning, match="SimpleRNNCell"):  # the toy has no feedback cell
-        converted = keras_wt.convert(stock, "fa")
-    bi = converted.get_layer("bi")
-    assert isinstance(bi.forward_layer, ToyRecurrentTwin) and isinstance(bi.backward_layer, ToyRecurrentTwin)
-    assert bi.backward_layer.go_backwards and bi.forward_layer.feedback == "fa"
+    if wrapper == "bidirectional":
+        lstm = keras.layers.LSTM(3, return_sequences=True, name="lstm")
+        h = keras.layers.Bidirectional(lstm, name="bi")(inputs)
+        expected = ["forward_lstm_input", "forward_lstm_recurrent",
+                    "backward_lstm_input", "backward_lstm_recurrent"]
+    else:
+        cell = keras.layers.GRUCell(3, name="cell")
+        h = keras.layers.RNN(cell, return_sequences=True, name="bi")(inputs)
+        expected = ["cell_input", "cell_recurrent"]
+    stock = keras.Model(inputs, keras.layers.Dense(2, name="top")(h))
+    converted = keras_wt.convert(stock, "fa", strict=True, keep_unused_feedback=True)
+    names = [layer.name for layer in wt.feedback_layers(converted)]
+    assert names == expected + ["top"]
+    assert all(layer.feedback_kernel is not None for layer in wt.feedback_layers(converted))
     np.testing.assert_array_equal(stock(X), converted(X))
+    # With every B := W the converted model is backprop: every gradient is the stock model's.
+    _set_b_to_w(converted)
+    y = np.random.RandomState(1).randint(0, 2, (8, 5))
+    for got, want in zip(_gradients(converted, X, y), _gradients(stock, X, y)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     converted.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    assert isinstance(loaded.get_layer("bi").backward_layer, ToyRecurrentTwin)
+    assert [layer.name for layer in wt.feedback_layers(loaded)] == names
+    for a, b in zip(wt.feedback_layers(converted), wt.feedback_layers(loaded)):
+        np.testing.assert_array_equal(a.feedback_kernel.numpy(), b.feedback_kernel.numpy())
     np.testing.assert_array_equal(converted(X), loaded(X))
     stripped = keras_wt.strip(converted)
-    assert type(stripped.get_layer("bi").forward_layer) is keras.layers.SimpleRNN
+    assert not any(isinstance(l, wt.WithFeedback) for l in stripped._flatten_layers())
     np.testing.assert_array_equal(stock(X), stripped(X))

@@ -22,8 +22,9 @@ from keras_wt import local
 FEEDBACK_ARGUMENTS = (
     "feedback", "feedback_initializer", "feedback_scale", "feedback_input", "feedback_loss"
 )
-# Every keras_wt key of a feedback layer's config: the arguments above and `feedback_used`.
-FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used",)
+# Every keras_wt key of a feedback layer's config: the arguments above, `feedback_used` and, for
+# the recurrent cells, `feedback_prefix` (the names of their projections).
+FEEDBACK_CONFIG_KEYS = FEEDBACK_ARGUMENTS + ("feedback_used", "feedback_prefix")
 
 
 class _KolenPollackGuard:
