@@ -186,7 +186,8 @@ class AtomicBackup(keras.callbacks.Callback):
         try:
             model.load_weights(path)
         except Exception as e:  # h5py's errors for a truncated or altered file vary by version
-            return f"it cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]:.200})"
+            first_line = (str(e).splitlines() or [""])[0]
+            return f"it cannot be loaded ({type(e).__name__}: {first_line:.200})"
         loaded = int(model.optimizer.iterations.numpy())
         if loaded != iterations:
             return f"it holds step {loaded}, not the {iterations} recorded"

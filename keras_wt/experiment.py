@@ -327,11 +327,12 @@ def run(config, explicit=frozenset()):
                              "to <save_dir>/<dataset>/<algo>-V<i>/")
         run_dir = runs.new_run_dir(save_dir, config["dataset"], config["algo"])
         logger.info("New run %s", run_dir)
-    try:
-        training.train(dataclasses.replace(settings, model_dir=run_dir), flags=config,
-                       derived=derived(config))
-    except Exception:
-        if new:  # bad data, a full disk...: leave no run folder that never trained behind
-            runs.remove_unstarted(run_dir)
-        raise
+    with runs.RunLock(run_dir):  # at once: nobody takes a new folder over (train takes it too)
+        try:
+            training.train(dataclasses.replace(settings, model_dir=run_dir), flags=config,
+                           derived=derived(config))
+        except Exception:
+            if new:  # bad data, a full disk...: leave no run folder that never trained behind
+                runs.remove_unstarted(run_dir)
+            raise
     return run_dir

@@ -162,22 +162,22 @@ def prepare(run_dir, epochs, evaluated, steps_per_epoch):
     if recorded > epochs + 1:
         logger.warning("%s records epochs up to %d, its backup only %d: epochs %d-%d are trained "
                        "again.", run_dir, recorded, epochs, epochs + 1, recorded)
-    rows = trim_history(path(runs.HISTORY_FILE), epochs)
-    trim_tensorboard(path(runs.TENSORBOARD_DIR), epochs, steps_per_epoch)
     kept = {runs.epoch_key(e): results[runs.epoch_key(e)]
             for e in sorted(runs.key_epoch(k) for k in results) if e <= epochs}
     missing = [e for e in evaluated if e <= epochs and runs.epoch_key(e) not in kept]
+    lacking = [e for e in missing if e not in all_rows]
+    if lacking:  # refused before anything is changed
+        raise runs.RunError(
+            f"{path(runs.RESULTS_FILE)} lacks epochs {_span(missing)}"
+            + (f" ({damage})" if damage else "")
+            + f" and {runs.HISTORY_FILE} cannot rebuild epochs {_span(lacking)}: refusing to "
+            "resume a run whose record would miss them. Restore the file, or start a new run."
+        )
     if damage:
         logger.warning("%s", damage)
+    rows = trim_history(path(runs.HISTORY_FILE), epochs)
+    trim_tensorboard(path(runs.TENSORBOARD_DIR), epochs, steps_per_epoch)
     if missing:
-        lacking = [e for e in missing if e not in rows]
-        if lacking:
-            raise runs.RunError(
-                f"{path(runs.RESULTS_FILE)} lacks epochs {_span(missing)}"
-                + (f" ({damage})" if damage else "")
-                + f" and {runs.HISTORY_FILE} cannot rebuild epochs {_span(lacking)}: refusing to "
-                "resume a run whose record would miss them. Restore the file, or start a new run."
-            )
         for e in missing:
             kept[runs.epoch_key(e)] = runs.results_entry(rows[e])
         kept = dict(sorted(kept.items(), key=lambda item: runs.key_epoch(item[0])))
