@@ -101,9 +101,9 @@ def build_parser(defaults=True):
     add("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
         help="stop a run (exit status 1, diverged.json) whose training loss explodes while "
         "finite: above 2x the loss of a network that learned nothing (summed sigmoid: "
-        "10 ln 2 = 6.93; softmax: ln 10 = 2.30) for 100 steps or a whole shorter epoch "
-        "(keras_wt.training.StopOnDivergence). A NaN or infinite loss, metric or weight stops "
-        "a run regardless")
+        "10 ln 2 = 6.93; softmax: ln 10 = 2.30) for 100 steps, or over a whole shorter epoch "
+        "after the first (keras_wt.training.StopOnDivergence). A NaN or infinite loss, metric "
+        "or weight stops a run regardless")
     add = adder(parser.add_argument_group(
         "convnet recipe (defaults: the published configuration for --model mlp, "
         "keras_wt.experiment.CONVNET_RECIPE for the convnets)"))

@@ -441,11 +441,15 @@ def test_a_loss_above_the_threshold_for_n_steps_stops_the_run(tmp_path):
         stop.on_train_batch_end(7, {"loss": 2.5})  # 6
     record = json.loads(read_text(str(tmp_path), "diverged.json"))
     assert record["epoch"] == 1 and record["batch"] == 8 and record["loss"] == "2.5"
-    # An epoch shorter than the steps: its mean decides at its end.
+    # An epoch shorter than the steps: its mean decides at its end, from the second epoch on
+    # (the first's holds the initial loss, which some networks start above the reference).
     model, stop = _stopper(tmp_path, reference=1.0, factor=2.0, steps=100)
     stop.on_train_batch_end(2, {"loss": 2.5})
+    stop.on_epoch_end(0, {"loss": 2.5})
+    stop.on_epoch_begin(1)
+    stop.on_train_batch_end(2, {"loss": 2.5})
     with pytest.raises(training.TrainingDiverged, match="epoch's mean training loss"):
-        stop.on_epoch_end(0, {"loss": 2.5})
+        stop.on_epoch_end(1, {"loss": 2.5})
     _, stop = _stopper(tmp_path, reference=None)  # --no-divergence_check: no explosion rule
     stop.on_train_batch_end(200, {"loss": 1e6})
     stop.on_epoch_end(0, {"loss": 1e6})

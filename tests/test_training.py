@@ -489,7 +489,10 @@ def test_resumed_run_continues_exactly(algo, tmp_path):
          "--image_size=12", "--num_classes=4", "--batch_size=8", "--epochs=2",
          "--steps_per_epoch=3", "--eval_steps=0", "--lr_per_256=0.32", "--warmup_epochs=1",
          "--weight_decay=0.01", "--mirror_warmup_steps=2", "--mirror_batch_size=32",
-         "--mirror_learning_rate=0.3", "--verbose=0"]
+         "--mirror_learning_rate=0.3", "--verbose=0",
+         # Random images and labels at this rate: the loss explodes in epoch 2 (wm: 10.7, over
+         # 2 × ln 4), which does not matter to resuming exactly.
+         "--no-divergence_check"]
     )
     config = dataclasses.replace(config, model="cnn", model_options={})
     assert strategies.jit_compile_for(config.strategy)  # the whole step under XLA
@@ -572,6 +575,7 @@ def test_resumed_run_on_tfrecords_continues_exactly(imagenet_dir, tmp_path, algo
         num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=3, eval_steps=0,
         learning_rate=0.1, warmup_epochs=0.5, weight_decay=0.01, mirror_warmup_steps=2,
         mirror_batch_size=8, alignment="none", verbose=0, seed=0,  # 0: the global seed too
+        divergence_check=False,  # the loss explodes in epoch 2 (to ~1e13): not what is tested
     )
     uninterrupted, _ = training.train(config, callbacks=[_Preempt(run, preempted, epoch=1)])
     resumed, history = training.train(dataclasses.replace(config, model_dir=preempted))

@@ -149,9 +149,9 @@ def flag_parser():
     g.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity.")
     g.add_argument("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a run whose training loss explodes while finite: above 2x the loss "
-                   "of a network that learned nothing (ln num_classes) for 100 steps or a whole "
-                   "shorter epoch (keras_wt.training.StopOnDivergence); a NaN or infinite "
-                   "loss, metric or weight stops a run regardless.")
+                   "of a network that learned nothing (ln num_classes) for 100 steps, or over a "
+                   "whole shorter epoch after the first (keras_wt.training.StopOnDivergence); a "
+                   "NaN or infinite loss, metric or weight stops a run regardless.")
     return p
 
 
