@@ -21,9 +21,10 @@ refused as well, instead of being started over silently.
 """
 
 import csv
-import io
 import logging
 import os
+
+import tensorflow as tf
 
 from keras_wt import runs
 
@@ -37,7 +38,11 @@ def read_history(path):
     fields do not match the header (cut short by a kill) is left out. Missing file: `(None, {})`."""
     if not runs.exists(path):
         return None, {}
-    lines = runs.read_text(path).splitlines(keepends=True)
+    try:
+        lines = runs.read_text(path).splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        logger.warning("%s is damaged (%s): its rows are lost", path, e)
+        return None, {}
     if not lines or not lines[0].endswith("\n"):
         return None, {}
     header = next(csv.reader([lines[0]]))
@@ -59,8 +64,8 @@ def trim_history(path, epochs):
     `{epoch: row dict}`."""
     header, rows = read_history(path)
     if header is None:
-        if runs.exists(path) and runs.read_text(path):
-            runs.write_text(path, "")  # only a header cut short: CSVLogger writes it again
+        if runs.exists(path) and tf.io.gfile.stat(path).length:
+            runs.write_text(path, "")  # a header cut short, or damage: CSVLogger starts again
         return {}
     kept = {e: rows[e] for e in sorted(rows) if e <= epochs}
     text = header + "".join(line for line, _ in kept.values())
@@ -70,8 +75,6 @@ def trim_history(path, epochs):
 
 
 def _event_files(directory):
-    import tensorflow as tf
-
     if not tf.io.gfile.isdir(directory):
         return []
     return sorted(
@@ -95,8 +98,6 @@ def trim_tensorboard(directory, epochs, steps_per_epoch):
     """Drops from every event file under `directory` the summaries of the epochs after `epochs`
     (module docstring; `steps_per_epoch`: the optimizer steps of an epoch) and any record cut
     short by a kill."""
-    import tensorflow as tf
-
     for path in _event_files(directory):
         kept, changed = [], False
         try:

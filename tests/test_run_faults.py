@@ -228,6 +228,10 @@ def test_history_is_cut_back_to_the_backed_up_epochs_byte_for_byte(tmp_path):
                     2: {"epoch": "1", "accuracy": "20.5", "loss": "1.25"}}
     assert resume.trim_history(path, 0) == {}
     assert read_text(str(tmp_path), "history.csv") == rows[0]
+    with open(path, "wb") as f:  # damage: CSVLogger starts the file again, with a warning
+        f.write(b"\xff\xfe\x00garbage")
+    assert resume.trim_history(path, 2) == {}
+    assert read_text(str(tmp_path), "history.csv") == ""
 
 
 # --------------------------------------------------------------------------------------------
