@@ -25,6 +25,8 @@ LOSSES = ("summed_sigmoid", "softmax")
 # keras_wt.algorithms that were not in it (frsf, brsf, dfa, sa, ia) use backprop's.
 PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3,
                             "frsf": 0.2, "brsf": 0.2, "dfa": 0.2, "sa": 0.2, "ia": 0.2}
+# The seeds the generators take (NumPy's: 0 .. 2**32 − 1; keras_wt.training.MAX_SEED).
+MAX_SEED = 2**32 - 1
 
 
 
@@ -84,7 +86,8 @@ def build_parser(defaults=True):
         "after it, and at the last")
     add("--save_dir", default="./experiments",
         help="runs go to <save_dir>/<dataset>/<algo>-V<i>/")
-    add("--seed", type=int, default=1111, help="seed of the weights, the shuffling, the noise")
+    add("--seed", type=int, default=1111,
+        help=f"seed of the weights, the shuffling, the noise (0 to {MAX_SEED})")
     add("--data_dir", default=None,
         help="directory of the raw dataset files (else the standard places, see "
         "keras_wt.datasets)")
@@ -93,7 +96,14 @@ def build_parser(defaults=True):
         "a value the latest <save_dir>/<dataset>/<algo>-V<i> (a new run if there is none)")
     add("--verbose", type=int, default=1, choices=(0, 1, 2, 3),
         help="0: summary lines only, 1: Keras progress bar (one line per epoch when the "
-        "output is not a terminal), 2: one line per epoch, 3: as 2, plus TensorFlow's own log")
+        "output is not a terminal), 2: one line per epoch, 3: as 2, plus TensorFlow's own log "
+        "and the traceback of an error")
+    add("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
+        help="stop a run (exit status 1, diverged.json) whose training loss explodes while "
+        "finite: above 2x the loss of a network that learned nothing (summed sigmoid: "
+        "10 ln 2 = 6.93; softmax: ln 10 = 2.30) for 100 steps, or over a whole shorter epoch "
+        "after the first (keras_wt.training.StopOnDivergence). A NaN or infinite loss, metric "
+        "or weight stops a run regardless")
     add = adder(parser.add_argument_group(
         "convnet recipe (defaults: the published configuration for --model mlp, "
         "keras_wt.experiment.CONVNET_RECIPE for the convnets)"))
@@ -189,6 +199,7 @@ def validate(config):
     check("mirror_warmup_steps",
           config["mirror_warmup_steps"] is None or config["mirror_warmup_steps"] >= 0,
           "an integer >= 0")
+    check("seed", 0 <= config["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
     return config
 
 
@@ -259,24 +270,33 @@ def _console_log():
 
 def train_from_flags(argv=None):
     """Parses the command-line flags `argv` (default: `sys.argv[1:]`), runs the experiment and
-    returns its run folder. A bad flag exits with argparse's usage message (status 2)."""
+    returns its run folder.
+
+    Errors end in one line on standard error, never a traceback (unless `--verbose 3`): a bad
+    flag exits with argparse's usage message (status 2), a command line that cannot be carried
+    out (flags that contradict the run resumed, a `--save_dir` that is a file) with status 2,
+    a failure while running (bad or missing data, a full or read-only disk, a run folder held by
+    another process, a damaged backup, a run that diverged) with status 1, Ctrl-C with 130.
+    """
     parser = build_parser()
     try:
         config, explicit = parse_args(argv)
     except ValueError as e:
         parser.error(str(e))
-    with _quiet_tensorflow(config["verbose"]):
-        from keras_wt import experiment
-    _console_log()
-
     try:
-        return experiment.run(config, explicit)
-    except experiment.ResumeError as e:
-        parser.error(str(e))
-    except FileNotFoundError as e:  # a dataset that is not on disk: the message says what to do
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
-    except FloatingPointError:  # keras_wt.training.TrainingDiverged, logged by the trainer
-        sys.exit(1)
+        with _quiet_tensorflow(config["verbose"]):
+            from keras_wt import experiment, training
+        _console_log()
+        try:
+            return experiment.run(config, explicit)
+        except Exception as e:
+            failure = training.describe_failure(e)
+            if failure is None or config["verbose"] >= 3:
+                raise
+            status, message = failure
+            parser.exit(status, f"{parser.prog}: error: {message}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; continue the run with --resume\n")
 
 
 def main(argv=None):

@@ -212,6 +212,22 @@ def untrack_variable(layer, variable):
 _KERAS_MULTIWORKER_BUG = _version() >= (3, 0)
 
 
+def flush_summary_writers(callback):
+    """Flushes the event files a `keras.callbacks.TensorBoard` callback has open.
+
+    Its `tf.summary` writers flush every two minutes and when training ends; Keras exposes no
+    flush, and keeps the writers in the private dict `TensorBoard._writers` (created on first
+    use, so only the writers that exist are flushed). keras_wt's trainer flushes them at every
+    epoch's end, before the epoch's backup, so that a kill never loses the summaries of an epoch
+    the backup holds.
+    """
+    writers = getattr(callback, "_writers", None)
+    if not isinstance(writers, dict):
+        raise _unsupported("TensorBoard._writers")
+    for writer in writers.values():
+        writer.flush()
+
+
 def merge_call(fn, strategy, *args):
     """Runs `fn(strategy, *args)` in the cross-replica context, from a replica context or from
     outside any (`tf.__internal__.distribute.interim.maybe_merge_call`). The public

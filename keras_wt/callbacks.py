@@ -403,13 +403,14 @@ class AlignmentCallback(keras.callbacks.Callback):
         if logs is None:
             return
         last = epoch + 1 == (self.params or {}).get("epochs")
-        if epoch % self.every == 0 or last or self._keys is None:
+        scheduled = epoch % self.every == 0 or last
+        if scheduled or self._keys is None:  # measured once more to learn the keys
             if self.probe is None:
                 metrics = alignment.weight_metrics(self.model)
             else:
                 x, y = self.probe
                 metrics = alignment.alignment_metrics(self.model, x, y, loss=self.loss)
             self._keys = list(metrics)
-        else:
+        if not scheduled:  # NaN whatever epoch `fit` started at (a resumed run's logs too)
             metrics = {key: np.nan for key in self._keys}
         logs.update(metrics)

@@ -40,6 +40,7 @@ import gzip
 import logging
 import os
 import pickle
+import re
 import socket
 
 import numpy as np
@@ -60,6 +61,10 @@ NETWORK_TIMEOUT_S = 3.0
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """The data on disk cannot be trained on: a damaged or missing file, splits that disagree."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -617,9 +622,47 @@ def _eval_crop(image_bytes, image_size):
 
 
 def _imagenet_files(data_dir, split):
+    """The `<split>-*` files of `data_dir`; named `<split>-NNNNN-of-MMMMM`, all `MMMMM` of them
+    must be there (else a `DataError` names how many are missing)."""
     if data_dir is None:
         return []
-    return sorted(tf.io.gfile.glob(os.path.join(os.fspath(data_dir), f"{split}-*")))
+    files = sorted(tf.io.gfile.glob(os.path.join(os.fspath(data_dir), f"{split}-*")))
+    shards = {re.fullmatch(rf"{split}-\d+-of-(\d+)", os.path.basename(f)) for f in files}
+    if files and None not in shards and len({m.group(1) for m in shards}) == 1:
+        declared = int(next(iter(shards)).group(1))
+        if declared != len(files):
+            raise DataError(
+                f"{data_dir} holds {len(files)} {split}-*-of-{declared:05d} files, not the "
+                f"{declared} their names declare: shards are missing or left over."
+            )
+    return files
+
+
+def _count_pass(ds, expected, what):
+    """`ds` (one pass over the records, `(image bytes, label)`), stopping with an
+    `InvalidArgumentError` when the pass ends having read another number of examples than
+    `expected` (a file cut short: TensorFlow reads a record cut inside its length field as the
+    end of the file). The examples and their order are unchanged."""
+    end = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(0, tf.int32), True))
+    flagged = ds.map(lambda image, label: (image, label, False)).concatenate(end)
+
+    def count(n, element):
+        return n + tf.cast(tf.logical_not(element[2]), tf.int64), (*element, n)
+
+    def check(image, label, last, n):
+        template = what.replace("{", "{{").replace("}", "}}") + (
+            f": one pass read {{}} examples, but {expected} are declared: a file is "
+            "truncated, missing or extra (or declare the right number)")
+        message = tf.strings.format(template, n)
+        with tf.control_dependencies([
+            tf.debugging.Assert(tf.logical_or(tf.logical_not(last), tf.equal(n, expected)),
+                                [message])
+        ]):
+            return image, tf.identity(label), last
+
+    ds = flagged.scan(tf.constant(0, tf.int64), count).map(check)
+    return ds.filter(lambda image, label, last: tf.logical_not(last)).map(
+        lambda image, label, last: (image, label))
 
 
 def _tfds_imagenet(data_dir, split, training):
@@ -651,6 +694,7 @@ def imagenet(
     cycle_length=16,
     seed=None,
     epoch=None,
+    expected_examples=None,
 ):
     """Returns a `tf.data.Dataset` of preprocessed ImageNet `(image, label)` batches.
 
@@ -685,6 +729,9 @@ def imagenet(
         epoch: with `shuffle`, one pass for this epoch (an int or an int64 tensor): its file
             order and augmentation drawn without state from `(seed, epoch)`, so every epoch's
             pass can be rebuilt alone (a resumed run). Default: `reshuffle_each_iteration`.
+        expected_examples: the examples of one pass over the files; a pass that reads another
+            number stops with an `InvalidArgumentError` saying so (a truncated or missing file).
+            `None`: not counted.
     """
     split = _check_split("imagenet", split)
     training = split == "train" if training is None else training
@@ -733,6 +780,8 @@ def imagenet(
                 return example["image/encoded"], tf.identity(label)
 
         ds = ds.map(parse, AUTOTUNE)
+        if expected_examples:
+            ds = _count_pass(ds, expected_examples, f"ImageNet {split} files in {data_dir}")
         logger.info("Reading ImageNet %s from %d files in %s", split, len(files), data_dir)
     else:
         try:

@@ -34,10 +34,10 @@ set, and the weight and delta angles on its first `PROBE_SIZE` examples. `--resu
 interrupted run exactly (`keras_wt.backup.AtomicBackup`).
 """
 
+import dataclasses
 import logging
 import math
 import os
-import shutil
 import sys
 
 from keras_wt import algorithms
@@ -48,7 +48,7 @@ from keras_wt_cli import PUBLISHED_LEARNING_RATES, validate
 logger = logging.getLogger(__name__)
 
 # Flags that may differ between an interrupted run and its `--resume`.
-RESUMABLE_OVERRIDES = ("n_epochs", "data_dir", "verbose")
+RESUMABLE_OVERRIDES = ("n_epochs", "data_dir", "verbose", "divergence_check")
 
 PROBE_SIZE = 1000  # test examples on which the delta angles are measured
 
@@ -206,6 +206,7 @@ def train_config(config, run_dir=None):
         keep_checkpoints=False,
         seed=config["seed"],
         verbose=keras_verbose(config["verbose"]),
+        divergence_check=config["divergence_check"],
     )
 
 
@@ -233,7 +234,11 @@ def derived(config):
     return values
 
 
-class ResumeError(ValueError):
+class UsageError(ValueError):
+    """The command line asks for something that cannot be done (exit status 2)."""
+
+
+class ResumeError(UsageError):
     """`--resume` names no run, or flags that differ from the run's."""
 
 
@@ -241,25 +246,37 @@ def resolve_resume(config, explicit):
     """`(run_dir, config)` of the run to continue, or `(None, config)` for a new run.
 
     Without a folder, the latest `<algo>-V<i>` of the dataset whose saved flags agree with the
-    flags given on the command line is continued.
+    flags given on the command line is continued. A run folder stopped before it saved its flags
+    (`keras_wt.runs.is_unstarted`, no `experiment_config.json`) is started again in place with
+    the flags given.
+
+    Raises:
+        ResumeError: `--resume` names no run folder, or one with other flags.
+        keras_wt.runs.RunError: a run folder's saved flags are damaged.
     """
     fixed = sorted(set(explicit) - {"resume", "save_dir"} - set(RESUMABLE_OVERRIDES))
     resume = config["resume"]
     if resume == "latest":
         candidates = []
         for path in runs.run_dirs(config["save_dir"], config["dataset"], config["algo"]):
-            if runs.exists(os.path.join(path, runs.CONFIG_FILE)):
-                saved = runs.read_json(os.path.join(path, runs.CONFIG_FILE))
-                if all(saved.get(flag) == config[flag] for flag in fixed):
-                    candidates.append(path)
+            saved = runs.read_config(path)
+            if (saved is None and runs.is_unstarted(path)) or (
+                    saved is not None and all(saved.get(f) == config[f] for f in fixed)):
+                candidates.append(path)
         if not candidates:
             logger.info("--resume: no run of %s on %s in %s with these flags yet; starting a "
                         "new one", config["algo"], config["dataset"], config["save_dir"])
             return None, config
         resume = max(candidates, key=runs.run_version)
-    if not runs.exists(os.path.join(resume, runs.CONFIG_FILE)):
+    if not os.path.isdir(resume):
+        raise ResumeError(f"--resume={resume!r} is not a run folder: it does not exist")
+    saved = runs.read_config(resume)
+    if saved is None and runs.is_unstarted(resume):
+        logger.info("%s was stopped before it saved its flags and holds nothing trained: "
+                    "starting it again with the flags given", resume)
+        return resume, dict(config, resume=None)
+    if saved is None:
         raise ResumeError(f"--resume={resume!r} is not a run folder: it has no {runs.CONFIG_FILE}")
-    saved = runs.read_json(os.path.join(resume, runs.CONFIG_FILE))
     for flag in fixed:
         if config[flag] != saved.get(flag):
             raise ResumeError(
@@ -289,6 +306,9 @@ def ignored_flags(config, explicit):
 def run(config, explicit=frozenset()):
     """Runs (or resumes) one experiment; returns its run folder.
 
+    A new run's folder is deleted again when the run fails before it trained anything (bad
+    data, an unwritable disk); a run folder this call did not create is never deleted.
+
     Args:
         config: the flag dict of `keras_wt_cli.parse_args`.
         explicit: the flags given on the command line (used to check a `--resume`).
@@ -298,14 +318,21 @@ def run(config, explicit=frozenset()):
         logger.warning("%s: not used by --algo %s, ignored",
                        ", ".join(f"--{flag}" for flag in ignored), config["algo"])
     run_dir, config = resolve_resume(config, set(explicit)) if config["resume"] else (None, config)
+    settings = train_config(config)  # bad settings fail here, before a folder is made
     new = run_dir is None
     if new:
-        run_dir = runs.new_run_dir(config["save_dir"], config["dataset"], config["algo"])
+        save_dir = config["save_dir"]
+        if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+            raise UsageError(f"--save_dir={save_dir!r} is a file, not a folder: runs are written "
+                             "to <save_dir>/<dataset>/<algo>-V<i>/")
+        run_dir = runs.new_run_dir(save_dir, config["dataset"], config["algo"])
         logger.info("New run %s", run_dir)
-    try:
-        training.train(train_config(config, run_dir), flags=config, derived=derived(config))
-    except FileNotFoundError:
-        if new:  # the dataset is missing: leave no empty run folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    with runs.RunLock(run_dir):  # at once: nobody takes a new folder over (train takes it too)
+        try:
+            training.train(dataclasses.replace(settings, model_dir=run_dir), flags=config,
+                           derived=derived(config))
+        except Exception:
+            if new:  # bad data, a full disk...: leave no run folder that never trained behind
+                runs.remove_unstarted(run_dir)
+            raise
     return run_dir

@@ -89,6 +89,8 @@ def imagenet_datasets(
     first_epoch=0,
     epochs=None,
     steps_per_epoch=None,
+    train_examples=None,
+    eval_examples=None,
 ):
     """The training and evaluation datasets of the trainer.
 
@@ -101,6 +103,10 @@ def imagenet_datasets(
     validation split in batches `(images, one_hot_labels, weights)`, padded to full batches
     (`pad_to_batches`). With `use_synthetic_data` both are endless repetitions of one random
     batch (for speed runs and smoke tests; give the number of evaluation steps).
+
+    With `train_examples` / `eval_examples`, every pass over the training / validation files
+    that reads another number of examples stops with an error (`keras_wt.datasets.imagenet`'s
+    `expected_examples`: a truncated, missing or extra file).
     """
     if use_synthetic_data:
         train = datasets.imagenet(
@@ -119,17 +125,19 @@ def imagenet_datasets(
             return datasets.imagenet(
                 data_dir, "train", batch_size, image_size=image_size, training=True,
                 drop_remainder=True, num_classes=num_classes, seed=seed, epoch=epoch,
+                expected_examples=train_examples,
             )
 
+        first = one_pass()  # here, not inside tf.data's tracing: a file error stays readable
         if epochs is None or steps_per_epoch is None:
-            train = one_pass().repeat()
+            train = first.repeat()
         else:
             train = tf.data.Dataset.range(first_epoch, epochs).flat_map(
                 lambda e: one_pass(e).repeat().take(steps_per_epoch)
             )
         evaluation = datasets.imagenet(
             data_dir, "validation", None, image_size=image_size, training=False,
-            num_classes=num_classes,
+            num_classes=num_classes, expected_examples=eval_examples,
         )
         evaluation = pad_to_batches(evaluation, batch_size, num_classes).prefetch(
             tf.data.AUTOTUNE

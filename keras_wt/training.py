@@ -12,19 +12,25 @@ compile → callbacks → `fit` and writes the run folder of `keras_wt.runs`:
   the softmax or the reference summed-sigmoid cross-entropy, accuracy in percent;
 * evaluation by `fit(validation_data=...)` on the evaluated epochs (`evaluated_epochs`);
 * callbacks: the weight mirror where a layer learns `B` by mirroring (`create_mirror_callback`),
-  `AlignmentCallback`, `ResultsRecorder` (`results.json` and the summary line), `CSVLogger`,
-  `TensorBoard`, `StopOnNonFinite`, and `keras_wt.backup.AtomicBackup` (every epoch's backup
+  `AlignmentCallback`, `StopOnDivergence`, `ResultsRecorder` (`results.json` and the summary
+  line), `CSVLogger`, `TensorBoard`, and `keras_wt.backup.AtomicBackup` (every epoch's backup
   kept with `keep_checkpoints`).
+
+One process writes a run folder at a time (`keras_wt.runs.RunLock`, held for the whole run), and
+`experiment_config.json` is written before anything slow (the data), so a run killed at any
+instant can be resumed.
 
 Resuming: `AtomicBackup` saves the model's weights (W, the feedback kernels B, batch-norm
 statistics) and the optimizer's variables (momentum, step count) at the end of every epoch, so
 that a kill at any instant leaves a complete backup (Keras's `BackupAndRestore` does not; see
-`keras_wt.backup`). The
-learning rate is a function of the step count, the weight-mirror noise is seeded by it and the
-in-memory data order by the epoch, so a run restarted on the same run folder continues exactly
-where its last completed epoch ended.
+`keras_wt.backup`), and checks what it reads back. The learning rate is a function of the step
+count, the weight-mirror noise is seeded by it and the in-memory data order by the epoch, so a
+run restarted on the same run folder continues exactly where its last completed epoch ended;
+`keras_wt.resume` first cuts its records back to that epoch, so each epoch is recorded once.
 """
 
+import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -46,10 +52,12 @@ from keras_wt import metrics
 from keras_wt import mirror as mirror_lib
 from keras_wt import models
 from keras_wt import pipelines
+from keras_wt import resume
 from keras_wt import runs
 from keras_wt import schedules
 from keras_wt import strategies
 from keras_wt import unused_feedback
+from keras_wt import _compat
 from keras_wt._compat import multi_worker_fit
 from keras_wt.algorithms import ALGORITHMS
 
@@ -66,7 +74,20 @@ MAX_STEPS_PER_EXECUTION = 10
 # `steps_per_execution` only groups steps into calls from the host (the weight mirror's steps run
 # inside the training step, see `TrainConfig.resolved_steps_per_execution`).
 RESUMABLE = ("model_dir", "data_dir", "tpu", "mirrored_devices", "verbose", "epochs",
-             "steps_per_execution")
+             "steps_per_execution", "divergence_check")
+# Seeds seed Python's, NumPy's (which takes 0 .. 2**32 − 1) and TensorFlow's generators.
+MAX_SEED = 2**32 - 1
+# A run diverges when its training loss explodes while finite (StopOnDivergence): above
+# EXPLOSION_FACTOR times the loss of a network that has learned nothing (`zero_logit_loss`) for
+# EXPLOSION_STEPS consecutive steps, or for a whole shorter epoch after the first. Measured on the first epoch of
+# every published configuration (Fashion-MNIST, seed 1111), the running mean Keras reports never
+# comes near it: the ten MLP rules peak at 1.39 × 6.93 (kp, its first 7 steps) and end the epoch
+# at 1.3-2.3; the convnet recipe's CNN peaks at 0.89 × 2.30 (fa) and is below 0.32 × after 105
+# steps, its ResNet-20 at 1.00 × (its first 7 steps) and below 0.92 × after 63. A saturated
+# network sits above it: the MLP at --learning_rate 1e6 (every sigmoid at 0 or 1, the loss at
+# 16.12 = 2.33 × 6.93) stops at batch 105 of epoch 1.
+EXPLOSION_FACTOR = 2.0
+EXPLOSION_STEPS = 100
 
 
 @dataclasses.dataclass
@@ -93,6 +114,12 @@ class TrainConfig:
     `keep_unused_feedback`: keep the `B` of the layers whose input gradient no weight needs
     (`keras_wt.unused_feedback`; the first layer of every trainer model), mirroring or updating
     it, for figures that show its weight angle; by default it is not stored.
+
+    `divergence_check`: stop a run whose training loss explodes while finite (`StopOnDivergence`;
+    a NaN or infinite loss, metric or weight stops it regardless). `train_examples`,
+    `eval_examples`: the examples of one pass over the ImageNet training and validation files
+    (default: ImageNet's, `keras_wt.datasets.info`); a pass that reads another number stops the
+    run (a truncated or missing file).
 
     Where: `model_dir` is the run folder (`keras_wt.runs`; `None`: nothing is written), on
     `strategy` (`keras_wt.strategies.STRATEGIES`).
@@ -144,6 +171,9 @@ class TrainConfig:
     seed: int = 0
     jit_compile: bool = None
     verbose: int = 2
+    divergence_check: bool = True
+    train_examples: int = None
+    eval_examples: int = None
 
     def __post_init__(self):
         def one_of(name, allowed):
@@ -181,6 +211,10 @@ class TrainConfig:
         check("eval_steps", lambda v: v >= 0, "an integer >= 0 (0: no evaluation)", True)
         check("mirror_warmup_steps", lambda v: v >= 0, "an integer >= 0", True)
         check("num_classes", lambda v: v >= 2, "an integer >= 2", True)
+        check("seed", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED,
+              f"an integer in [0, {MAX_SEED}]")
+        for name in ("train_examples", "eval_examples"):
+            check(name, lambda v: v >= 1, "an integer >= 1 (or None: ImageNet's)", True)
         check("learning_rate", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
         check("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
         check("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -201,6 +235,21 @@ class TrainConfig:
     @property
     def resolved_num_classes(self):
         return self.num_classes or datasets.info(self.dataset).num_classes
+
+    @property
+    def resolved_train_examples(self):
+        """ImageNet: `train_examples`, else the dataset's declared size."""
+        return self.train_examples or datasets.info(self.dataset).num_train
+
+    @property
+    def resolved_eval_examples(self):
+        """ImageNet: `eval_examples`, else the dataset's declared size."""
+        return self.eval_examples or datasets.info(self.dataset).num_test
+
+    def optimizer_steps_per_epoch(self, steps_per_epoch, steps_per_execution):
+        """The optimizer steps of an epoch: Keras runs whole calls of `steps_per_execution`
+        steps, so `steps_per_epoch` rounded up to a multiple of it."""
+        return math.ceil(steps_per_epoch / steps_per_execution) * steps_per_execution
 
     def resolved_steps_per_epoch(self, num_train):
         """`steps_per_epoch`, else a full pass over `num_train` examples: `N // batch_size` on
@@ -278,11 +327,19 @@ def evaluated_epochs(epochs, every):
 # --------------------------------------------------------------------------------------------
 
 
+DataError = datasets.DataError
+
+
 def _data(config):
     """`(make_train, evaluation, input_shape, num_train)` of the run: `make_train(first_epoch)`
-    is the training data from epoch `first_epoch` (0-based) on."""
+    is the training data from epoch `first_epoch` (0-based) on.
+
+    Raises:
+        DataError: a damaged file, too few examples, or test images of another shape than the
+            training images (checked here, before a model is built for them).
+    """
     if config.dataset == "imagenet":
-        num_train = datasets.info("imagenet").num_train
+        num_train = config.resolved_train_examples
 
         def make_imagenet(first_epoch=0):
             return pipelines.imagenet_datasets(
@@ -291,16 +348,26 @@ def _data(config):
                 use_synthetic_data=config.use_synthetic_data, seed=config.seed,
                 first_epoch=first_epoch, epochs=config.epochs,
                 steps_per_epoch=config.resolved_steps_per_epoch(num_train),
+                train_examples=num_train, eval_examples=config.resolved_eval_examples,
             )
 
         shape = (config.image_size, config.image_size, 3)
         return (lambda first_epoch: make_imagenet(first_epoch)[0]), make_imagenet()[1], shape, \
             num_train
-    (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
+    try:
+        (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
+    except ValueError as e:  # a damaged or inconsistent file, named by keras_wt.datasets
+        raise DataError(str(e)) from e
     if len(x_train) < config.batch_size or not len(x_test):
-        raise ValueError(
+        raise DataError(
             f"{config.dataset} has {len(x_train)} training and {len(x_test)} test examples: "
             f"fewer than one batch of {config.batch_size} to train on, or none to test on."
+        )
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{config.dataset} ({config.data_dir or 'the standard places'}): the training images "
+            f"are {x_train.shape[1:]} but the test images {x_test.shape[1:]}; both splits must "
+            "have one image shape. Check that the files belong to one dataset."
         )
     flatten = config.model == "mlp"
 
@@ -418,34 +485,98 @@ def create_mirror_callback(model, learning_rate=0.05, noise_std=1.0, decay=1.0, 
 
 
 class TrainingDiverged(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """The run diverged (`StopOnDivergence`)."""
 
 
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Raises `TrainingDiverged` at the first batch whose loss is not finite, so `fit` stops
-    there: the epoch is not completed, backed up or recorded (unlike Keras's `TerminateOnNaN`,
-    which ends the epoch as if it had finished). With a `path`, writes `{epoch, batch, loss}`
-    there first (`diverged.json` of the run folder), which a resumed run refuses to continue.
+def zero_logit_loss(loss, num_classes):
+    """The loss of a network that has learned nothing, all its logits 0 (every class equally
+    likely): `num_classes·ln 2` for the summed sigmoid cross-entropy (each class at 1/2), `ln C`
+    for the softmax cross-entropy (with or without label smoothing). Every trainer model starts
+    near it."""
+    if loss == "summed_sigmoid":
+        return num_classes * math.log(2.0)
+    return math.log(num_classes)
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stops a run that diverged by raising `TrainingDiverged`, before the epoch is recorded or
+    backed up (unlike Keras's `TerminateOnNaN`, which ends the epoch as if it had finished):
+
+    * at the first batch whose loss or metric is NaN or infinite;
+    * when the loss explodes while finite: the epoch's running mean of the training loss (what
+      Keras reports after each batch) above `factor × reference` for `steps` consecutive training
+      steps, or at the end of an epoch (shorter than that; not the first, whose mean holds the
+      initial loss) whose mean loss is above it;
+    * at the end of an epoch whose weights (`W`, `B`, batch-norm statistics), optimizer state or
+      metrics (evaluation included) hold a NaN or an infinity.
+
+    The angles of `AlignmentCallback` are measurements, not checked (an angle to a zero vector is
+    undefined, `null`). With a `path`, writes `{epoch, batch, loss, reason}` there first
+    (`diverged.json` of the run folder), which a resumed run refuses to continue.
+
+    Args:
+        path: where to record the divergence, or `None`.
+        reference: the loss the explosion is measured against (`zero_logit_loss`), or `None`
+            for no explosion check.
+        factor, steps: the explosion rule (defaults `EXPLOSION_FACTOR`, `EXPLOSION_STEPS`).
     """
 
-    def __init__(self, path=None):
+    def __init__(self, path=None, reference=None, factor=EXPLOSION_FACTOR, steps=EXPLOSION_STEPS):
         super().__init__()
         self.path = path
+        self.limit = None if reference is None else factor * reference
+        self.factor, self.steps = factor, steps
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._seen = self._above = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is None or math.isfinite(float(loss)):
+        logs = logs or {}
+        # With steps_per_execution > 1 Keras reports once per call: count every step it ran.
+        steps, self._seen = batch + 1 - self._seen, batch + 1
+        self._check_finite(logs, batch + 1)
+        loss = logs.get("loss")
+        if self.limit is None or loss is None:
             return
-        record = {"epoch": self._epoch + 1, "batch": batch + 1, "loss": str(float(loss))}
+        self._above = self._above + steps if float(loss) > self.limit else 0
+        if self._above >= self.steps:
+            self._stop(batch + 1, loss, f"the training loss has stayed above {self.factor:g} × "
+                       f"{self.limit / self.factor:.4g} (the loss of a network that learned "
+                       f"nothing) for {self._above} steps: it exploded")
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        batch = getattr(self, "_seen", 0)
+        self._check_finite(logs, batch)
+        bad = [v.path for v in list(self.model.weights) + list(self.model.optimizer.variables)
+               if keras.backend.is_float_dtype(v.dtype)
+               and not bool(keras.ops.all(keras.ops.isfinite(v)))]
+        if bad:
+            self._stop(batch, logs.get("loss"), "non-finite values in " + ", ".join(bad[:5])
+                       + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        loss = logs.get("loss")
+        # Not the first epoch's mean: it holds the initial loss, which a network whose logits
+        # start large (He-initialised convnets on few classes) begins well above the reference.
+        if self.limit is not None and loss is not None and epoch and float(loss) > self.limit:
+            self._stop(batch, loss, f"the epoch's mean training loss is above {self.factor:g} × "
+                       f"{self.limit / self.factor:.4g} (the loss of a network that learned "
+                       "nothing): it exploded")
+
+    def _check_finite(self, logs, batch):
+        for key, value in logs.items():
+            if "/" not in key and not math.isfinite(float(value)):
+                self._stop(batch, logs.get("loss"), f"{key} is {float(value)}")
+
+    def _stop(self, batch, loss, reason):
+        loss = None if loss is None else float(loss)
+        record = {"epoch": self._epoch + 1, "batch": batch, "loss": str(loss), "reason": reason}
         if self.path:
             runs.write_json(self.path, record)
         raise TrainingDiverged(
-            f"The training loss is {float(loss)} at batch {batch + 1} of epoch {self._epoch + 1}: "
-            "the run diverged. Nothing of this epoch was recorded; lower the learning rate."
+            f"At batch {batch} of epoch {self._epoch + 1} (loss {loss}) the run diverged: "
+            f"{reason}. Nothing of this epoch was recorded; lower the learning rate."
         )
 
 
@@ -453,9 +584,9 @@ class ResultsRecorder(keras.callbacks.Callback):
     """After every evaluated epoch (`evaluated_epochs`, whether or not it has test data):
     writes the epoch into `results.json` and logs a summary line.
 
-    An entry holds every number of the epoch's `logs`: `val_<m>` as `test_<m>`, and
-    `<kind>/<layer>` (the alignment keys) grouped as `<kind>s: {layer: value}`
-    (`weight_angles`, `delta_angles`, ...), plus the epoch's `seconds`.
+    An entry holds every number of the epoch's `logs` (`keras_wt.runs.results_entry`: `val_<m>`
+    as `test_<m>`, and `<kind>/<layer>` (the alignment keys) grouped as `<kind>s: {layer: value}`
+    (`weight_angles`, `delta_angles`, ...)), plus the epoch's `seconds`.
 
     Args:
         path: the `results.json` to write, or `None` to only log.
@@ -479,16 +610,7 @@ class ResultsRecorder(keras.callbacks.Callback):
         logs = logs or {}
         if epoch + 1 not in self.evaluated:
             return
-        entry = {}
-        for key, value in logs.items():
-            value = float(value)
-            if "/" in key:
-                kind, layer = key.split("/", 1)
-                entry.setdefault(f"{kind}s", {})[layer] = value
-            elif key.startswith("val_"):
-                entry[f"test_{key[4:]}"] = value
-            else:
-                entry[key] = value
+        entry = runs.results_entry(logs)
         entry["seconds"] = time.perf_counter() - self._start
         self.results[runs.epoch_key(epoch + 1)] = entry
         if self.path:
@@ -510,8 +632,34 @@ def _format_angles(title, angles):
     return f", {title} {{" + ", ".join(f"{k}: {v:.1f}°" for k, v in angles.items()) + "}"
 
 
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """Keras's `CSVLogger`, appending to `history.csv` in the columns of the file's header when
+    it has one: a resumed run's first epoch may log other keys than the run's first did (no
+    evaluation, say), and its rows must line up with the header."""
+
+    def __init__(self, filename):
+        super().__init__(filename, append=True)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        header, _ = resume.read_history(self.filename)
+        if header is not None:
+            self.keys = next(csv.reader([header]))[1:]
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras's `TensorBoard`, its event files flushed at every epoch's end, so that an epoch's
+    summaries are on disk before its backup is written (Keras's writers flush every two minutes
+    and at the end of training: a kill would lose epochs that the backup holds)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        _compat.flush_summary_writers(self)
+
+
 def create_callbacks(
-    model, config, strategy, probe=None, results=None, extra=(), mirror_warmup_steps=None
+    model, config, strategy, probe=None, results=None, extra=(), mirror_warmup_steps=None,
+    steps_per_epoch=None,
 ):
     """The trainer's callbacks, in this order:
 
@@ -519,9 +667,11 @@ def create_callbacks(
        (`create_mirror_callback`; it reads the optimizer's step count at every epoch's start,
        after any restore);
     2. `AlignmentCallback` (on `probe` for `alignment="full"`, probe-free for `"weights"`), so
-       that what follows records its values; `StopOnNonFinite` (a run whose loss becomes NaN
-       or infinite stops with `TrainingDiverged`, the epoch not completed);
-    3. with a `model_dir` (on the chief only): `ResultsRecorder`, `CSVLogger`, `TensorBoard`;
+       that what follows records its values; `StopOnDivergence` (a run that diverges stops with
+       `TrainingDiverged`, the epoch not completed; the explosion rule against
+       `zero_logit_loss` unless `config.divergence_check` is off);
+    3. with a `model_dir` (on the chief only): `ResultsRecorder`, `HistoryLogger`
+       (`CSVLogger`), `EpochTensorBoard` (`TensorBoard`);
     4. the `extra` callbacks;
     5. `keras_wt.backup.AtomicBackup` (`<model_dir>/backup`, kept after training, so re-running
        a finished command is a no-op; every epoch's with `keep_checkpoints`): last, so the
@@ -529,7 +679,8 @@ def create_callbacks(
        it redoes the whole epoch.
 
     Non-chief workers of a multi-worker job back up to `<model_dir>/backup-<task>` and write
-    nothing else. `mirror_warmup_steps` replaces `config.mirror_warmup_steps` (resolved).
+    nothing else. `mirror_warmup_steps` replaces `config.mirror_warmup_steps` (resolved);
+    `steps_per_epoch` is the optimizer steps of an epoch, which the backup checks.
     """
     result = []
     mirror = create_mirror_callback(
@@ -561,7 +712,11 @@ def create_callbacks(
             probe if config.alignment == "full" else None, every=config.eval_every
         ))
     diverged = config.model_dir and os.path.join(config.model_dir, runs.DIVERGED_FILE)
-    result.append(StopOnNonFinite(diverged if strategies.is_chief(strategy) else None))
+    reference = None
+    if config.divergence_check:
+        reference = zero_logit_loss(config.loss, config.resolved_num_classes)
+    result.append(StopOnDivergence(
+        diverged if strategies.is_chief(strategy) else None, reference=reference))
     if not config.model_dir:
         return result + [
             ResultsRecorder(None, config.epochs, config.eval_every, results)] + list(extra)
@@ -570,23 +725,23 @@ def create_callbacks(
         path = lambda name: os.path.join(config.model_dir, name)  # noqa: E731
         result += [
             ResultsRecorder(path(runs.RESULTS_FILE), config.epochs, config.eval_every, results),
-            keras.callbacks.CSVLogger(path(runs.HISTORY_FILE), append=True),
-            keras.callbacks.TensorBoard(
-                path(runs.TENSORBOARD_DIR), write_graph=False, profile_batch=0
-            ),
+            HistoryLogger(path(runs.HISTORY_FILE)),
+            EpochTensorBoard(path(runs.TENSORBOARD_DIR), write_graph=False, profile_batch=0),
         ]
-    return result + list(extra) + [_backup(config, strategy)]
+    return result + list(extra) + [_backup(config, strategy, steps_per_epoch)]
 
 
-def _backup(config, strategy):
+def _backup(config, strategy, steps_per_epoch=None):
     """`AtomicBackup` in `<model_dir>/backup` (`backup-<task>` on non-chief workers), keeping
-    every epoch's backup on the chief with `keep_checkpoints`."""
+    every epoch's backup on the chief with `keep_checkpoints`, checking `steps_per_epoch`
+    optimizer steps per epoch."""
     name = runs.BACKUP_DIR
     chief = strategies.is_chief(strategy)
     if not chief:
         name = f"{name}-{strategies.task_name(strategy)}"
     return backup_lib.AtomicBackup(
-        os.path.join(config.model_dir, name), keep=config.keep_checkpoints and chief
+        os.path.join(config.model_dir, name), keep=config.keep_checkpoints and chief,
+        steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -606,20 +761,27 @@ def _versions():
 
 
 def _record_config(config, flags, derived):
-    """Writes `experiment_config.json`; a resumed run must have the saved configuration, apart
-    from `RESUMABLE` settings (else a `ValueError` names the differences)."""
+    """Writes `experiment_config.json` and returns whether the run folder held one already (a
+    run being continued). A continued run must have the saved configuration, apart from
+    `RESUMABLE` settings (else a `ValueError` names the differences), and must not have
+    diverged (`TrainingDiverged`); a damaged configuration is a `keras_wt.runs.RunError`."""
     path = os.path.join(config.model_dir, runs.CONFIG_FILE)
     current = json.loads(json.dumps(dataclasses.asdict(config)))
     diverged = os.path.join(config.model_dir, runs.DIVERGED_FILE)
     if runs.exists(diverged):
-        record = runs.read_json(diverged)
+        try:
+            record = runs.read_json(diverged)
+            where = (f" (loss {record['loss']} at batch {record['batch']} of epoch "
+                     f"{record['epoch']}: {record.get('reason', 'not finite')})")
+        except (ValueError, KeyError, TypeError):
+            where = ""
         raise TrainingDiverged(
-            f"{config.model_dir} diverged (loss {record['loss']} at batch {record['batch']} of "
-            f"epoch {record['epoch']}); resuming it would diverge again. Delete {diverged} to "
-            "resume it anyway, or start a new run."
+            f"{config.model_dir} diverged{where}; resuming it would diverge again. Delete "
+            f"{diverged} to resume it anyway, or start a new run."
         )
-    if runs.exists(path):
-        saved = runs.read_json(path).get("train_config", {})
+    saved = runs.read_config(config.model_dir)
+    if saved is not None:
+        saved = saved.get("train_config", {})
         # A setting added after the run was saved is not compared (the run predates it).
         changed = sorted(
             k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]
@@ -633,6 +795,7 @@ def _record_config(config, flags, derived):
     tf.io.gfile.makedirs(config.model_dir)
     runs.write_json(path, dict(flags or {}, train_config=current,
                                derived=dict(derived or {}, **_versions())))
+    return saved is not None
 
 
 class _LogFile:
@@ -662,6 +825,12 @@ class _LogFile:
             self._handler.close()
         logger.setLevel(self._level)
 
+    def note(self, message):
+        """Writes an error line to `log.txt` only (the front end tells the console)."""
+        if self._handler is not None:
+            self._handler.handle(
+                logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None))
+
 
 def _probe_batch(evaluation, size):
     """The first `size` evaluation examples `(x, y)`."""
@@ -689,6 +858,13 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
 
     Returns:
         `(model, history)`.
+
+    Raises:
+        keras_wt.runs.RunLocked: another process writes `config.model_dir`.
+        keras_wt.runs.RunError: its backup or records cannot be trusted (the message says why).
+        DataError: the data cannot be trained on.
+        TrainingDiverged: the run diverged (`StopOnDivergence`), or diverged before.
+        ValueError: a resumed run's settings differ from the saved ones.
     """
     if strategy is None:
         strategy = strategies.create_strategy(
@@ -703,17 +879,56 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
     writes = bool(config.model_dir) and chief
     if writes:
         tf.io.gfile.makedirs(config.model_dir)
-    with _LogFile(config.model_dir if writes else None):
+    # The lock first: a process locked out writes nothing, not even the log.
+    lock = runs.RunLock(config.model_dir) if writes else contextlib.nullcontext()
+    with lock, _LogFile(config.model_dir if writes else None) as log:
         try:
             return _train(config, strategy, callbacks, flags, derived, writes)
-        except TrainingDiverged as e:
-            logger.error("%s", e)
+        except Exception as e:
+            failure = describe_failure(e)
+            if failure:  # the front end prints it; log.txt says why the run stopped
+                log.note(failure[1])
             raise
+
+
+def _op_error_line(message):
+    """The line of a TensorFlow error message that says what went wrong (not where): for a
+    failed `tf.debugging.Assert`, its message."""
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[", "File ")
+    lines = [line.strip() for line in message.splitlines()]
+    useful = [line for line in lines if line and not line.startswith(noise)] or lines or [""]
+    line = useful[0]
+    if "assertion failed: [" in line:
+        line = line.split("assertion failed: [", 1)[1].rsplit("]", 1)[0]
+    return line
+
+
+def describe_failure(error):
+    """`(exit status, one-line message)` for an error that stopped a run for another reason
+    than a bug, or `None` (a bug, whose traceback is worth seeing).
+
+    Status 1, a failure while running: bad or missing data (`DataError`, a missing dataset's
+    `FileNotFoundError`, an error TensorFlow raised while it read the files), the disk (any
+    `OSError`: full, read-only), the run folder (`keras_wt.runs.RunError`: held by another
+    process, a damaged backup), a run that diverged (`TrainingDiverged`). Status 2, settings that
+    cannot be used: any other `ValueError` (a value out of range, settings that differ from those
+    of the run resumed).
+    """
+    if isinstance(error, (TrainingDiverged, runs.RunError, DataError, OSError)):
+        return 1, str(error)
+    if isinstance(error, tf.errors.OpError):
+        return 1, f"{type(error).__name__}: {_op_error_line(error.message)}"
+    if isinstance(error, ValueError):
+        return 2, str(error)
+    return None
 
 
 def _train(config, strategy, callbacks, flags, derived, writes):
     # First: the seed of every random op created from here on (data shuffles included).
     keras.utils.set_random_seed(config.seed)
+    continued = False
+    if writes:  # before the data (slow): a run killed while it loads them can be resumed
+        continued = _record_config(config, flags, derived)
     make_train, evaluation, input_shape, num_train = _data(config)
     steps_per_epoch = config.resolved_steps_per_epoch(num_train)
     steps_per_execution = config.resolved_steps_per_execution(steps_per_epoch, strategy)
@@ -740,24 +955,27 @@ def _train(config, strategy, callbacks, flags, derived, writes):
     with strategy.scope():
         model = build_model(config, input_shape)
         compile_model(model, config, steps_per_epoch)
+    optimizer_steps = config.optimizer_steps_per_epoch(steps_per_epoch, steps_per_execution)
     first_epoch, results = 0, {}
     if config.model_dir:
         with strategy.scope():
-            first_epoch = _backup(config, strategy).restore(model)
+            first_epoch = _backup(config, strategy, optimizer_steps).restore(model)
+    if writes:
+        results = resume.prepare(config.model_dir, first_epoch,
+                                 evaluated_epochs(config.epochs, config.eval_every),
+                                 optimizer_steps)
     if first_epoch:
-        logger.info("Resuming %s after epoch %d", config.model_dir, first_epoch)
-        path = os.path.join(config.model_dir, runs.RESULTS_FILE)
-        if runs.exists(path):
-            results = {
-                k: v for k, v in runs.read_json(path).items()
-                if runs.key_epoch(k) <= first_epoch
-            }
+        logger.info("Resuming %s after epoch %d (its latest good backup); any later epoch logged "
+                    "above was interrupted and is trained again.", config.model_dir, first_epoch)
+    elif continued:
+        logger.info("Restarting %s from its first epoch: the interrupted run completed none.",
+                    config.model_dir)
     probe = None
     if config.alignment == "full":
         probe = _probe_batch(evaluation, config.alignment_probe_size)
     all_callbacks = create_callbacks(
         model, config, strategy, probe=probe, results=results, extra=callbacks,
-        mirror_warmup_steps=warmup,
+        mirror_warmup_steps=warmup, steps_per_epoch=optimizer_steps,
     )
     eval_steps = config.resolved_eval_steps
     with multi_worker_fit(model):
@@ -775,6 +993,11 @@ def _train(config, strategy, callbacks, flags, derived, writes):
         )
     if writes:
         path = os.path.join(config.model_dir, runs.MODEL_FILE)
-        model.save(path)
+        tmp = os.path.join(config.model_dir, f"tmp-{runs.MODEL_FILE}")
+        if runs.is_local(path):
+            model.save(tmp)  # then renamed: a kill while it saves leaves the previous file
+            runs.replace_file(tmp, path)
+        else:
+            model.save(path)
         logger.info("Saved the trained model to %s", path)
     return model, history

@@ -22,6 +22,20 @@ except RuntimeError:  # devices already initialised by an earlier import
     pass
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="also run the tests marked long (campaigns of many subprocesses)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="a long campaign: run with --long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     keras.utils.set_random_seed(1234)
@@ -84,3 +98,62 @@ def tiny_flags(data_dir, save_dir, algo, *extra):
     ]
 
 
+
+
+# --- comparing run folders ---------------------------------------------------------------------
+
+
+def read_text(run_dir, name):
+    with open(os.path.join(run_dir, name), encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def model_state(path):
+    """`({weight path: value}, {optimizer variable index: value})` of a saved `model.keras`."""
+    import keras_wt  # noqa: F401  (registers the layers)
+
+    model = keras.saving.load_model(path)
+    return {v.path: v.numpy() for v in model.weights}, {
+        f"optimizer/{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
+
+
+def tensorboard_scalars(run_dir):
+    """`{(split, tag, step): value}` of every scalar in a run's TensorBoard events; a
+    (tag, step) written twice fails."""
+    found = {}
+    for split in ("train", "validation"):
+        directory = os.path.join(run_dir, "tensorboard", split)
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
+                for value in event.summary.value:
+                    key = (split, value.tag, event.step)
+                    assert key not in found, f"{key} written twice in {run_dir}"
+                    found[key] = float(tf.make_ndarray(value.tensor))
+    return found
+
+
+def assert_same_run(a, b, epochs=None):
+    """The run folders `a` (uninterrupted) and `b` hold the same model (weights, `B`, optimizer
+    state) and the same records, every epoch once: `results.json` (but the epochs' `seconds`),
+    `history.csv` byte for byte (`epochs` rows, when given), TensorBoard's scalars."""
+    import json
+
+    (wa, oa), (wb, ob) = model_state(os.path.join(a, "model.keras")), model_state(
+        os.path.join(b, "model.keras"))
+    assert list(wa) == list(wb) and any("feedback_" in k for k in wa)
+    for key in wa:
+        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
+    assert list(oa) == list(ob)
+    for key in oa:
+        np.testing.assert_array_equal(oa[key], ob[key], err_msg=key)
+    ra, rb = json.loads(read_text(a, "results.json")), json.loads(read_text(b, "results.json"))
+    assert list(ra) == list(rb)
+    for key in ra:
+        ra[key].pop("seconds"), rb[key].pop("seconds", None)
+        assert ra[key] == rb[key], key
+    history = read_text(b, "history.csv")
+    assert history == read_text(a, "history.csv")
+    if epochs is not None:
+        assert len(history.splitlines()) == 1 + epochs  # a header, then each epoch once
+    scalars = tensorboard_scalars(a)
+    assert scalars and tensorboard_scalars(b) == scalars

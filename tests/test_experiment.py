@@ -357,10 +357,13 @@ def test_convnet_weight_mirror_end_to_end(data_dir, tmp_path):
     assert sizes["hidden"] > sizes["conv_2"]
 
 
-def test_convnet_kp_decay_budget_too_large_for_a_short_run_is_a_clear_error(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="too short for that budget"):
+def test_convnet_kp_decay_budget_too_large_for_a_short_run_is_a_clear_error(
+        data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         cli.train_from_flags(tiny_flags(data_dir, tmp_path, "kp", "--model", "cnn",
                                         "--cnn_filters", "2", "--n_epochs", "1"))
+    assert info.value.code == 2
+    assert "too short for that budget" in capsys.readouterr().err
 
 
 def test_a_diverged_run_stops_with_an_error_and_is_not_resumed(data_dir, tmp_path, capsys):
@@ -372,7 +375,8 @@ def test_a_diverged_run_stops_with_an_error_and_is_not_resumed(data_dir, tmp_pat
     run_dir = os.path.join(str(tmp_path), "mnist", "bp-V0")
     record = read(run_dir, "diverged.json")
     assert record["epoch"] == 1 and record["batch"] >= 1
-    assert "diverged" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "the run diverged" in err and "Traceback" not in err
     with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
         assert "the run diverged" in f.read()
     # The aborted epoch is neither backed up nor recorded.

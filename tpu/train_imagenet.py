@@ -13,7 +13,9 @@ A smoke run on any machine:
 
 Restarting the same command with the same --model_dir resumes from the last completed epoch
 (weights, feedback kernels, optimizer and weight-mirror state). The logic lives in
-`keras_wt.training`; this file only maps flags to a `keras_wt.training.TrainConfig`.
+`keras_wt.training`; this file only maps flags to a `keras_wt.training.TrainConfig`. Errors end
+in one line: exit status 2 for bad flags or settings, 1 for a failure while running (see
+`keras_wt.training.describe_failure`).
 """
 
 import argparse
@@ -62,6 +64,13 @@ def flag_parser():
     g = p.add_argument_group("data and model")
     g.add_argument("--data_dir", default=None,
                    help="ImageNet TFRecords train-*/validation-* (a gs:// path works).")
+    g.add_argument("--train_examples", type=int, default=None,
+                   help="examples in the train-* files (default: ImageNet's 1,281,167); every "
+                   "pass over them is counted, and a pass that reads another number stops the "
+                   "run (a truncated or missing file).")
+    g.add_argument("--eval_examples", type=int, default=None,
+                   help="examples in the validation-* files (default: ImageNet's 50,000), "
+                   "counted in the same way.")
     g.add_argument("--use_synthetic_data", action="store_true",
                    help="train and evaluate on one random batch (speed and smoke runs).")
     g.add_argument("--model", choices=("resnet18", "resnet50", "cnn"), default="resnet18",
@@ -84,7 +93,7 @@ def flag_parser():
     g.add_argument("--batch_size", type=int, default=1024, help="global batch size.")
     g.add_argument("--epochs", type=int, default=90, help="training epochs.")
     g.add_argument("--steps_per_epoch", type=int, default=None,
-                   help="default: 1281167 // batch_size.")
+                   help="default: train_examples // batch_size.")
     g.add_argument("--eval_steps", type=int, default=None,
                    help="evaluation batches per epoch (default: the whole validation set; 0: "
                    "no evaluation).")
@@ -138,6 +147,11 @@ def flag_parser():
     g.add_argument("--alignment_probe_size", type=int, default=64,
                    help="validation images of the probe batch of --alignment=full.")
     g.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity.")
+    g.add_argument("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop a run whose training loss explodes while finite: above 2x the loss "
+                   "of a network that learned nothing (ln num_classes) for 100 steps, or over a "
+                   "whole shorter epoch after the first (keras_wt.training.StopOnDivergence); a "
+                   "NaN or infinite loss, metric or weight stops a run regardless.")
     return p
 
 
@@ -180,8 +194,14 @@ def main(argv=None):
     config = parse_flags(argv)
     try:
         return training.train(config)
-    except training.TrainingDiverged:  # logged by the trainer
-        sys.exit(1)
+    except KeyboardInterrupt:
+        flag_parser().exit(130, "interrupted; run the same command again to resume\n")
+    except Exception as e:
+        failure = training.describe_failure(e)
+        if failure is None:
+            raise
+        parser = flag_parser()
+        parser.exit(failure[0], f"{parser.prog}: error: {failure[1]}\n")
 
 
 if __name__ == "__main__":
