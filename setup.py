@@ -8,7 +8,6 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["keras_wt", "keras_wt.*"]),
-    py_modules=["keras_wt_cli"],
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",
@@ -23,8 +22,8 @@ setup(
     extras_require={"dev": ["pytest", "keras-hub"]},
     entry_points={
         "console_scripts": [
-            "keras-wt-train=keras_wt_cli:main",
-            "keras-wt-plot=keras_wt_cli:plot_main",
+            "keras-wt-train=keras_wt.app.cli:main",
+            "keras-wt-plot=keras_wt.app.cli:plot_main",
         ]
     },
 )

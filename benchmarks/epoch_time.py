@@ -2,7 +2,7 @@
 
 Every run trains the reference MLP (784-500-10, sigmoid, summed sigmoid cross-entropy, plain
 SGD at the published learning rate, batch 128, Fashion-MNIST, 469 steps per epoch) on the
-trainer's own input pipeline (`keras_wt.pipelines.train_dataset`: every epoch's order a function
+trainer's own input pipeline (`keras_wt.app.data.pipelines.train_dataset`: every epoch's order a function
 of `(seed, epoch)`) for `--epochs` epochs; the first epoch (tracing) is not counted. Measured per
 epoch by a callback: **training** (from `on_epoch_begin` to the start of evaluation, or to
 `on_epoch_end` when the epoch is not evaluated) and the **whole epoch** (to the end of every
@@ -13,7 +13,7 @@ Versions:
 * `keras`: the stock Keras MLP (the `bp` model stripped to `keras.layers.Dense`, same weights)
   compiled like the trainer (same loss, optimizer, metric) and fitted on the same dataset with no
   callbacks and no evaluation: the tight stock loop;
-* `<algo>`: `keras_wt.training.train` with `keras_wt.experiment.train_config` of
+* `<algo>`: `keras_wt.app.training.train` with `keras_wt.app.experiment.train_config` of
   `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch; no run folder, so
   nothing written), except that the first layer's `B`, which no gradient uses, is dropped
   (`keep_unused_feedback=False`; the CLI keeps it for the published figures);
@@ -52,8 +52,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_wt  # noqa: E402
-from keras_wt import experiment, pipelines, training  # noqa: E402
-from keras_wt_cli import parse_args as cli_args  # noqa: E402
+from keras_wt.app import experiment  # noqa: E402
+from keras_wt.app.data import pipelines  # noqa: E402
+from keras_wt.app import training  # noqa: E402
+from keras_wt.app.cli import parse_args as cli_args  # noqa: E402
 
 logger = logging.getLogger("keras_wt.benchmarks")
 
@@ -89,7 +91,7 @@ def _config(algo, epochs, **overrides):
 
 
 def run_cli(algo, epochs, **overrides):
-    """`keras_wt.training.train` as `keras-wt-train --algo <algo>` runs it (with overrides)."""
+    """`keras_wt.app.training.train` as `keras-wt-train --algo <algo>` runs it (with overrides)."""
     timer = EpochTimer()
     if overrides.get("model_dir") == "<tmp>":
         with tempfile.TemporaryDirectory() as directory:

@@ -7,7 +7,7 @@ compilation). Here it is measured for:
 * **a chain of N convolutions** (`--depths`, default 10, 50 and 150): `Input(16×16×8)`, N ×
   `Conv2D(8, 3, padding="same", activation="relu")`, global average pooling, `Dense(10)`; the
   stock Keras model and its `keras_wt.convert(model, rule)` copy for every rule of
-  `keras_wt.ALGORITHMS`, compiled as `keras_wt.training` compiles them (`SGD(0.01, momentum=0.9)`
+  `keras_wt.ALGORITHMS`, compiled as `keras_wt.app.training` compiles them (`SGD(0.01, momentum=0.9)`
   with weight decay 1e-4; `KolenPollack` around it for `kp`; a `MirrorCallback` for `wm`), and
   fitted on one batch of 8 for one step. Every version runs **in the same process**, in rounds,
   one fresh model per version and round in a shuffled order, so a machine that slows down slows
@@ -84,7 +84,7 @@ def nasnet():
 
 def prepare(build, rule):
     """`(model, callbacks)`: the stock model of `build()`, or its copy converted to `rule`,
-    compiled as `keras_wt.training` compiles it."""
+    compiled as `keras_wt.app.training` compiles it."""
     model = build()
     if rule != STOCK:
         model = keras_wt.convert(model, rule)

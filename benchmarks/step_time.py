@@ -69,7 +69,7 @@ from keras_wt import layers as wt_layers  # noqa: E402
 
 logger = logging.getLogger("keras_wt.benchmarks")
 
-# `kp` and `wm` are built as `keras_wt.training.train` and `keras_wt.convert` build them: the
+# `kp` and `wm` are built as `keras_wt.app.training.train` and `keras_wt.convert` build them: the
 # first layer, whose B no gradient uses, stores none (`keras_wt.unused_feedback`); `kp+B1` and
 # `wm+B1` keep it (and update or mirror it), as every layer did before issue #12.
 KEEP_UNUSED = "+B1"
@@ -612,7 +612,7 @@ def _read_idx(path):
 def fashion_mnist_train():
     """Fashion-MNIST training images (flattened, in [0, 1]) and labels."""
     try:
-        from keras_wt import datasets
+        from keras_wt.app.data import datasets
 
         (x, y), _ = datasets.load_numpy("fashion_mnist", FASHION_MNIST_DIR)
     except (ImportError, FileNotFoundError, AttributeError):

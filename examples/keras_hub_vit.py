@@ -26,6 +26,7 @@ import keras_hub
 import numpy as np
 
 import keras_wt
+from keras_wt.app.data import datasets
 
 RULES = tuple(rule for rule in keras_wt.ALGORITHMS if not keras_wt.algorithms.get(rule).direct)
 
@@ -89,7 +90,7 @@ def main(argv=None):
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keras.utils.set_random_seed(args.seed)
-    (x_train, y_train), (x_test, y_test) = keras_wt.datasets.load_numpy("fashion_mnist", args.data_dir)
+    (x_train, y_train), (x_test, y_test) = datasets.load_numpy("fashion_mnist", args.data_dir)
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]

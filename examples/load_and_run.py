@@ -12,7 +12,7 @@ package `dataset-fashion-mnist`), so this runs offline.
 
 import logging
 
-from keras_wt import experiment
+from keras_wt.app import experiment
 
 if __name__ == "__main__":
     run_dir = experiment.train_from_flags()

@@ -23,6 +23,7 @@ import keras
 
 import keras_wt
 from keras_wt import layers as wt
+from keras_wt.app.data import datasets
 
 RULES = tuple(a for a in keras_wt.ALGORITHMS if not keras_wt.algorithms.get(a).direct)
 
@@ -76,7 +77,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keras.utils.set_random_seed(args.seed)
-    (x_train, y_train), (x_test, y_test) = keras_wt.datasets.load_numpy("fashion_mnist", args.data_dir)
+    (x_train, y_train), (x_test, y_test) = datasets.load_numpy("fashion_mnist", args.data_dir)
     x_train, y_train = rows(x_train[: args.limit]), y_train[: args.limit]
     x_test, y_test = rows(x_test[: args.test_limit]), y_test[: args.test_limit]
     model = build(args)

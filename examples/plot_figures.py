@@ -6,7 +6,7 @@ writes `figures/fashion_mnist/{test_accuracies,loss,weight_angles,delta_angles}.
 latest run of every algorithm in `experiments/fashion_mnist/<algo>-V<i>/`.
 """
 
-from keras_wt import plots
+from keras_wt.app import plots
 
 if __name__ == "__main__":
     plots.main()

@@ -10,6 +10,7 @@ import keras
 
 import keras_wt
 from keras_wt import layers as wt
+from keras_wt.app.data import datasets
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--algo", choices=keras_wt.ALGORITHMS, default="kp")
@@ -17,8 +18,8 @@ parser.add_argument("--epochs", type=int, default=2)
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-train = keras_wt.datasets.load("fashion_mnist", "train", batch_size=128, flatten=True)
-test = keras_wt.datasets.load("fashion_mnist", "test", batch_size=1000, flatten=True)
+train = datasets.load("fashion_mnist", "train", batch_size=128, flatten=True)
+test = datasets.load("fashion_mnist", "test", batch_size=1000, flatten=True)
 model = keras.Sequential([
     keras.Input((784,)),
     wt.Dense(256, activation="relu", feedback=args.algo),

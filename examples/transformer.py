@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 import keras_wt
+from keras_wt.app.data import datasets
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--algos", nargs="+", choices=keras_wt.ALGORITHMS, default=["bp", "fa", "kp", "wm"])
@@ -47,7 +48,7 @@ def transformer(width=64, heads=4, mlp=128, classes=10):
     return keras.Model(inputs, keras.layers.Dense(classes)(h))
 
 
-(x_train, y_train), (x_test, y_test) = keras_wt.datasets.load_numpy("fashion_mnist")
+(x_train, y_train), (x_test, y_test) = datasets.load_numpy("fashion_mnist")
 x_train, y_train = tokens(x_train[: args.train]), y_train[: args.train]
 x_test = tokens(x_test)
 stock = transformer()

@@ -6,28 +6,68 @@ the Kolen–Pollack circuit (`kp`) of Akrout et al., "Deep Learning without Weig
 with fixed or batchwise random magnitudes (`frsf`, `brsf`), direct feedback alignment (`dfa`),
 and Kunin et al.'s symmetric and information alignment (`sa`, `ia`). See DESIGN.md for the math
 and the README for a tour.
+
+The package has two halves: the library (the modules here and `keras_wt.layers`,
+`keras_wt.models`) and the training application `keras_wt.app` (configs, data, the run
+pipeline, run folders, the command lines), which imports the library and is never imported by
+it.
+
+Importing the library imports Keras and TensorFlow (seconds), which the command lines must not
+do before their flags are parsed (`keras-wt-train --help`). So the library loads lazily (PEP 562)
+when `keras_wt` is imported before Keras: on first use of one of its names. Imported after
+Keras (`import keras` then `import keras_wt`, as every example does), `keras_wt` loads at once,
+registering its layers, optimizer, schedule, metrics and losses for `keras.saving.load_model`.
 """
 
-from keras_wt._backend import check_backend
-
-check_backend()
-
-from keras_wt import algorithms  # noqa: E402
-from keras_wt import alignment  # noqa: E402
-from keras_wt import callbacks  # noqa: E402
-from keras_wt import datasets  # noqa: E402
-from keras_wt import dfa  # noqa: E402
-from keras_wt import local  # noqa: E402
-from keras_wt import layers  # noqa: E402
-from keras_wt import metrics  # noqa: E402
-from keras_wt import mirror  # noqa: E402
-from keras_wt import models  # noqa: E402
-from keras_wt import optimizers  # noqa: E402
-from keras_wt import schedules  # noqa: E402  (registers WarmupSchedule for load_model)
-from keras_wt import unused_feedback  # noqa: E402
-from keras_wt.convert import convert, strip  # noqa: E402
-from keras_wt.algorithms import ALGORITHMS  # noqa: E402
-from keras_wt.layers import feedback_pairs  # noqa: E402
-from keras_wt.unused_feedback import drop_unused_feedback  # noqa: E402
+import importlib
+import sys
 
 __version__ = "0.1.0"
+
+# The library's public names: module -> names it gives the package (a module listed with no
+# names is exported itself).
+_EXPORTS = {
+    "algorithms": ("ALGORITHMS",),
+    "alignment": (),
+    "callbacks": (),
+    "dfa": (),
+    "local": (),
+    "layers": ("feedback_pairs",),
+    "metrics": (),
+    "mirror": (),
+    "models": (),
+    "optimizers": (),
+    "schedules": (),  # registers WarmupSchedule for load_model
+    "unused_feedback": ("drop_unused_feedback",),
+    "convert": ("convert", "strip"),  # `keras_wt.convert` is the function
+}
+_MODULES = tuple(m for m in _EXPORTS if m != "convert")
+_NAMES = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def _load():
+    """Imports the library and binds its public names (idempotent)."""
+    from keras_wt._backend import check_backend
+
+    check_backend()
+    for module in _MODULES:
+        globals()[module] = importlib.import_module(f"keras_wt.{module}")
+    for name, module in _NAMES.items():
+        globals()[name] = getattr(importlib.import_module(f"keras_wt.{module}"), name)
+
+
+def __getattr__(name):
+    if name in _NAMES:  # a function or constant: load everything, so it is all registered
+        _load()
+        return globals()[name]
+    if name in _MODULES:  # a module: import that one (library modules import each other so)
+        return importlib.import_module(f"keras_wt.{name}")
+    raise AttributeError(f"module 'keras_wt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULES) | set(_NAMES))
+
+
+if "keras" in sys.modules:
+    _load()

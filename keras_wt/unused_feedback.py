@@ -20,7 +20,7 @@ touches it (`W`'s own update and decay are unchanged, so every other weight trai
 as with the `B` kept). The flag is part of the layer's config, so `keras.saving.load_model`
 rebuilds the layer without `B` and the saved variables match.
 
-`keras_wt.convert`, `keras_wt.training.train` and the `keras_wt.models` builders drop unused
+`keras_wt.convert`, `keras_wt.app.training.train` and the `keras_wt.models` builders drop unused
 feedback unless told to keep it (`keep_unused_feedback=True`: for figures that show that
 layer's weight angle; the reference `keras-wt-train --model mlp` keeps it, as published).
 """
@@ -140,7 +140,7 @@ def drop_unused_feedback(model):
     feedback variables (`B`, and the per-step state of `brsf`); returns those layers.
 
     Call it on a built model before compiling (or let `keras_wt.convert`, `keras_wt.models`
-    or `keras_wt.training.train` do it); `W`, the bias and every other weight are untouched.
+    or `keras_wt.app.training.train` do it); `W`, the bias and every other weight are untouched.
 
     Raises:
         ValueError: the model's optimizer is already built (it may hold a dropped `B`).

@@ -1,7 +1,7 @@
 """Runs a trainer with a fault injected, for the crash tests. Test-only: the shipped code has no
 fault hooks; this wraps the functions the trainer calls before it starts the trainer.
 
-    python tests/fault_injection.py POINT -m keras_wt_cli FLAGS...
+    python tests/fault_injection.py POINT -m keras_wt.app.cli FLAGS...
     python tests/fault_injection.py POINT tpu/train_imagenet.py FLAGS...
 
 The process kills itself (SIGKILL) at POINT:
@@ -14,7 +14,7 @@ The process kills itself (SIGKILL) at POINT:
     batch:E:B    after training batch B of epoch E (after the host call that ran it, with
                  several steps per call)
 
-Every file a backup writes goes through `keras_wt.runs.replace_file` (the rename) and every
+Every file a backup writes goes through `keras_wt.app.runs.replace_file` (the rename) and every
 batch through the callbacks, which is where the faults are put.
 """
 
@@ -39,7 +39,8 @@ def _manifest_epochs(path):
 
 def install(point):
     """Wraps the trainer's functions so that the process dies at `point`."""
-    from keras_wt import backup, runs
+    from keras_wt.app import backup
+    from keras_wt.app import runs
 
     kind, *numbers = point.split(":")
     if kind not in POINTS:

@@ -23,8 +23,8 @@ import tensorflow as tf  # noqa: E402
 from keras_wt import layers as layers_lib  # noqa: E402
 from keras_wt import models  # noqa: E402
 from keras_wt import schedules  # noqa: E402
-from keras_wt import strategies  # noqa: E402
-from keras_wt import training  # noqa: E402
+from keras_wt.app import strategies  # noqa: E402
+from keras_wt.app import training  # noqa: E402
 from keras_wt._compat import multi_worker_fit  # noqa: E402
 
 BATCH_SIZE = 8  # global: 4 per worker

@@ -1,4 +1,4 @@
-"""keras_wt.datasets: raw files parsed byte-exactly, scaling by /255, clear errors, ImageNet."""
+"""keras_wt.app.data.datasets: raw files parsed byte-exactly, scaling by /255, clear errors, ImageNet."""
 
 import gzip
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_wt import datasets
+from keras_wt.app.data import datasets
 
 
 def no_tfds(*args, **kwargs):
@@ -440,7 +440,7 @@ def test_imagenet_labels_outside_1_to_num_classes_stop_the_pipeline(tmp_path, la
 
 
 def test_fewer_examples_than_one_batch_is_an_error(tmp_path, offline):
-    from keras_wt import training
+    from keras_wt.app import training
 
     make_idx_dataset(tmp_path)  # 3 training examples
     config = training.TrainConfig(model="mlp", dataset="mnist", data_dir=str(tmp_path),

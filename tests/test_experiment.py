@@ -14,15 +14,15 @@ import pytest
 import tensorflow as tf
 
 import keras_wt
-import keras_wt_cli as cli
+from keras_wt.app import cli
 from conftest import BATCH, N_TRAIN, assert_allclose, tiny_flags
-from keras_wt import datasets
-from keras_wt import experiment
+from keras_wt.app.data import datasets
+from keras_wt.app import experiment
 from keras_wt import models
 from keras_wt import optimizers as wt_optimizers
-from keras_wt import pipelines
-from keras_wt import runs
-from keras_wt import training
+from keras_wt.app.data import pipelines
+from keras_wt.app import runs
+from keras_wt.app import training
 from keras_wt.algorithms import ALGORITHMS
 from keras_wt.callbacks import MirrorCallback
 
@@ -66,8 +66,8 @@ def test_reference_defaults():
 
 def test_help_and_flags_need_no_tensorflow():
     """`keras-wt-train --help` answers before TensorFlow is imported (that takes seconds)."""
-    code = ("import sys, keras_wt_cli\n"
-            "try:\n    keras_wt_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom keras_wt.app import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)

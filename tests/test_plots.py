@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from keras_wt import plots
+from keras_wt.app import plots
 from keras_wt.algorithms import LONG_NAMES
 
 

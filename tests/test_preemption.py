@@ -77,7 +77,7 @@ def test_keras_wt_train_survives_a_kill_anywhere(data_dir, tmp_path, algo, point
     Ctrl-C) before the run finishes (the campaign: `test_random_kills_across_rules`)."""
     straight, *times = _straight_run(data_dir, tmp_path / "straight", algo, 3)
     killed_dir = tmp_path / "killed"
-    flags = ["-m", "keras_wt_cli"] + tiny_flags(data_dir, killed_dir, algo, "--n_epochs", "3")
+    flags = ["-m", "keras_wt.app.cli"] + tiny_flags(data_dir, killed_dir, algo, "--n_epochs", "3")
     run_dir = str(killed_dir / "mnist" / f"{algo}-V0")
     sample = algo == "wm"
     _chain(flags, points, resume_args=["--resume", run_dir], finish=not sample)
@@ -188,7 +188,7 @@ def _straight_run(data_dir, save_dir, algo, epochs):
     flags = tiny_flags(data_dir, save_dir, algo, "--n_epochs", str(epochs))
     run_dir = os.path.join(str(save_dir), "mnist", f"{algo}-V0")
     start = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "keras_wt_cli"] + flags, env=_env(),
+    process = subprocess.Popen([sys.executable, "-m", "keras_wt.app.cli"] + flags, env=_env(),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     _wait_for(run_dir, "Training ", "", process, start)
@@ -206,7 +206,7 @@ def _random_kills(data_dir, tmp_path, algo, kills, seed, epochs=6):
     killed_dir = tmp_path / "killed"
     run_dir = str(killed_dir / "mnist" / f"{algo}-V0")
     flags = tiny_flags(data_dir, killed_dir, algo, "--n_epochs", str(epochs), "--resume")
-    landed = random_kill_chain(["-m", "keras_wt_cli"] + flags, run_dir, kills,
+    landed = random_kill_chain(["-m", "keras_wt.app.cli"] + flags, run_dir, kills,
                                random.Random(seed), *times, epochs)
     print(f"{algo}: kills (signal, s after start, epochs backed up before, after): {landed}")
     assert len(landed) == kills
@@ -230,7 +230,7 @@ def test_random_kills_across_rules(data_dir, tmp_path, algo, seed):
 @pytest.fixture(scope="module")
 def fake_imagenet(tmp_path_factory):
     """24 training and 8 validation JPEGs in the standard TFRecord layout."""
-    from keras_wt import datasets
+    from keras_wt.app.data import datasets
 
     directory = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
@@ -244,7 +244,7 @@ def fake_imagenet(tmp_path_factory):
 @pytest.mark.slow
 # The weight mirror only (its noise counters and its warm-up are the most state to restore):
 # keras-wt-train's chain above covers kp at every point, and both trainers write their state
-# through the same `keras_wt.backup`.
+# through the same `keras_wt.app.backup`.
 @pytest.mark.parametrize("algo", ["wm"])
 def test_imagenet_trainer_survives_a_kill_anywhere(fake_imagenet, tmp_path, algo):
     def flags(model_dir):

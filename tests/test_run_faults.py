@@ -27,14 +27,14 @@ import keras
 import numpy as np
 import pytest
 
-import keras_wt_cli as cli
+from keras_wt.app import cli
 from conftest import BATCH, N_TRAIN, assert_same_run, read_text, tiny_flags, write_idx
-from keras_wt import backup as backup_lib
+from keras_wt.app import backup as backup_lib
 from keras_wt import layers as wt
 from keras_wt import models
-from keras_wt import resume
-from keras_wt import runs
-from keras_wt import training
+from keras_wt.app import resume
+from keras_wt.app import runs
+from keras_wt.app import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = -(-N_TRAIN // BATCH)  # steps per epoch of the tiny dataset (3)
@@ -61,7 +61,7 @@ def _assert_refused(code, err, status, *words):
 
 
 # --------------------------------------------------------------------------------------------
-# Verified backups (keras_wt.backup), without training runs: a model stepped by hand
+# Verified backups (keras_wt.app.backup), without training runs: a model stepped by hand
 # --------------------------------------------------------------------------------------------
 
 
@@ -213,7 +213,7 @@ def test_when_no_backup_passes_its_checks_the_restore_is_refused_naming_each(tmp
 
 
 # --------------------------------------------------------------------------------------------
-# Records of a resumed run (keras_wt.resume)
+# Records of a resumed run (keras_wt.app.resume)
 # --------------------------------------------------------------------------------------------
 
 
@@ -364,7 +364,7 @@ def test_two_resumes_of_one_run_never_train_it_together(data_dir, tmp_path, caps
     run_dir = _copy(stopped, tmp_path)
     flags = tiny_flags(data_dir, tmp_path, "kp", "--n_epochs", "3", "--resume", run_dir)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    other = subprocess.Popen([sys.executable, "-m", "keras_wt_cli"] + flags, cwd=ROOT, env=env,
+    other = subprocess.Popen([sys.executable, "-m", "keras_wt.app.cli"] + flags, cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while "Training mlp" not in read_text(run_dir, "log.txt").split("Saved the trained")[-1]:
@@ -564,7 +564,7 @@ def test_a_full_disk_is_a_one_line_error_and_the_run_resumes_after(
 
     flags = tiny_flags(data_dir, tmp_path, "kp", "--n_epochs", "3")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "keras_wt_cli"] + flags, cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "keras_wt.app.cli"] + flags, cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
     _assert_refused(out.returncode, out.stderr, 1, "File too large")
     run_dir = str(tmp_path / "mnist" / "kp-V0")
@@ -592,7 +592,7 @@ def test_the_imagenet_trainer_stops_on_a_truncated_or_missing_shard(tmp_path, ca
     from TensorFlow: the trainer counts each pass against --train_examples and stops."""
     import tensorflow as tf
 
-    from keras_wt import datasets
+    from keras_wt.app.data import datasets
 
     data = tmp_path / "imagenet"
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""The trainer (`keras_wt.training.train`) as the ImageNet front end uses it: schedule, weight
+"""The trainer (`keras_wt.app.training.train`) as the ImageNet front end uses it: schedule, weight
 decay, mirror rates, data, distribution, resuming.
 
 The expensive checks share one set of tiny ImageNet-layout TFRecords and the session's
@@ -23,13 +23,13 @@ import tensorflow as tf
 
 import keras_wt
 from conftest import assert_allclose
-from keras_wt import datasets
+from keras_wt.app.data import datasets
 from keras_wt import layers as layers_lib
 from keras_wt import models
-from keras_wt import pipelines
+from keras_wt.app.data import pipelines
 from keras_wt import schedules
-from keras_wt import strategies
-from keras_wt import training
+from keras_wt.app import strategies
+from keras_wt.app import training
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32

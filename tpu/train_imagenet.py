@@ -13,9 +13,9 @@ A smoke run on any machine:
 
 Restarting the same command with the same --model_dir resumes from the last completed epoch
 (weights, feedback kernels, optimizer and weight-mirror state). The logic lives in
-`keras_wt.training`; this file only maps flags to a `keras_wt.training.TrainConfig`. Errors end
+`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.training.TrainConfig`. Errors end
 in one line: exit status 2 for bad flags or settings, 1 for a failure while running (see
-`keras_wt.training.describe_failure`).
+`keras_wt.app.training.describe_failure`).
 """
 
 import argparse
@@ -24,8 +24,8 @@ import logging
 import sys
 
 from keras_wt import schedules
-from keras_wt import strategies
-from keras_wt import training
+from keras_wt.app import strategies
+from keras_wt.app import training
 
 
 def _ints_or_floats(text):
@@ -150,13 +150,13 @@ def flag_parser():
     g.add_argument("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a run whose training loss explodes while finite: above 2x the loss "
                    "of a network that learned nothing (ln num_classes) for 100 steps, or over a "
-                   "whole shorter epoch after the first (keras_wt.training.StopOnDivergence); a "
+                   "whole shorter epoch after the first (keras_wt.app.training.StopOnDivergence); a "
                    "NaN or infinite loss, metric or weight stops a run regardless.")
     return p
 
 
 def parse_flags(argv=None):
-    """Parses `argv` (default: `sys.argv[1:]`) into a `keras_wt.training.TrainConfig`."""
+    """Parses `argv` (default: `sys.argv[1:]`) into a `keras_wt.app.training.TrainConfig`."""
     kwargs = vars(flag_parser().parse_args(argv))
     if kwargs["mirrored_devices"]:
         kwargs["mirrored_devices"] = tuple(kwargs["mirrored_devices"].split(","))

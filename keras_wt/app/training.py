@@ -2,9 +2,9 @@
 
 `keras-wt-train` (the reference experiments) and `tpu/train_imagenet.py` (ResNets on ImageNet)
 both turn their flags into a `TrainConfig` and call `train`, which goes strategy → data → model →
-compile → callbacks → `fit` and writes the run folder of `keras_wt.runs`:
+compile → callbacks → `fit` and writes the run folder of `keras_wt.app.runs`:
 
-* data: a small dataset held in memory (`keras_wt.pipelines.train_dataset`, an order that depends
+* data: a small dataset held in memory (`keras_wt.app.data.pipelines.train_dataset`, an order that depends
   on `(seed, epoch)` only), or ImageNet TFRecords / synthetic ImageNet batches;
 * the model of `keras_wt.models` with `feedback=config.algo`;
 * SGD with momentum and weight decay of the kernels (`keras_wt.schedules.create_optimizer`: for an
@@ -13,20 +13,20 @@ compile → callbacks → `fit` and writes the run folder of `keras_wt.runs`:
 * evaluation by `fit(validation_data=...)` on the evaluated epochs (`evaluated_epochs`);
 * callbacks: the weight mirror where a layer learns `B` by mirroring (`create_mirror_callback`),
   `AlignmentCallback`, `StopOnDivergence`, `ResultsRecorder` (`results.json` and the summary
-  line), `CSVLogger`, `TensorBoard`, and `keras_wt.backup.AtomicBackup` (every epoch's backup
+  line), `CSVLogger`, `TensorBoard`, and `keras_wt.app.backup.AtomicBackup` (every epoch's backup
   kept with `keep_checkpoints`).
 
-One process writes a run folder at a time (`keras_wt.runs.RunLock`, held for the whole run), and
+One process writes a run folder at a time (`keras_wt.app.runs.RunLock`, held for the whole run), and
 `experiment_config.json` is written before anything slow (the data), so a run killed at any
 instant can be resumed.
 
 Resuming: `AtomicBackup` saves the model's weights (W, the feedback kernels B, batch-norm
 statistics) and the optimizer's variables (momentum, step count) at the end of every epoch, so
 that a kill at any instant leaves a complete backup (Keras's `BackupAndRestore` does not; see
-`keras_wt.backup`), and checks what it reads back. The learning rate is a function of the step
+`keras_wt.app.backup`), and checks what it reads back. The learning rate is a function of the step
 count, the weight-mirror noise is seeded by it and the in-memory data order by the epoch, so a
 run restarted on the same run folder continues exactly where its last completed epoch ended;
-`keras_wt.resume` first cuts its records back to that epoch, so each epoch is recorded once.
+`keras_wt.app.resume` first cuts its records back to that epoch, so each epoch is recorded once.
 """
 
 import contextlib
@@ -45,17 +45,17 @@ import tensorflow as tf
 
 import keras_wt
 from keras_wt import algorithms
-from keras_wt import backup as backup_lib
+from keras_wt.app import backup as backup_lib
 from keras_wt import callbacks as callbacks_lib
-from keras_wt import datasets
+from keras_wt.app.data import datasets
 from keras_wt import metrics
 from keras_wt import mirror as mirror_lib
 from keras_wt import models
-from keras_wt import pipelines
-from keras_wt import resume
-from keras_wt import runs
+from keras_wt.app.data import pipelines
+from keras_wt.app import resume
+from keras_wt.app import runs
 from keras_wt import schedules
-from keras_wt import strategies
+from keras_wt.app import strategies
 from keras_wt import unused_feedback
 from keras_wt import _compat
 from keras_wt._compat import multi_worker_fit
@@ -118,11 +118,11 @@ class TrainConfig:
     `divergence_check`: stop a run whose training loss explodes while finite (`StopOnDivergence`;
     a NaN or infinite loss, metric or weight stops it regardless). `train_examples`,
     `eval_examples`: the examples of one pass over the ImageNet training and validation files
-    (default: ImageNet's, `keras_wt.datasets.info`); a pass that reads another number stops the
+    (default: ImageNet's, `keras_wt.app.data.datasets.info`); a pass that reads another number stops the
     run (a truncated or missing file).
 
-    Where: `model_dir` is the run folder (`keras_wt.runs`; `None`: nothing is written), on
-    `strategy` (`keras_wt.strategies.STRATEGIES`).
+    Where: `model_dir` is the run folder (`keras_wt.app.runs`; `None`: nothing is written), on
+    `strategy` (`keras_wt.app.strategies.STRATEGIES`).
     """
 
     model: str = "resnet18"
@@ -356,7 +356,7 @@ def _data(config):
             num_train
     try:
         (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
-    except ValueError as e:  # a damaged or inconsistent file, named by keras_wt.datasets
+    except ValueError as e:  # a damaged or inconsistent file, named by keras_wt.app.data.datasets
         raise DataError(str(e)) from e
     if len(x_train) < config.batch_size or not len(x_test):
         raise DataError(
@@ -584,7 +584,7 @@ class ResultsRecorder(keras.callbacks.Callback):
     """After every evaluated epoch (`evaluated_epochs`, whether or not it has test data):
     writes the epoch into `results.json` and logs a summary line.
 
-    An entry holds every number of the epoch's `logs` (`keras_wt.runs.results_entry`: `val_<m>`
+    An entry holds every number of the epoch's `logs` (`keras_wt.app.runs.results_entry`: `val_<m>`
     as `test_<m>`, and `<kind>/<layer>` (the alignment keys) grouped as `<kind>s: {layer: value}`
     (`weight_angles`, `delta_angles`, ...)), plus the epoch's `seconds`.
 
@@ -673,7 +673,7 @@ def create_callbacks(
     3. with a `model_dir` (on the chief only): `ResultsRecorder`, `HistoryLogger`
        (`CSVLogger`), `EpochTensorBoard` (`TensorBoard`);
     4. the `extra` callbacks;
-    5. `keras_wt.backup.AtomicBackup` (`<model_dir>/backup`, kept after training, so re-running
+    5. `keras_wt.app.backup.AtomicBackup` (`<model_dir>/backup`, kept after training, so re-running
        a finished command is a no-op; every epoch's with `keep_checkpoints`): last, so the
        backup of an epoch is written after everything else of that epoch; a run killed before
        it redoes the whole epoch.
@@ -764,7 +764,7 @@ def _record_config(config, flags, derived):
     """Writes `experiment_config.json` and returns whether the run folder held one already (a
     run being continued). A continued run must have the saved configuration, apart from
     `RESUMABLE` settings (else a `ValueError` names the differences), and must not have
-    diverged (`TrainingDiverged`); a damaged configuration is a `keras_wt.runs.RunError`."""
+    diverged (`TrainingDiverged`); a damaged configuration is a `keras_wt.app.runs.RunError`."""
     path = os.path.join(config.model_dir, runs.CONFIG_FILE)
     current = json.loads(json.dumps(dataclasses.asdict(config)))
     diverged = os.path.join(config.model_dir, runs.DIVERGED_FILE)
@@ -860,8 +860,8 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
         `(model, history)`.
 
     Raises:
-        keras_wt.runs.RunLocked: another process writes `config.model_dir`.
-        keras_wt.runs.RunError: its backup or records cannot be trusted (the message says why).
+        keras_wt.app.runs.RunLocked: another process writes `config.model_dir`.
+        keras_wt.app.runs.RunError: its backup or records cannot be trusted (the message says why).
         DataError: the data cannot be trained on.
         TrainingDiverged: the run diverged (`StopOnDivergence`), or diverged before.
         ValueError: a resumed run's settings differ from the saved ones.
@@ -909,7 +909,7 @@ def describe_failure(error):
 
     Status 1, a failure while running: bad or missing data (`DataError`, a missing dataset's
     `FileNotFoundError`, an error TensorFlow raised while it read the files), the disk (any
-    `OSError`: full, read-only), the run folder (`keras_wt.runs.RunError`: held by another
+    `OSError`: full, read-only), the run folder (`keras_wt.app.runs.RunError`: held by another
     process, a damaged backup), a run that diverged (`TrainingDiverged`). Status 2, settings that
     cannot be used: any other `ValueError` (a value out of range, settings that differ from those
     of the run resumed).

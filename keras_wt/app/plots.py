@@ -26,8 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import keras_wt_cli as cli
-from keras_wt import runs as runs_lib
+from keras_wt.app import cli
+from keras_wt.app import runs as runs_lib
 from keras_wt.algorithms import ALGORITHMS, LONG_NAMES
 
 logger = logging.getLogger(__name__)

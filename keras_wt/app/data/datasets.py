@@ -27,7 +27,7 @@ ImageNet is read by `imagenet()` from TFRecords in the standard `train-00000-of-
 Example:
 
 ```python
-from keras_wt import datasets
+from keras_wt.app.data import datasets
 
 train = datasets.load("fashion_mnist", "train", batch_size=128, flatten=True)
 test = datasets.load("fashion_mnist", "test", batch_size=1000, flatten=True)
@@ -451,7 +451,7 @@ def load_numpy(name, data_dir=None):
     name = _check_name(name)
     if name == "imagenet":
         raise ValueError(
-            "ImageNet does not fit in numpy arrays; use keras_wt.datasets.imagenet(data_dir, ...) "
+            "ImageNet does not fit in numpy arrays; use keras_wt.app.data.datasets.imagenet(data_dir, ...) "
             "or load('imagenet', ...)"
         )
     arrays, where = _load_local(name, data_dir)

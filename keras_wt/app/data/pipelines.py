@@ -1,4 +1,4 @@
-"""The training and evaluation pipelines of `keras_wt.training.train`.
+"""The training and evaluation pipelines of `keras_wt.app.training.train`.
 
 * Small datasets held in memory (MNIST, Fashion-MNIST, CIFAR-10): every epoch's order is a
   function of `(seed, epoch)` only (`epoch_permutation`), so a resumed run sees exactly the
@@ -10,7 +10,7 @@
 
 import tensorflow as tf
 
-from keras_wt import datasets
+from keras_wt.app.data import datasets
 
 EVAL_BATCH_SIZE = 1000
 
@@ -95,7 +95,7 @@ def imagenet_datasets(
     """The training and evaluation datasets of the trainer.
 
     Training: batches `(images, one_hot_labels)` of `batch_size` with the ImageNet augmentation
-    (`keras_wt.datasets.imagenet`). With `epochs` and `steps_per_epoch`, the batches of epochs
+    (`keras_wt.app.data.datasets.imagenet`). With `epochs` and `steps_per_epoch`, the batches of epochs
     `first_epoch .. epochs − 1`, epoch `e` being `steps_per_epoch` batches of a pass seeded by
     `(seed, e)` (repeated if one pass has fewer batches): every epoch's batches are a function of
     the seed and the epoch alone, so a run resumed at an epoch sees exactly the batches the
@@ -105,7 +105,7 @@ def imagenet_datasets(
     batch (for speed runs and smoke tests; give the number of evaluation steps).
 
     With `train_examples` / `eval_examples`, every pass over the training / validation files
-    that reads another number of examples stops with an error (`keras_wt.datasets.imagenet`'s
+    that reads another number of examples stops with an error (`keras_wt.app.data.datasets.imagenet`'s
     `expected_examples`: a truncated, missing or extra file).
     """
     if use_synthetic_data:

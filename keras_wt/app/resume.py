@@ -2,7 +2,7 @@
 recorded exactly once however often the run was killed.
 
 A run writes an epoch's records (`results.json`, `history.csv`, the TensorBoard events) before
-that epoch's backup (`keras_wt.backup.AtomicBackup`, the last callback); a kill between the two
+that epoch's backup (`keras_wt.app.backup.AtomicBackup`, the last callback); a kill between the two
 leaves records of an epoch that the resumed run trains again. `prepare` first cuts the records
 back to the `epochs` the backup holds:
 
@@ -26,7 +26,7 @@ import os
 
 import tensorflow as tf
 
-from keras_wt import runs
+from keras_wt.app import runs
 
 logger = logging.getLogger("keras_wt")
 
@@ -143,7 +143,7 @@ def prepare(run_dir, epochs, evaluated, steps_per_epoch):
     Args:
         run_dir: the run folder (written by this process only: hold its `RunLock`).
         epochs: the epochs completed by the backup the run resumes from (0: none).
-        evaluated: the evaluated epochs of the run (`keras_wt.training.evaluated_epochs`).
+        evaluated: the evaluated epochs of the run (`keras_wt.app.training.evaluated_epochs`).
         steps_per_epoch: the optimizer steps of an epoch.
 
     Raises:

@@ -1,7 +1,7 @@
 """The reference experiments: what the flags of `keras-wt-train` mean.
 
-`keras-wt-train` (flags in `keras_wt_cli`) reproduces the command line of Akrout et al.'s public
-NumPy code on top of `keras_wt.training.train`:
+`keras-wt-train` (flags in `keras_wt.app.cli`) reproduces the command line of Akrout et al.'s public
+NumPy code on top of `keras_wt.app.training.train`:
 
     keras-wt-train --dataset fashion_mnist --algo kp --n_epochs 5
 
@@ -28,10 +28,10 @@ and the noise has `σ = a/√3`. `--mirror_learning_rate` takes `η_pub` (publis
 `--mirror_noise_amplitude` takes `a`; the converted `η_m` and `σ` are written to
 `experiment_config.json` under `"derived"` (`mirror_learning_rate_keras_wt`, `mirror_noise_std`).
 
-A run writes the run folder of `keras_wt.runs` in `<save_dir>/<dataset>/<algo>-V<i>/`; evaluated
+A run writes the run folder of `keras_wt.app.runs` in `<save_dir>/<dataset>/<algo>-V<i>/`; evaluated
 epochs (the first, every `--test_frequency`-th after it and the last) are measured on the test
 set, and the weight and delta angles on its first `PROBE_SIZE` examples. `--resume` continues an
-interrupted run exactly (`keras_wt.backup.AtomicBackup`).
+interrupted run exactly (`keras_wt.app.backup.AtomicBackup`).
 """
 
 import dataclasses
@@ -41,9 +41,9 @@ import os
 import sys
 
 from keras_wt import algorithms
-from keras_wt import runs
-from keras_wt import training
-from keras_wt_cli import PUBLISHED_LEARNING_RATES, validate
+from keras_wt.app import runs
+from keras_wt.app import training
+from keras_wt.app.cli import PUBLISHED_LEARNING_RATES, validate
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def mirror_settings(config):
 
 
 def train_config(config, run_dir=None):
-    """The `keras_wt.training.TrainConfig` of a flag dict, writing to `run_dir`."""
+    """The `keras_wt.app.training.TrainConfig` of a flag dict, writing to `run_dir`."""
     if config["model"] == "mlp":
         options = {"hidden": list(config["size_hidden_layers"])}
     elif config["model"] == "cnn":
@@ -247,12 +247,12 @@ def resolve_resume(config, explicit):
 
     Without a folder, the latest `<algo>-V<i>` of the dataset whose saved flags agree with the
     flags given on the command line is continued. A run folder stopped before it saved its flags
-    (`keras_wt.runs.is_unstarted`, no `experiment_config.json`) is started again in place with
+    (`keras_wt.app.runs.is_unstarted`, no `experiment_config.json`) is started again in place with
     the flags given.
 
     Raises:
         ResumeError: `--resume` names no run folder, or one with other flags.
-        keras_wt.runs.RunError: a run folder's saved flags are damaged.
+        keras_wt.app.runs.RunError: a run folder's saved flags are damaged.
     """
     fixed = sorted(set(explicit) - {"resume", "save_dir"} - set(RESUMABLE_OVERRIDES))
     resume = config["resume"]
@@ -310,7 +310,7 @@ def run(config, explicit=frozenset()):
     data, an unwritable disk); a run folder this call did not create is never deleted.
 
     Args:
-        config: the flag dict of `keras_wt_cli.parse_args`.
+        config: the flag dict of `keras_wt.app.cli.parse_args`.
         explicit: the flags given on the command line (used to check a `--resume`).
     """
     ignored = ignored_flags(config, explicit)

@@ -1,6 +1,6 @@
 """The run folder: what a training run writes, and how to find and read runs again.
 
-`keras_wt.training.train` writes one folder per run; `keras-wt-train` places it at
+`keras_wt.app.training.train` writes one folder per run; `keras-wt-train` places it at
 `<save_dir>/<dataset>/<algo>-V<i>/` (`i` = 0, 1, ...; nothing is overwritten), the TPU trainer at
 its `--model_dir`. `keras-wt-plot` reads these folders. Epochs are numbered from 1 everywhere.
 
@@ -12,17 +12,17 @@ its `--model_dir`. `keras-wt-plot` reads these folders. Epochs are numbered from
                             `weight_angles`, `delta_angles` ({layer: degrees}), `seconds`, ...
     history.csv             every epoch's logs (Keras's CSVLogger)
     tensorboard/            Keras's TensorBoard callback (train/ and validation/)
-    backup/                 keras_wt.backup.AtomicBackup: manifest.json and epoch-NNNN.weights.h5,
+    backup/                 keras_wt.app.backup.AtomicBackup: manifest.json and epoch-NNNN.weights.h5,
                             the state a resumed run continues from (every epoch's, when kept)
     model.keras             the trained model
-    diverged.json           only if the run diverged (`keras_wt.training.StopOnDivergence`):
+    diverged.json           only if the run diverged (`keras_wt.app.training.StopOnDivergence`):
                             where and why ({epoch, batch, loss, reason}); a resumed run refuses to
                             continue it while it is there
     run.lock                the lock of the process writing the run (`RunLock`; its pid)
 
 Every epoch appears exactly once in `results.json`, `history.csv` and the TensorBoard events,
 also after a kill and any number of resumptions: an epoch's records are written before its backup,
-and a resumed run first cuts them back to the epochs its backup holds (`keras_wt.resume`).
+and a resumed run first cuts them back to the epochs its backup holds (`keras_wt.app.resume`).
 `log.txt` keeps everything, with a line where each resumption starts.
 
 Files that a kill must not leave half written (`experiment_config.json`, `results.json`,

@@ -7,7 +7,7 @@ and a kill between the two makes the resumed run train an epoch twice; nothing c
 reads back, so a damaged file is loaded as it is.
 
 Writing. `AtomicBackup` writes each backup as a new file under a temporary name, flushes it to
-disk, records its SHA-256, renames it (`keras_wt.runs.replace_file`), and only then replaces the
+disk, records its SHA-256, renames it (`keras_wt.app.runs.replace_file`), and only then replaces the
 manifest (`manifest.json`, written the same way) that names it. At every instant the manifest
 names complete files. On storage without an atomic rename (GCS) the manifest is still written
 last, after the file it names is complete. The manifest (format 2):
@@ -50,7 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_wt import runs
+from keras_wt.app import runs
 
 logger = logging.getLogger("keras_wt")
 

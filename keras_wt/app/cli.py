@@ -1,10 +1,11 @@
 """The flags of `keras-wt-train`, parsed before TensorFlow is imported.
 
-Importing anything from the `keras_wt` package imports Keras and TensorFlow (several seconds,
-and TensorFlow's own log lines). This module holds only the command line, so `keras-wt-train
---help` and a bad flag answer at once; `main` then quiets TensorFlow's C++ log (unless
-`--verbose 3` or `TF_CPP_MIN_LOG_LEVEL` says otherwise) and hands the validated flags to
-`keras_wt.experiment.run`, which says what they mean.
+Importing the keras_wt library imports Keras and TensorFlow (several seconds, and TensorFlow's
+own log lines); this module imports neither (`keras_wt` and `keras_wt.app` load lazily), so
+`keras-wt-train --help` and a bad flag answer at once; `main` then quiets TensorFlow's C++ log
+(unless `--verbose 3` or `TF_CPP_MIN_LOG_LEVEL` says otherwise) and hands the validated flags to
+`keras_wt.app.experiment.run`, which says what they mean. `python -m keras_wt.app.cli` is
+`keras-wt-train`.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import math
 import os
 import sys
 
-# keras_wt.ALGORITHMS, keras_wt.experiment's datasets and models (tests check they agree).
+# keras_wt.ALGORITHMS, keras_wt.app.experiment's datasets and models (tests check they agree).
 ALGORITHMS = ("bp", "fa", "ss", "wm", "kp", "frsf", "brsf", "dfa", "sa", "ia")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet20")
@@ -25,7 +26,7 @@ LOSSES = ("summed_sigmoid", "softmax")
 # keras_wt.algorithms that were not in it (frsf, brsf, dfa, sa, ia) use backprop's.
 PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3,
                             "frsf": 0.2, "brsf": 0.2, "dfa": 0.2, "sa": 0.2, "ia": 0.2}
-# The seeds the generators take (NumPy's: 0 .. 2**32 − 1; keras_wt.training.MAX_SEED).
+# The seeds the generators take (NumPy's: 0 .. 2**32 − 1; keras_wt.app.training.MAX_SEED).
 MAX_SEED = 2**32 - 1
 
 
@@ -71,7 +72,7 @@ def build_parser(defaults=True):
     add("--model", default="mlp", choices=MODELS,
         help="mlp: the reference MLP with the published configuration; cnn (keras_wt.models.cnn) "
         "and resnet20: convnets with the convnet recipe (batch norm, softmax cross-entropy, SGD "
-        "with momentum, weight decay, cosine schedule: keras_wt.experiment.CONVNET_RECIPE)")
+        "with momentum, weight decay, cosine schedule: keras_wt.app.experiment.CONVNET_RECIPE)")
     add("--n_epochs", type=int, default=400, help="number of epochs")
     add("--size_hidden_layers", type=int, nargs="+", default=[500],
         help="widths of the hidden layers (cnn: one int, the width of its dense layer)")
@@ -90,7 +91,7 @@ def build_parser(defaults=True):
         help=f"seed of the weights, the shuffling, the noise (0 to {MAX_SEED})")
     add("--data_dir", default=None,
         help="directory of the raw dataset files (else the standard places, see "
-        "keras_wt.datasets)")
+        "keras_wt.app.data.datasets)")
     add("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
         help="continue an interrupted run from its last completed epoch: RUN_DIR, or without "
         "a value the latest <save_dir>/<dataset>/<algo>-V<i> (a new run if there is none)")
@@ -102,11 +103,11 @@ def build_parser(defaults=True):
         help="stop a run (exit status 1, diverged.json) whose training loss explodes while "
         "finite: above 2x the loss of a network that learned nothing (summed sigmoid: "
         "10 ln 2 = 6.93; softmax: ln 10 = 2.30) for 100 steps, or over a whole shorter epoch "
-        "after the first (keras_wt.training.StopOnDivergence). A NaN or infinite loss, metric "
+        "after the first (keras_wt.app.training.StopOnDivergence). A NaN or infinite loss, metric "
         "or weight stops a run regardless")
     add = adder(parser.add_argument_group(
         "convnet recipe (defaults: the published configuration for --model mlp, "
-        "keras_wt.experiment.CONVNET_RECIPE for the convnets)"))
+        "keras_wt.app.experiment.CONVNET_RECIPE for the convnets)"))
     add("--batch_norm", action=argparse.BooleanOptionalAction, default=True,
         help="cnn: batch norm (momentum 0.9) after every convolution and the hidden Dense")
     add("--loss", default=None, choices=LOSSES,
@@ -152,7 +153,7 @@ def build_parser(defaults=True):
     add = adder(parser.add_argument_group("Kolen-Pollack (--algo kp)"))
     add("--kp_weight_decay", type=float, default=None,
         help="decoupled decay λ of W and B of kp layers (mlp: none, as published; convnets: "
-        "the λ for which Σ_t lr_t·λ over the run is keras_wt.experiment.KP_DECAY_BUDGET)")
+        "the λ for which Σ_t lr_t·λ over the run is keras_wt.app.experiment.KP_DECAY_BUDGET)")
     return parser
 
 
@@ -285,7 +286,8 @@ def train_from_flags(argv=None):
         parser.error(str(e))
     try:
         with _quiet_tensorflow(config["verbose"]):
-            from keras_wt import experiment, training
+            from keras_wt.app import experiment
+            from keras_wt.app import training
         _console_log()
         try:
             return experiment.run(config, explicit)
@@ -306,10 +308,10 @@ def main(argv=None):
 
 
 def plot_main(argv=None):
-    """The `keras-wt-plot` console script (`keras_wt.plots`), with TensorFlow's C++ log silenced
+    """The `keras-wt-plot` console script (`keras_wt.app.plots`), with TensorFlow's C++ log silenced
     as for `keras-wt-train` (it imports keras_wt, hence TensorFlow)."""
     with _quiet_tensorflow(0):
-        from keras_wt import plots
+        from keras_wt.app import plots
     return plots.main(argv)
 
 
