@@ -24,7 +24,8 @@ from keras_wt import layers as layers_lib  # noqa: E402
 from keras_wt import models  # noqa: E402
 from keras_wt import schedules  # noqa: E402
 from keras_wt.app import strategies  # noqa: E402
-from keras_wt.app import training  # noqa: E402
+from keras_wt.app import callbacks as run_callbacks  # noqa: E402
+from keras_wt.app.config import TrainConfig  # noqa: E402
 from keras_wt._compat import multi_worker_fit  # noqa: E402
 
 BATCH_SIZE = 8  # global: 4 per worker
@@ -55,7 +56,7 @@ def main(out_dir):
     data = data.with_options(options)
     for algo in ("kp", "wm"):
         keras.utils.set_random_seed(0)
-        config = training.TrainConfig(
+        config = TrainConfig(
             model="mlp",
             algo=algo,
             model_dir=os.path.join(out_dir, f"run-{algo}"),
@@ -84,7 +85,7 @@ def main(out_dir):
                 data,
                 epochs=1,
                 steps_per_epoch=STEPS,
-                callbacks=training.create_callbacks(model, config, strategy),
+                callbacks=run_callbacks.create_callbacks(model, config, strategy),
                 shuffle=False,
                 verbose=0,
             )

@@ -23,6 +23,7 @@ from keras_wt import optimizers as wt_optimizers
 from keras_wt.app.data import pipelines
 from keras_wt.app import runs
 from keras_wt.app import training
+from keras_wt.app.config import TrainConfig
 from keras_wt.algorithms import ALGORITHMS
 from keras_wt.callbacks import MirrorCallback
 
@@ -423,7 +424,7 @@ def test_several_steps_per_call_train_exactly_as_one_and_the_reference_mlp_keeps
     for a, b in zip(grouped.weights, between.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     for algo, every, expected in (("wm", 1, 7), ("wm", 2, 7), ("fa", 1, 7)):
-        config = training.TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto",
+        config = TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto",
                                       mirror_every=every)
         assert config.resolved_steps_per_execution(469) == expected
     # The published MLP keeps (and trains) the first layer's B, which no gradient uses.

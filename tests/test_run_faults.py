@@ -34,6 +34,7 @@ from keras_wt import layers as wt
 from keras_wt import models
 from keras_wt.app import resume
 from keras_wt.app import runs
+from keras_wt.app import callbacks as run_callbacks
 from keras_wt.app import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -421,15 +422,15 @@ def test_the_explosion_threshold_is_the_loss_of_a_network_that_learned_nothing()
     zeros = np.zeros((2, 10), "float32")
     summed = models.SummedSigmoidCrossEntropy(from_logits=True)(labels, zeros)
     softmax = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, zeros)
-    assert training.zero_logit_loss("summed_sigmoid", 10) == pytest.approx(float(summed))
-    assert training.zero_logit_loss("softmax", 10) == pytest.approx(float(softmax))
-    assert training.zero_logit_loss("summed_sigmoid", 10) == pytest.approx(10 * math.log(2))
+    assert run_callbacks.zero_logit_loss("summed_sigmoid", 10) == pytest.approx(float(summed))
+    assert run_callbacks.zero_logit_loss("softmax", 10) == pytest.approx(float(softmax))
+    assert run_callbacks.zero_logit_loss("summed_sigmoid", 10) == pytest.approx(10 * math.log(2))
 
 
 def _stopper(tmp_path, **kwargs):
     model = _tiny_model()
     model.optimizer.build(model.trainable_variables)
-    stop = training.StopOnDivergence(str(tmp_path / "diverged.json"), **kwargs)
+    stop = run_callbacks.StopOnDivergence(str(tmp_path / "diverged.json"), **kwargs)
     stop.set_model(model)
     stop.on_epoch_begin(0)
     return model, stop
@@ -441,7 +442,7 @@ def test_a_loss_above_the_threshold_for_n_steps_stops_the_run(tmp_path):
     stop.on_train_batch_end(1, {"loss": 1.5})  # back below: the count starts again
     stop.on_train_batch_end(3, {"loss": 2.5})  # two steps per call: 2 steps
     stop.on_train_batch_end(5, {"loss": 2.5})  # 4
-    with pytest.raises(training.TrainingDiverged, match="for 6 steps: it exploded"):
+    with pytest.raises(run_callbacks.TrainingDiverged, match="for 6 steps: it exploded"):
         stop.on_train_batch_end(7, {"loss": 2.5})  # 6
     record = json.loads(read_text(str(tmp_path), "diverged.json"))
     assert record["epoch"] == 1 and record["batch"] == 8 and record["loss"] == "2.5"
@@ -452,7 +453,7 @@ def test_a_loss_above_the_threshold_for_n_steps_stops_the_run(tmp_path):
     stop.on_epoch_end(0, {"loss": 2.5})
     stop.on_epoch_begin(1)
     stop.on_train_batch_end(2, {"loss": 2.5})
-    with pytest.raises(training.TrainingDiverged, match="epoch's mean training loss"):
+    with pytest.raises(run_callbacks.TrainingDiverged, match="epoch's mean training loss"):
         stop.on_epoch_end(1, {"loss": 2.5})
     _, stop = _stopper(tmp_path, reference=None)  # --no-divergence_check: no explosion rule
     stop.on_train_batch_end(200, {"loss": 1e6})
@@ -461,15 +462,15 @@ def test_a_loss_above_the_threshold_for_n_steps_stops_the_run(tmp_path):
 
 def test_non_finite_weights_or_metrics_stop_the_run_at_the_epoch_end(tmp_path):
     model, stop = _stopper(tmp_path, reference=None)
-    with pytest.raises(training.TrainingDiverged, match="val_accuracy is nan"):
+    with pytest.raises(run_callbacks.TrainingDiverged, match="val_accuracy is nan"):
         stop.on_epoch_end(0, {"loss": 0.5, "val_accuracy": float("nan"),
                               "weight_angle/dense": float("nan")})
     stop.on_epoch_end(0, {"loss": 0.5, "delta_angle/dense": float("nan")})  # angles: measured
     layer = model.layers[0]
     layer.feedback_kernel.assign(np.full(layer.feedback_kernel.shape, np.inf, "float32"))
-    with pytest.raises(training.TrainingDiverged, match="non-finite values in .*feedback_kernel"):
+    with pytest.raises(run_callbacks.TrainingDiverged, match="non-finite values in .*feedback_kernel"):
         stop.on_epoch_end(0, {"loss": 0.5})
-    with pytest.raises(training.TrainingDiverged, match="loss is inf"):
+    with pytest.raises(run_callbacks.TrainingDiverged, match="loss is inf"):
         stop.on_train_batch_end(0, {"loss": float("inf")})
 
 

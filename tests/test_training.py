@@ -29,7 +29,9 @@ from keras_wt import models
 from keras_wt.app.data import pipelines
 from keras_wt import schedules
 from keras_wt.app import strategies
+from keras_wt.app import callbacks as run_callbacks
 from keras_wt.app import training
+from keras_wt.app.config import TrainConfig
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -166,7 +168,7 @@ def test_default_mirror_brings_every_b_to_w_scale():
     )
     # The trainer's defaults σ = λ = 1, with a faster rate and a bigger batch to converge in
     # 40 steps.
-    callback = training.create_mirror_callback(
+    callback = run_callbacks.create_mirror_callback(
         model, learning_rate=0.2, batch_size=256, warmup_steps=0
     )
     assert (callback.noise_std, callback.decay) == (1.0, 1.0)
@@ -183,7 +185,7 @@ def test_default_mirror_brings_every_b_to_w_scale():
         assert 0.9 < ratio < 1.1, (name, ratio)
     for name, degrees in keras_wt.alignment.weight_angles(model).items():
         assert degrees < 15, (name, degrees)
-    assert training.create_mirror_callback(models.cnn(feedback="kp")) is None
+    assert run_callbacks.create_mirror_callback(models.cnn(feedback="kp")) is None
 
 
 def test_weight_alignment_writes_angles_for_every_layer():
@@ -239,13 +241,13 @@ def test_flags_map_to_the_config():
 
 
 def test_callbacks_measure_before_logging_and_back_up_last(tmp_path):
-    config = training.TrainConfig(
+    config = TrainConfig(
         model="cnn", algo="wm", use_synthetic_data=True, model_dir=str(tmp_path),
         mirror_warmup_steps=0,
     )
     model = models.cnn(input_shape=(8, 8, 3), num_classes=4, feedback="wm")
     extra = keras.callbacks.Callback()
-    callbacks = training.create_callbacks(
+    callbacks = run_callbacks.create_callbacks(
         model, config, tf.distribute.get_strategy(), extra=[extra]
     )
     kinds = [type(cb).__name__ for cb in callbacks]
@@ -254,7 +256,7 @@ def test_callbacks_measure_before_logging_and_back_up_last(tmp_path):
     # else of the epoch (the user's callbacks included).
     assert kinds.index("AlignmentCallback") > kinds.index("MirrorCallback")
     assert kinds.index("StopOnDivergence") > kinds.index("AlignmentCallback")
-    for reader in (training.ResultsRecorder, keras.callbacks.CSVLogger,
+    for reader in (run_callbacks.ResultsRecorder, keras.callbacks.CSVLogger,
                    keras.callbacks.TensorBoard):
         (index,) = [i for i, cb in enumerate(callbacks) if isinstance(cb, reader)]
         assert index > kinds.index("StopOnDivergence"), reader
@@ -262,7 +264,7 @@ def test_callbacks_measure_before_logging_and_back_up_last(tmp_path):
     assert callbacks[-1].keep  # every epoch's backup kept: the per-epoch checkpoints
     config = dataclasses.replace(config, algo="kp", keep_checkpoints=False)
     model = models.cnn(input_shape=(8, 8, 3), num_classes=4, feedback="kp")
-    kinds = [type(cb).__name__ for cb in training.create_callbacks(
+    kinds = [type(cb).__name__ for cb in run_callbacks.create_callbacks(
         model, config, tf.distribute.get_strategy())]
     assert "MirrorCallback" not in kinds
 
@@ -301,7 +303,7 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
     strategy = two_cpu_strategy
     steps = 3
     # Warm-up over the first 2 steps, then x0.1: the three steps use three learning rates.
-    config = training.TrainConfig(
+    config = TrainConfig(
         model="resnet18", algo="kp", data_dir=imagenet_dir, image_size=IMAGE_SIZE,
         train_examples=N_TRAIN, eval_examples=N_VALIDATION,
         num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=2,
@@ -337,7 +339,7 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
         return strategy.run(replica_step, args=(images, labels))
 
     # The mirror's own XLA compilation is checked with convolutions in the resume test below.
-    mirror = training.create_mirror_callback(model, learning_rate=0.5, batch_size=8,
+    mirror = run_callbacks.create_mirror_callback(model, learning_rate=0.5, batch_size=8,
                                              warmup_steps=0)
     mirror.set_model(model)
     mirror.on_train_begin()
@@ -398,7 +400,7 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
 def test_steps_per_execution_under_strategies(two_cpu_strategy):
     """Keras 3 cannot run several steps per call under a MirroredStrategy of several replicas
     (keras-team/keras#19246): "auto" is 1 there and an explicit value above 1 is refused."""
-    auto = training.TrainConfig(algo="kp", dataset="mnist", steps_per_execution="auto")
+    auto = TrainConfig(algo="kp", dataset="mnist", steps_per_execution="auto")
     assert auto.resolved_steps_per_execution(469) == 7
     assert auto.resolved_steps_per_execution(469, two_cpu_strategy) == 1
     one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -541,7 +543,7 @@ def test_augmented_imagenet_stream_is_the_same_in_every_run(imagenet_dir):
 def test_two_runs_on_tfrecords_are_bit_identical(imagenet_dir, tmp_path, algo):
     """A fixed --seed makes the ImageNet trainer reproducible on CPU (XLA): file and example
     order, augmentation, weights, B and the mirror noise."""
-    config = training.TrainConfig(
+    config = TrainConfig(
         model="cnn", algo=algo, data_dir=imagenet_dir, image_size=IMAGE_SIZE,
         train_examples=N_TRAIN, eval_examples=N_VALIDATION,
         num_classes=NUM_CLASSES, batch_size=BATCH, epochs=1, steps_per_epoch=4, eval_steps=0,
@@ -569,7 +571,7 @@ def test_resumed_run_on_tfrecords_continues_exactly(imagenet_dir, tmp_path, algo
     """Every epoch's batches depend on (seed, epoch) alone, so a run preempted after epoch 1 and
     resumed on real TFRecords ends bit for bit where the uninterrupted run ends."""
     run, preempted = str(tmp_path / "run"), str(tmp_path / "preempted")
-    config = training.TrainConfig(
+    config = TrainConfig(
         model="cnn", algo=algo, data_dir=imagenet_dir, model_dir=run, image_size=IMAGE_SIZE,
         train_examples=N_TRAIN, eval_examples=N_VALIDATION,
         num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=3, eval_steps=0,

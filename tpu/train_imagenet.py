@@ -13,7 +13,7 @@ A smoke run on any machine:
 
 Restarting the same command with the same --model_dir resumes from the last completed epoch
 (weights, feedback kernels, optimizer and weight-mirror state). The logic lives in
-`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.training.TrainConfig`. Errors end
+`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.config.TrainConfig`. Errors end
 in one line: exit status 2 for bad flags or settings, 1 for a failure while running (see
 `keras_wt.app.training.describe_failure`).
 """
@@ -23,9 +23,12 @@ import dataclasses
 import logging
 import sys
 
+from keras_wt import algorithms
 from keras_wt import schedules
+from keras_wt.app import config as config_lib
 from keras_wt.app import strategies
 from keras_wt.app import training
+from keras_wt.app.config import TrainConfig
 
 
 def _ints_or_floats(text):
@@ -40,7 +43,7 @@ def flag_parser():
     """The command-line flags; each maps to the `TrainConfig` field of the same name, except
     `--lr_per_256` (the peak `learning_rate` is `lr_per_256 · batch_size / 256`) and
     `--zero_init_residual` (an option of the ResNet builders)."""
-    d = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -53,7 +56,7 @@ def flag_parser():
                    help="TPU name, or 'local' on a TPU VM (the default with --strategy=tpu).")
     g.add_argument("--mirrored_devices", default=None,
                    help="comma-separated devices for --strategy=mirrored (default: all GPUs).")
-    g.add_argument("--dtype", choices=training.DTYPES, default="auto",
+    g.add_argument("--dtype", choices=config_lib.DTYPES, default="auto",
                    help="auto: mixed_bfloat16 on TPUs, float32 elsewhere.")
     g.add_argument("--steps_per_execution", type=int, default=1,
                    help="training steps per host call (TPU: 100s amortize the host overhead).")
@@ -75,7 +78,7 @@ def flag_parser():
                    help="train and evaluate on one random batch (speed and smoke runs).")
     g.add_argument("--model", choices=("resnet18", "resnet50", "cnn"), default="resnet18",
                    help="ResNet v1.5 network (cnn: keras_wt.models.cnn, for smoke tests).")
-    g.add_argument("--algo", choices=training.ALGORITHMS, default="bp",
+    g.add_argument("--algo", choices=algorithms.ALGORITHMS, default="bp",
                    help="bp: backprop; fa: feedback alignment; ss: sign symmetry; wm: weight "
                    "mirror; kp: Kolen-Pollack.")
     g.add_argument("--image_size", type=int, default=224, help="side of the square crops.")
@@ -150,13 +153,13 @@ def flag_parser():
     g.add_argument("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a run whose training loss explodes while finite: above 2x the loss "
                    "of a network that learned nothing (ln num_classes) for 100 steps, or over a "
-                   "whole shorter epoch after the first (keras_wt.app.training.StopOnDivergence); a "
+                   "whole shorter epoch after the first (keras_wt.app.callbacks.StopOnDivergence); a "
                    "NaN or infinite loss, metric or weight stops a run regardless.")
     return p
 
 
 def parse_flags(argv=None):
-    """Parses `argv` (default: `sys.argv[1:]`) into a `keras_wt.app.training.TrainConfig`."""
+    """Parses `argv` (default: `sys.argv[1:]`) into a `keras_wt.app.config.TrainConfig`."""
     kwargs = vars(flag_parser().parse_args(argv))
     if kwargs["mirrored_devices"]:
         kwargs["mirrored_devices"] = tuple(kwargs["mirrored_devices"].split(","))
@@ -167,7 +170,7 @@ def parse_flags(argv=None):
     if kwargs["model"].startswith("resnet"):
         kwargs["model_options"] = {"zero_init_residual": zero_init_residual}
     try:
-        config = training.TrainConfig(dataset="imagenet", **kwargs)
+        config = TrainConfig(dataset="imagenet", **kwargs)
     except ValueError as e:
         flag_parser().error(str(e))
     ignored = ignored_flags(config)
@@ -180,9 +183,9 @@ def parse_flags(argv=None):
 def ignored_flags(config):
     """The `--mirror_*` flags set away from their defaults when `--algo`'s `B` does not learn by
     mirroring (the flags the algorithm does not use)."""
-    if training.algorithms.get(config.algo).learns_feedback == "mirror":
+    if algorithms.get(config.algo).learns_feedback == "mirror":
         return []
-    defaults = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return sorted(name for name in defaults if name.startswith("mirror_")
                   and getattr(config, name) != defaults[name])
 

@@ -26,7 +26,7 @@ LOSSES = ("summed_sigmoid", "softmax")
 # keras_wt.algorithms that were not in it (frsf, brsf, dfa, sa, ia) use backprop's.
 PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3,
                             "frsf": 0.2, "brsf": 0.2, "dfa": 0.2, "sa": 0.2, "ia": 0.2}
-# The seeds the generators take (NumPy's: 0 .. 2**32 − 1; keras_wt.app.training.MAX_SEED).
+# The seeds the generators take (NumPy's: 0 .. 2**32 − 1; keras_wt.app.config.MAX_SEED).
 MAX_SEED = 2**32 - 1
 
 
@@ -103,7 +103,7 @@ def build_parser(defaults=True):
         help="stop a run (exit status 1, diverged.json) whose training loss explodes while "
         "finite: above 2x the loss of a network that learned nothing (summed sigmoid: "
         "10 ln 2 = 6.93; softmax: ln 10 = 2.30) for 100 steps, or over a whole shorter epoch "
-        "after the first (keras_wt.app.training.StopOnDivergence). A NaN or infinite loss, metric "
+        "after the first (keras_wt.app.callbacks.StopOnDivergence). A NaN or infinite loss, metric "
         "or weight stops a run regardless")
     add = adder(parser.add_argument_group(
         "convnet recipe (defaults: the published configuration for --model mlp, "

@@ -43,6 +43,7 @@ import sys
 from keras_wt import algorithms
 from keras_wt.app import runs
 from keras_wt.app import training
+from keras_wt.app.config import TrainConfig
 from keras_wt.app.cli import PUBLISHED_LEARNING_RATES, validate
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def mirror_settings(config):
 
 
 def train_config(config, run_dir=None):
-    """The `keras_wt.app.training.TrainConfig` of a flag dict, writing to `run_dir`."""
+    """The `keras_wt.app.config.TrainConfig` of a flag dict, writing to `run_dir`."""
     if config["model"] == "mlp":
         options = {"hidden": list(config["size_hidden_layers"])}
     elif config["model"] == "cnn":
@@ -168,7 +169,7 @@ def train_config(config, run_dir=None):
         else:
             weight_decay, kp_decay_budget = 0.0, KP_DECAY_BUDGET
     mirror = mirror_settings(config)
-    return training.TrainConfig(
+    return TrainConfig(
         model=config["model"],
         algo=config["algo"],
         dataset=config["dataset"],

@@ -143,7 +143,7 @@ def prepare(run_dir, epochs, evaluated, steps_per_epoch):
     Args:
         run_dir: the run folder (written by this process only: hold its `RunLock`).
         epochs: the epochs completed by the backup the run resumes from (0: none).
-        evaluated: the evaluated epochs of the run (`keras_wt.app.training.evaluated_epochs`).
+        evaluated: the evaluated epochs of the run (`keras_wt.app.config.evaluated_epochs`).
         steps_per_epoch: the optimizer steps of an epoch.
 
     Raises:

@@ -15,7 +15,7 @@ its `--model_dir`. `keras-wt-plot` reads these folders. Epochs are numbered from
     backup/                 keras_wt.app.backup.AtomicBackup: manifest.json and epoch-NNNN.weights.h5,
                             the state a resumed run continues from (every epoch's, when kept)
     model.keras             the trained model
-    diverged.json           only if the run diverged (`keras_wt.app.training.StopOnDivergence`):
+    diverged.json           only if the run diverged (`keras_wt.app.callbacks.StopOnDivergence`):
                             where and why ({epoch, batch, loss, reason}); a resumed run refuses to
                             continue it while it is there
     run.lock                the lock of the process writing the run (`RunLock`; its pid)
