@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_wt.app.data import augment
 from keras_wt.app.data import datasets
+from keras_wt.app.data import files as data_files
+from keras_wt.app.data import imagenet as imagenet_lib
 
 
 def no_tfds(*args, **kwargs):
@@ -19,9 +22,9 @@ def no_tfds(*args, **kwargs):
 @pytest.fixture
 def offline(monkeypatch):
     """No search roots besides data_dir, and TensorFlow Datasets must never be reached."""
-    monkeypatch.setattr(datasets, "_default_roots", lambda: [])
+    monkeypatch.setattr(data_files, "_default_roots", lambda: [])
     monkeypatch.setattr(datasets, "_tfds_load", no_tfds)
-    monkeypatch.setattr(datasets, "_tfds_imagenet", no_tfds)
+    monkeypatch.setattr(imagenet_lib, "_tfds_imagenet", no_tfds)
 
 
 def idx_bytes(array):
@@ -195,7 +198,7 @@ def test_missing_files_raise_one_error_listing_every_place(tmp_path, monkeypatch
     def tfds_fails(name, data_dir):
         raise ConnectionError("no network here")
 
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
+    monkeypatch.setattr(data_files, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
     monkeypatch.setenv("KERAS_WT_DATA_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setattr(datasets, "_tfds_load", tfds_fails)
@@ -234,7 +237,7 @@ def test_missing_files_raise_one_error_listing_every_place(tmp_path, monkeypatch
 def test_an_incomplete_data_dir_is_an_error_not_a_fallback(tmp_path, monkeypatch):
     """With data_dir given, a complete copy elsewhere is not used instead of it."""
     monkeypatch.setattr(datasets, "_tfds_load", no_tfds)
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
+    monkeypatch.setattr(data_files, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
     make_idx_dataset(tmp_path / "system" / "fashion-mnist")
     assert datasets.load_numpy("fashion_mnist")[0][0].shape[0] > 0  # found without data_dir
     empty = tmp_path / "empty"
@@ -274,7 +277,7 @@ def test_a_damaged_gzip_file_is_named(tmp_path, offline):
 
 def test_environment_root_is_searched(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "_tfds_load", no_tfds)
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
+    monkeypatch.setattr(data_files, "SYSTEM_DATA_DIR", str(tmp_path / "system"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setenv("KERAS_WT_DATA_DIR", str(tmp_path / "env"))
     expected = make_idx_dataset(tmp_path / "env" / "mnist")
@@ -287,7 +290,7 @@ def test_environment_root_is_searched(tmp_path, monkeypatch):
     reason="the Debian package dataset-fashion-mnist is not installed",
 )
 def test_debian_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(datasets, "_default_roots", lambda: [datasets.SYSTEM_DATA_DIR])
+    monkeypatch.setattr(data_files, "_default_roots", lambda: [data_files.SYSTEM_DATA_DIR])
     (x_train, y_train), (x_test, y_test) = datasets.load_numpy("fashion_mnist")
     assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(y_train), [6000] * 10)
@@ -308,8 +311,8 @@ COLOURS = np.array(
 
 
 def normalised(colour):
-    mean = np.float32(datasets.IMAGENET_MEAN_RGB)
-    std = np.float32(datasets.IMAGENET_STDDEV_RGB)
+    mean = np.float32(augment.IMAGENET_MEAN_RGB)
+    std = np.float32(augment.IMAGENET_STDDEV_RGB)
     return (colour / np.float32(255) - mean) / std
 
 
@@ -382,7 +385,7 @@ def test_imagenet_eval_crop_is_central_after_shorter_side_resize():
     # columns (19..34 of 54) fall inside the green third (18..35).
     image = np.zeros((20, 60, 3), np.uint8)
     image[:, :20, 0] = image[:, 20:40, 1] = image[:, 40:, 2] = 255
-    crop = datasets._eval_crop(tf.io.encode_png(image), 16).numpy()
+    crop = augment.eval_crop(tf.io.encode_png(image), 16).numpy()
     assert crop.shape == (16, 16, 3)
     np.testing.assert_allclose(crop[:, 2:-2], np.broadcast_to([0, 255, 0], (16, 12, 3)), atol=1)
 
@@ -403,7 +406,7 @@ def test_imagenet_missing_files_error(tmp_path, monkeypatch):
     def tfds_fails(data_dir, split, training):
         raise ConnectionError("no network here")
 
-    monkeypatch.setattr(datasets, "_tfds_imagenet", tfds_fails)
+    monkeypatch.setattr(imagenet_lib, "_tfds_imagenet", tfds_fails)
     with pytest.raises(FileNotFoundError, match=r"validation-\*.*imagenet2012.*no network here"):
         datasets.imagenet(tmp_path, "validation", batch_size=2)
 
@@ -441,9 +444,10 @@ def test_imagenet_labels_outside_1_to_num_classes_stop_the_pipeline(tmp_path, la
 
 def test_fewer_examples_than_one_batch_is_an_error(tmp_path, offline):
     from keras_wt.app import training
+    from keras_wt.app.config import TrainConfig
 
     make_idx_dataset(tmp_path)  # 3 training examples
-    config = training.TrainConfig(model="mlp", dataset="mnist", data_dir=str(tmp_path),
+    config = TrainConfig(model="mlp", dataset="mnist", data_dir=str(tmp_path),
                                   batch_size=4, model_options={"hidden": [2]})
     with pytest.raises(ValueError, match="fewer than one batch of 4"):
         training.train(config)
