@@ -14,17 +14,17 @@ import pytest
 import tensorflow as tf
 
 import keras_wt
-from keras_wt.app import cli
 from conftest import BATCH, N_TRAIN, assert_allclose, tiny_flags
-from keras_wt.app.data import datasets
-from keras_wt.app import experiment
 from keras_wt import models
 from keras_wt import optimizers as wt_optimizers
-from keras_wt.app.data import pipelines
+from keras_wt.algorithms import ALGORITHMS
+from keras_wt.app import cli
+from keras_wt.app import experiment
 from keras_wt.app import runs
 from keras_wt.app import training
 from keras_wt.app.config import TrainConfig
-from keras_wt.algorithms import ALGORITHMS
+from keras_wt.app.data import datasets
+from keras_wt.app.data import pipelines
 from keras_wt.callbacks import MirrorCallback
 
 def build_model(config, image_shape):
@@ -81,17 +81,10 @@ def test_cli_names_agree_with_the_library():
     assert set(cli.DATASETS) <= set(datasets.NAMES) and set(cli.MODELS) <= set(models.BUILDERS)
 
 
-def test_progress_bar_only_on_a_terminal():
-    class Stream:
-        def __init__(self, tty):
-            self.tty = tty
-
-        def isatty(self):
-            return self.tty
-
-    assert experiment.keras_verbose(1, Stream(True)) == 1
-    assert experiment.keras_verbose(1, Stream(False)) == 2  # no control codes in a file
-    assert [experiment.keras_verbose(v, Stream(False)) for v in (0, 2, 3)] == [0, 2, 2]
+def test_keras_prints_nothing_per_epoch_unless_asked():
+    """The console's line per epoch is keras_wt's summary; Keras's own (with the same numbers)
+    only at --verbose 2 and 3, and never its progress bar."""
+    assert [experiment.keras_verbose(v) for v in (0, 1, 2, 3)] == [0, 0, 2, 2]
 
 
 def test_bad_flags():
@@ -101,6 +94,12 @@ def test_bad_flags():
         cli.parse_args(["--learning_rate", "-0.1"])
     with pytest.raises(ValueError, match=r"--size_hidden_layers=\[3, 4\].*cnn"):
         cli.parse_args(["--model", "cnn", "--size_hidden_layers", "3", "4"])
+    with pytest.raises(ValueError, match=r"--train_subset=0 .* >= 1"):
+        cli.parse_args(["--train_subset", "0"])
+    with pytest.raises(ValueError, match=r"--train_subset=10 .* at least --batch_size=128"):
+        cli.parse_args(["--train_subset", "10"])
+    with pytest.raises(ValueError, match=r"--steps_per_epoch=-1 .* >= 1"):
+        cli.parse_args(["--steps_per_epoch", "-1"])
     with pytest.raises(SystemExit) as info:  # argparse: choices, and main() for ValueErrors
         cli.main(["--algo", "kpp"])
     assert info.value.code == 2
@@ -396,6 +395,46 @@ def test_flags_the_algorithm_does_not_use_are_named():
     assert experiment.ignored_flags(config, explicit) == []
     config, explicit = cli.parse_args(["--algo", "kp", "--kp_weight_decay", "0.1"])
     assert experiment.ignored_flags(config, explicit) == []
+
+
+def test_smoke_run_on_a_subset_prints_one_line_per_epoch(data_dir, tmp_path, capsys):
+    """--train_subset N trains on the first N examples (ceil(N / batch) steps per epoch),
+    --steps_per_epoch takes the first steps of each epoch's order; the console has one summary
+    line per epoch and nothing of Keras's."""
+    run_dir = cli.train_from_flags(tiny_flags(
+        data_dir, tmp_path, "kp", "--n_epochs", "3", "--test_frequency", "2",
+        "--train_subset", "40", "--verbose", "1"))
+    out = capsys.readouterr().out
+    config = read(run_dir, "experiment_config.json")
+    assert config["derived"]["steps_per_epoch"] == math.ceil(40 / BATCH)
+    assert config["train_config"]["train_subset"] == 40
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    assert int(model.optimizer.iterations) == 3 * math.ceil(40 / BATCH)
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "test accuracy" not in lines[1] and "test accuracy" in lines[2]  # epoch 2: no test
+    assert "Epoch 1/3" not in out and "/step" not in out  # Keras's header and line
+    assert " on 1 replica " in out
+
+    run_dir = cli.train_from_flags(tiny_flags(
+        data_dir, tmp_path, "bp", "--n_epochs", "2", "--steps_per_epoch", "2"))
+    assert read(run_dir, "experiment_config.json")["derived"]["steps_per_epoch"] == 2
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    assert int(model.optimizer.iterations) == 4
+    with pytest.raises(SystemExit) as info:  # more than one pass: a one-line error
+        cli.main(tiny_flags(data_dir, tmp_path, "bp", "--n_epochs", "1",
+                            "--steps_per_epoch", str(N_TRAIN // BATCH + 1)))
+    assert info.value.code == 2
+    assert f"steps_per_epoch={N_TRAIN // BATCH + 1} is more than the" in capsys.readouterr().err
+
+
+def test_steps_per_epoch_takes_the_first_batches_of_each_epochs_order():
+    x = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1)
+    y = np.arange(12)
+    full = [b[1].numpy().tolist() for b in pipelines.train_dataset(x, y, 4, 7, 0, 2, True)]
+    short = [b[1].numpy().tolist()
+             for b in pipelines.train_dataset(x, y, 4, 7, 0, 2, True, steps_per_epoch=2)]
+    assert short == full[0:2] + full[3:5]
 
 
 def _cli_train(data_dir, tmp_path, algo, *extra, **overrides):

@@ -155,8 +155,9 @@ class StopOnDivergence(keras.callbacks.Callback):
 
 
 class ResultsRecorder(keras.callbacks.Callback):
-    """After every evaluated epoch (`evaluated_epochs`, whether or not it has test data):
-    writes the epoch into `results.json` and logs a summary line.
+    """Logs one summary line per epoch (the console's only line of the epoch), and after every
+    evaluated epoch (`evaluated_epochs`, whether or not it has test data) writes the epoch into
+    `results.json`.
 
     An entry holds every number of the epoch's `logs` (`keras_wt.app.runs.results_entry`: `val_<m>`
     as `test_<m>`, and `<kind>/<layer>` (the alignment keys) grouped as `<kind>s: {layer: value}`
@@ -182,10 +183,13 @@ class ResultsRecorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if epoch + 1 not in self.evaluated:
-            return
         entry = runs.results_entry(logs)
         entry["seconds"] = time.perf_counter() - self._start
+        if epoch + 1 not in self.evaluated:
+            logger.info("epoch %d/%d (%.1fs): loss %.4f, accuracy %.2f%%", epoch + 1,
+                        self.epochs, entry["seconds"], entry.get("loss", math.nan),
+                        entry.get("accuracy", math.nan))
+            return
         self.results[runs.epoch_key(epoch + 1)] = entry
         if self.path:
             runs.write_json(self.path, self.results)

@@ -79,6 +79,12 @@ def build_parser(defaults=True):
     add("--cnn_filters", type=int, nargs="+", default=[32, 64],
         help="filters of the convolutional layers of --model cnn")
     add("--batch_size", type=int, default=128, help="training batch size")
+    add("--train_subset", type=int, default=None, metavar="N",
+        help="train on the first N training examples only (a quick smoke run; the test set is "
+        "unchanged); default: all of them")
+    add("--steps_per_epoch", type=int, default=None, metavar="N",
+        help="training batches per epoch, at most one pass over the training examples (each "
+        "epoch the first N batches of its shuffled order); default: a full pass")
     add("--learning_rate", type=float, default=None,
         help="SGD learning rate (the peak of --schedule); default: the published one of --algo "
         f"{PUBLISHED_LEARNING_RATES} for the mlp, the recipe's for the convnets")
@@ -96,8 +102,8 @@ def build_parser(defaults=True):
         help="continue an interrupted run from its last completed epoch: RUN_DIR, or without "
         "a value the latest <save_dir>/<dataset>/<algo>-V<i> (a new run if there is none)")
     add("--verbose", type=int, default=1, choices=(0, 1, 2, 3),
-        help="0: summary lines only, 1: Keras progress bar (one line per epoch when the "
-        "output is not a terminal), 2: one line per epoch, 3: as 2, plus TensorFlow's own log "
+        help="0: warnings and errors only (log.txt has the rest), 1: one summary line per "
+        "epoch, 2: as 1, plus Keras's own line per epoch, 3: as 2, plus TensorFlow's own log "
         "and the traceback of an error")
     add("--divergence_check", action=argparse.BooleanOptionalAction, default=True,
         help="stop a run (exit status 1, diverged.json) whose training loss explodes while "
@@ -169,6 +175,12 @@ def validate(config):
     check("model", config["model"] in MODELS, f"one of {MODELS}")
     for flag in ("n_epochs", "batch_size", "test_frequency", "mirror_every", "mirror_steps"):
         check(flag, config[flag] >= 1, "an integer >= 1")
+    for flag in ("train_subset", "steps_per_epoch"):
+        check(flag, config[flag] is None or config[flag] >= 1,
+              "an integer >= 1 (or not given: all of them)")
+    check("train_subset", config["train_subset"] is None
+          or config["train_subset"] >= config["batch_size"],
+          f"at least --batch_size={config['batch_size']} (one batch)")
     sizes = config["size_hidden_layers"]
     check("size_hidden_layers", len(sizes) >= 1 and all(s >= 1 for s in sizes),
           "one or more integers >= 1")
@@ -262,10 +274,15 @@ class _Console(logging.StreamHandler):
         pass
 
 
-def _console_log():
+def _console_log(verbose=1):
+    """The `keras_wt` log on the console: its INFO lines (the run's setup, one summary line per
+    epoch) unless `--verbose 0`, which leaves warnings and errors (`log.txt` has everything)."""
     logger = logging.getLogger("keras_wt")
-    if not any(isinstance(h, _Console) for h in logger.handlers):
-        logger.addHandler(_Console())
+    console = next((h for h in logger.handlers if isinstance(h, _Console)), None)
+    if console is None:
+        console = _Console()
+        logger.addHandler(console)
+    console.setLevel(logging.WARNING if verbose == 0 else logging.INFO)
     logger.setLevel(logging.INFO)
 
 
@@ -288,7 +305,7 @@ def train_from_flags(argv=None):
         with _quiet_tensorflow(config["verbose"]):
             from keras_wt.app import experiment
             from keras_wt.app import training
-        _console_log()
+        _console_log(config["verbose"])
         try:
             return experiment.run(config, explicit)
         except Exception as e:

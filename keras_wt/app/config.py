@@ -64,7 +64,8 @@ class TrainConfig:
     a NaN or infinite loss, metric or weight stops it regardless). `train_examples`,
     `eval_examples`: the examples of one pass over the ImageNet training and validation files
     (default: ImageNet's, `keras_wt.app.data.datasets.info`); a pass that reads another number stops the
-    run (a truncated or missing file).
+    run (a truncated or missing file). `train_subset`: train on the first that many training
+    examples of an in-memory dataset (a quick smoke run; the test set is unchanged).
 
     Where: `model_dir` is the run folder (`keras_wt.app.runs`; `None`: nothing is written), on
     `strategy` (`keras_wt.app.strategies.STRATEGIES`).
@@ -119,6 +120,7 @@ class TrainConfig:
     divergence_check: bool = True
     train_examples: int = None
     eval_examples: int = None
+    train_subset: int = None
 
     def __post_init__(self):
         def one_of(name, allowed):
@@ -160,6 +162,10 @@ class TrainConfig:
               f"an integer in [0, {MAX_SEED}]")
         for name in ("train_examples", "eval_examples"):
             check(name, lambda v: v >= 1, "an integer >= 1 (or None: ImageNet's)", True)
+        check("train_subset", lambda v: v >= 1, "an integer >= 1 (or None: all)", True)
+        if self.train_subset is not None and self.dataset == "imagenet":
+            raise ValueError("train_subset is for the in-memory datasets; for ImageNet give "
+                             "steps_per_epoch (and train_examples for the files' size).")
         check("learning_rate", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
         check("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
         check("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")

@@ -38,7 +38,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 
 from keras_wt import algorithms
 from keras_wt.app import runs
@@ -178,6 +177,8 @@ def train_config(config, run_dir=None):
         model_options=options,
         loss=optimization["loss"],
         batch_size=config["batch_size"],
+        train_subset=config.get("train_subset"),
+        steps_per_epoch=config.get("steps_per_epoch"),
         epochs=config["n_epochs"],
         learning_rate=float(optimization["learning_rate"]),
         schedule=optimization["schedule"],
@@ -211,14 +212,11 @@ def train_config(config, run_dir=None):
     )
 
 
-def keras_verbose(verbose, stream=None):
-    """`fit`'s `verbose` for `--verbose`: the progress bar (1) redraws itself with terminal
-    control codes, so where the output is not a terminal it becomes one line per epoch (2);
-    3 (TensorFlow's own log as well) is 2 for Keras."""
-    stream = sys.stdout if stream is None else stream
-    if verbose == 1 and not stream.isatty():
-        return 2
-    return min(verbose, 2)
+def keras_verbose(verbose):
+    """`fit`'s `verbose` for `--verbose`: the console has keras_wt's one summary line per epoch
+    (`keras_wt.app.callbacks.ResultsRecorder`), so Keras prints nothing (0) unless `--verbose`
+    2 or 3 asks for its own line per epoch as well (2)."""
+    return 2 if verbose >= 2 else 0
 
 
 def derived(config):

@@ -32,6 +32,7 @@ run restarted on the same run folder continues exactly where its last completed 
 
 import contextlib
 import logging
+import math
 import os
 
 import keras
@@ -93,6 +94,8 @@ def _data(config):
         (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
     except ValueError as e:  # a damaged or inconsistent file, named by keras_wt.app.data.datasets
         raise DataError(str(e)) from e
+    if config.train_subset is not None:
+        x_train, y_train = x_train[:config.train_subset], y_train[:config.train_subset]
     if len(x_train) < config.batch_size or not len(x_test):
         raise DataError(
             f"{config.dataset} has {len(x_train)} training and {len(x_test)} test examples: "
@@ -105,10 +108,17 @@ def _data(config):
             "have one image shape. Check that the files belong to one dataset."
         )
     flatten = config.model == "mlp"
+    one_pass = math.ceil(len(x_train) / config.batch_size)
+    if config.steps_per_epoch is not None and config.steps_per_epoch > one_pass:
+        raise ValueError(
+            f"steps_per_epoch={config.steps_per_epoch} is more than the {one_pass} batches of "
+            f"one pass over the {len(x_train)} training examples; give at most {one_pass}."
+        )
 
     def make_train(first_epoch):
         return pipelines.train_dataset(
-            x_train, y_train, config.batch_size, config.seed, first_epoch, config.epochs, flatten
+            x_train, y_train, config.batch_size, config.seed, first_epoch, config.epochs, flatten,
+            steps_per_epoch=config.steps_per_epoch,
         )
 
     evaluation = pipelines.test_dataset(x_test, y_test, flatten)
@@ -234,7 +244,7 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(
-            f"batch_size={config.batch_size} must be divisible by the {replicas} replicas."
+            f"batch_size={config.batch_size} must be divisible by the {_replicas(replicas)}."
         )
     chief = strategies.is_chief(strategy)
     writes = bool(config.model_dir) and chief
@@ -250,6 +260,10 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
             if failure:  # the front end prints it; log.txt says why the run stopped
                 log.note(failure[1])
             raise
+
+
+def _replicas(n):
+    return f"{n} replica" if n == 1 else f"{n} replicas"
 
 
 def _op_error_line(message):
@@ -307,9 +321,10 @@ def _train(config, strategy, callbacks, flags, derived, writes):
             derived or {}, steps_per_epoch=steps_per_epoch, mirror_warmup_steps=warmup
         ))
     logger.info(
-        "Training %s with feedback=%r on %s on %d replicas (%s, dtype %s): global batch %d, "
+        "Training %s with feedback=%r on %s on %s (%s, dtype %s): global batch %d, "
         "%d steps per epoch, %d epochs, peak learning rate %.4g.",
-        config.model, config.algo, config.dataset, strategy.num_replicas_in_sync, config.strategy,
+        config.model, config.algo, config.dataset, _replicas(strategy.num_replicas_in_sync),
+        config.strategy,
         config.resolved_dtype, config.batch_size, steps_per_epoch, config.epochs,
         config.learning_rate,
     )

@@ -35,14 +35,17 @@ def epoch_permutation(num_examples, seed, epoch):
     return tf.argsort(tf.random.stateless_uniform([num_examples], key))
 
 
-def train_dataset(x, y, batch_size, seed, first_epoch, n_epochs, flatten):
+def train_dataset(x, y, batch_size, seed, first_epoch, n_epochs, flatten, steps_per_epoch=None):
     """Batches of epochs `first_epoch .. n_epochs − 1`, each shuffled by `epoch_permutation`;
-    `ceil(N / batch_size)` batches per epoch, the last one smaller."""
+    `ceil(N / batch_size)` batches per epoch, the last one smaller, or the first
+    `steps_per_epoch` of them (so every epoch starts its own order, and a resumed run continues
+    exactly)."""
     x, y = tf.constant(x), tf.constant(y)
     n = int(x.shape[0])
 
     def epoch(e):
-        return tf.data.Dataset.from_tensor_slices(epoch_permutation(n, seed, e)).batch(batch_size)
+        batches = tf.data.Dataset.from_tensor_slices(epoch_permutation(n, seed, e)).batch(batch_size)
+        return batches if steps_per_epoch is None else batches.take(steps_per_epoch)
 
     ds = tf.data.Dataset.range(first_epoch, n_epochs).flat_map(epoch)
     ds = ds.map(lambda i: (scale_images(tf.gather(x, i), flatten), tf.gather(y, i)))
