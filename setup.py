@@ -25,6 +25,7 @@ setup(
         "console_scripts": [
             "keras-wt-train=keras_wt_cli:main",
             "keras-wt-plot=keras_wt_cli:plot_main",
+            "keras-wt-sweep=keras_wt_cli:sweep_main",
         ]
     },
 )
