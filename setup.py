@@ -24,6 +24,7 @@ setup(
         "console_scripts": [
             "keras-wt-train=keras_wt.app.cli:main",
             "keras-wt-plot=keras_wt.app.cli:plot_main",
+            "keras-wt-sweep=keras_wt.app.cli:sweep_main",
         ]
     },
 )

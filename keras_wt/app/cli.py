@@ -324,6 +324,83 @@ def main(argv=None):
     return 0
 
 
+def build_sweep_parser():
+    """The parser of `keras-wt-sweep`'s own flags; every other word is a `keras-wt-train` flag
+    of the grid (`keras_wt.sweep.parse_grid`)."""
+    parser = argparse.ArgumentParser(
+        prog="keras-wt-sweep",
+        usage="keras-wt-sweep --save_dir DIR [--shard i/n] [--summary_only] "
+        "[--<keras-wt-train flag> VALUE [VALUE ...]] ...",
+        description="Run a grid of keras-wt-train runs (every train flag may take several "
+        "values; the grid is their product), skip finished runs, resume interrupted ones, and "
+        "write DIR/summary.csv (mean and std over seeds) and DIR/figures/ (keras_wt.sweep).",
+        epilog="example: keras-wt-sweep --save_dir sweeps/lr --algo bp fa kp --seed 1 2 3 "
+        "--learning_rate 0.01 0.03 0.1 --n_epochs 20",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--save_dir", required=True, metavar="DIR",
+                        help="the sweep's folder: DIR/runs/<point>/, DIR/summary.csv, "
+                        "DIR/figures/")
+    parser.add_argument("--shard", default=None, metavar="i/n",
+                        help="run only the points whose number is i modulo n (0 <= i < n); "
+                        "the summary covers the whole grid")
+    parser.add_argument("--summary_only", action="store_true",
+                        help="run nothing: write the summary and figures of what is there "
+                        "(the grid of DIR/sweep.json unless grid flags are given)")
+    return parser
+
+
+def sweep_from_flags(argv=None):
+    """Parses `keras-wt-sweep`'s command line, runs its points (`keras_wt.sweep`), writes the
+    summary and figures; returns `{point name: outcome}`. Exit status 2 for a bad grid, 1 when
+    a point failed (a divergence is a result, not a failure)."""
+    parser = build_sweep_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = parser.parse_known_args(argv)
+    with _quiet_tensorflow(0):
+        from keras_wt.app import sweep
+
+    try:
+        grid = sweep.parse_grid(rest) if rest else sweep.read_grid(args.save_dir)
+        shard = sweep.parse_shard(args.shard) if args.shard else (0, 1)
+        points = sweep.expand(grid)
+        sweep.check_points(points, parse_args)
+    except sweep.SweepError as e:
+        parser.error(str(e))
+    _console_log()
+    outcomes = {}
+    if not args.summary_only:
+        sweep.write_grid(args.save_dir, grid)
+        mine = sweep.shard_points(points, shard)
+        logging.getLogger("keras_wt").info(
+            "Sweep %s: %d points, %d in this shard", args.save_dir, len(points), len(mine))
+
+        def train(point_argv):
+            import keras
+
+            try:
+                train_from_flags(point_argv)
+            finally:  # a fresh Keras state for the next point, as in a new process
+                keras.backend.clear_session()
+
+        outcomes = sweep.run_points(args.save_dir, mine, train)
+    sweep.summarize(args.save_dir, grid)
+    from keras_wt.app import plots
+
+    plots.plot_sweep(args.save_dir)
+    failed = sorted(name for name, outcome in outcomes.items() if outcome.startswith("failed"))
+    if failed:
+        parser.exit(1, f"{parser.prog}: error: {len(failed)} point(s) failed: "
+                       f"{', '.join(failed)}; run the command again to retry them\n")
+    return outcomes
+
+
+def sweep_main(argv=None):
+    """The `keras-wt-sweep` console script (exit status 0 when every point ran)."""
+    sweep_from_flags(argv)
+    return 0
+
+
 def plot_main(argv=None):
     """The `keras-wt-plot` console script (`keras_wt.app.plots`), with TensorFlow's C++ log silenced
     as for `keras-wt-train` (it imports keras_wt, hence TensorFlow)."""

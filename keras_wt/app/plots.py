@@ -236,6 +236,92 @@ def plot_dataset(save_dir, dataset, figures_dir="figures", model=None):
     return paths
 
 
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def sweep_figures(rows, flags):
+    """Figures of a sweep's summary rows (`keras_wt.sweep.read_summary`): for every swept
+    numeric setting, the final test accuracy against it, mean over seeds with a band of ± one
+    standard deviation, one curve per rule (and per value of the other swept settings).
+    A log axis when the values span 10× or more. Returns `{setting: Figure}`."""
+    varying = [f for f in flags if len({row[f] for row in rows}) > 1]
+    figures = {}
+    for flag in varying:
+        xs = {row[flag]: _number(row[flag]) for row in rows}
+        if flag == "algo" or any(x is None for x in xs.values()):
+            continue
+        others = [f for f in varying if f != flag]
+        curves = {}
+        for row in rows:
+            if row["final_mean"] == "":
+                continue
+            curves.setdefault(tuple(row[f] for f in others), []).append(row)
+        fig = Figure(figsize=(6.4, 4.4), dpi=100)
+        ax = fig.add_subplot()
+        for i, (key, curve) in enumerate(sorted(curves.items())):
+            curve.sort(key=lambda row: xs[row[flag]])
+            x = [xs[row[flag]] for row in curve]
+            mean = [float(row["final_mean"]) for row in curve]
+            std = [float(row["final_std"] or 0.0) for row in curve]
+            settings = dict(zip(others, key))
+            algo = settings.pop("algo", None)
+            color = COLORS.get(algo, f"C{i % 10}")
+            label = ", ".join(
+                ([LONG_NAMES.get(algo, algo)] if algo else [])
+                + [f"{f}={v}" for f, v in settings.items()]
+            ) or None
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], color=color, alpha=0.2,
+                            linewidth=0)
+            ax.plot(x, mean, color=color, marker="o", markersize=3,
+                    linestyle=LINESTYLES[(i if algo is None else 0) % len(LINESTYLES)],
+                    label=label)
+        values = [x for x in xs.values() if x > 0]
+        if values and len(values) == len(xs) and max(values) >= 10 * min(values):
+            ax.set_xscale("log")
+        ns = sorted({int(row["n"]) for row in rows})
+        ax.set_xlabel(flag)
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(f"Final test accuracy against {flag} "
+                     f"(mean ± std over {'/'.join(map(str, ns))} seeds)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures[flag] = fig
+    return figures
+
+
+def plot_sweep(save_dir, figures_dir=None):
+    """Draws `sweep_figures` of `<save_dir>/summary.csv` into `figures_dir` (default
+    `<save_dir>/figures`) as `<setting>.png`; returns the paths written.
+
+    Raises:
+        FileNotFoundError: the sweep has no summary yet.
+    """
+    from keras_wt.app import sweep
+
+    path = os.path.join(save_dir, sweep.SUMMARY_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: run keras-wt-sweep --save_dir "
+                                f"{save_dir} first")
+    rows, flags = sweep.read_summary(save_dir)
+    figures_dir = figures_dir or os.path.join(save_dir, sweep.FIGURES_DIR)
+    os.makedirs(figures_dir, exist_ok=True)
+    paths = []
+    for flag, fig in sweep_figures(rows, flags).items():
+        out = os.path.join(figures_dir, f"{flag}.png")
+        FigureCanvasAgg(fig).print_png(out)
+        paths.append(out)
+    if paths:
+        logger.info("Wrote %s", ", ".join(paths))
+    return paths
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-wt-plot",
@@ -247,11 +333,15 @@ def build_parser():
                         help="the --save_dir of the runs")
     parser.add_argument("--dataset", nargs="+", default=None,
                         help="datasets to plot (default: every dataset in --save_dir)")
-    parser.add_argument("--figures_dir", default="figures",
-                        help="figures go to <figures_dir>/<dataset>/")
+    parser.add_argument("--figures_dir", default=None,
+                        help="figures go to <figures_dir>/<dataset>/ (default: figures; with "
+                        "--sweep DIR: DIR/figures)")
     parser.add_argument("--model", default=None, choices=cli.MODELS,
                         help="only the runs of this model; None: all, labelled by model when "
                         "there are several")
+    parser.add_argument("--sweep", default=None, metavar="DIR",
+                        help="instead: the figures of a keras-wt-sweep folder (its summary.csv), "
+                        "into --figures_dir if given, else DIR/figures")
     return parser
 
 
@@ -262,6 +352,11 @@ def plot_from_flags(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.sweep is not None:
+        try:
+            return plot_sweep(args.sweep, args.figures_dir)
+        except FileNotFoundError as e:
+            parser.error(str(e))
     names = args.dataset
     if names is None:
         names = sorted(
@@ -276,7 +371,7 @@ def plot_from_flags(argv=None):
     paths = []
     for name in names:
         try:
-            paths += plot_dataset(args.save_dir, name, args.figures_dir, args.model)
+            paths += plot_dataset(args.save_dir, name, args.figures_dir or "figures", args.model)
         except FileNotFoundError as e:
             parser.error(str(e))
     return paths
