@@ -24,6 +24,7 @@ import logging
 import keras
 import keras_hub
 import numpy as np
+import tensorflow as tf
 
 import keras_wt
 
@@ -39,6 +40,9 @@ def parse(argv=None):
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--kp_weight_decay", type=float, default=2.0, help="λ of Kolen–Pollack")
+    parser.add_argument("--mirror_learning_rate", type=float, default=0.1, help="η_m of MirrorCallback (wm)")
+    parser.add_argument("--mirror_noise_std", type=float, default=1.0, help="σ of the mirror noise (wm)")
+    parser.add_argument("--mirror_decay", type=float, default=1.0, help="λ_m of the mirror (wm): B settles at (σ²/λ_m)·W")
     parser.add_argument("--patch_size", type=int, default=7)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -72,7 +76,8 @@ def training_setup(algo, args):
         # from backprop's (with σ²/λ = 2, examples/transformer.py's, a 1-epoch look on 512 images
         # gave delta angles of 40-60° at weight angles of 2-3°; with 1, 13-18° at 3-5°).
         callbacks.append(keras_wt.callbacks.MirrorCallback(
-            learning_rate=0.1, noise_std=1.0, decay=1.0, batch_size=64, warmup_steps=100
+            learning_rate=args.mirror_learning_rate, noise_std=args.mirror_noise_std,
+            decay=args.mirror_decay, batch_size=64, warmup_steps=100
         ))
     return optimizer, callbacks
 
@@ -107,9 +112,14 @@ def main(argv=None):
     )
     # Mirror steps first; the alignment is measured after them, at the end of each epoch.
     callbacks.append(keras_wt.callbacks.AlignmentCallback(probe))
+    # keras-hub's Task.fit batches arrays in file order and ignores `shuffle`: reshuffle here,
+    # every epoch, as a plain keras.Model.fit would.
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+        len(x_train), seed=args.seed, reshuffle_each_iteration=True).batch(args.batch_size)
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(args.batch_size)
     history = model.fit(
-        x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-        validation_data=(x_test, y_test), callbacks=callbacks, verbose=2,
+        train, epochs=args.epochs, validation_data=test, callbacks=callbacks, verbose=2,
+        shuffle=False,  # shuffled above; Keras would only warn that it cannot shuffle a dataset
     ).history
 
     epochs = []
@@ -120,6 +130,8 @@ def main(argv=None):
             "test_accuracy": float(history["val_accuracy"][epoch]),
             "weight_angle": per_layer(history, "weight_angle", epoch),
             "delta_angle": per_layer(history, "delta_angle", epoch),
+            "gradient_angle": per_layer(history, "gradient_angle", epoch),
+            "norm_ratio": per_layer(history, "norm_ratio", epoch),
         })
         logging.info(
             "epoch %d: test accuracy %.4f; mean weight angle %.1f°, mean delta angle %.1f°",
