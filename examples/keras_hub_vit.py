@@ -40,6 +40,9 @@ def parse(argv=None):
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--kp_weight_decay", type=float, default=2.0, help="λ of Kolen–Pollack")
+    parser.add_argument("--weight_decay", type=float, default=0.0,
+                        help="Adam's decoupled decay of the feedback layers' kernels only, for rules other than "
+                             "kp: the decay KolenPollack's λ applies, as a control (backprop with KP's decay)")
     parser.add_argument("--mirror_learning_rate", type=float, default=0.1, help="η_m of MirrorCallback (wm)")
     parser.add_argument("--mirror_noise_std", type=float, default=1.0, help="σ of the mirror noise (wm)")
     parser.add_argument("--mirror_decay", type=float, default=1.0, help="λ_m of the mirror (wm): B settles at (σ²/λ_m)·W")
@@ -62,10 +65,14 @@ def vit(args, classes=10):
     return keras_hub.models.ViTImageClassifier(backbone, num_classes=classes, preprocessor=None)
 
 
-def training_setup(algo, args):
+def training_setup(algo, args, model=None):
     """The optimizer and callbacks a rule needs: Kolen–Pollack's optimizer keeps W and B in
     step; the weight mirror's callback trains B on noise between steps."""
-    optimizer = keras.optimizers.Adam(args.learning_rate)
+    optimizer = keras.optimizers.Adam(args.learning_rate, weight_decay=args.weight_decay or None)
+    if args.weight_decay:  # what KolenPollack decays: the feedback layers' kernels, nothing else
+        kernels = {id(layer.kernel) for layer in keras_wt.layers.feedback_layers(model)}
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in model.trainable_variables if id(v) not in kernels])
     callbacks = []
     learns = keras_wt.algorithms.get(algo).learns_feedback  # None, "optimizer", "mirror", "loss"
     if learns == "optimizer":
@@ -104,7 +111,7 @@ def main(argv=None):
 
     model = keras_wt.convert(vit(args), args.algo, strict=True)
     model(x_train[:2])  # every layer learns its input shape (the mirror draws noise of it)
-    optimizer, callbacks = training_setup(args.algo, args)
+    optimizer, callbacks = training_setup(args.algo, args, model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
