@@ -41,7 +41,11 @@ def parse_args(argv=None):
                              "the same decay as KolenPollack's λ, as a control (backprop with KP's decay)")
     parser.add_argument("--mirror_learning_rate", type=float, default=0.1, help="η_m of MirrorCallback (wm)")
     parser.add_argument("--mirror_noise_std", type=float, default=1.0, help="σ of the mirror noise (wm)")
-    parser.add_argument("--mirror_decay", type=float, default=0.5, help="λ_m of the mirror (wm): B settles at (σ²/λ_m)·W")
+    parser.add_argument("--mirror_decay", type=float, default=1.0,
+                        help="λ_m of the mirror (wm): B settles at (σ²/λ_m)·W. Keep σ²/λ_m = 1: with B_rec = c·W_rec "
+                             "the error is scaled by c at each crossing of the recurrent kernel, c^k after k "
+                             "steps, while the cell state's path is not (0.5, c = 2: 31 %% test accuracy after "
+                             "3 epochs, delta angles 90°; 1.0: 84.6 %%; RESULTS.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="training images used (default: all)")
     parser.add_argument("--test_limit", type=int, default=None, help="test images used (default: all)")
