@@ -24,6 +24,7 @@ import logging
 import keras
 import keras_hub
 import numpy as np
+import tensorflow as tf
 
 import keras_wt
 from keras_wt.app.data import datasets
@@ -40,6 +41,12 @@ def parse(argv=None):
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--kp_weight_decay", type=float, default=2.0, help="λ of Kolen–Pollack")
+    parser.add_argument("--weight_decay", type=float, default=0.0,
+                        help="Adam's decoupled decay of the feedback layers' kernels only, for rules other than "
+                             "kp: the decay KolenPollack's λ applies, as a control (backprop with KP's decay)")
+    parser.add_argument("--mirror_learning_rate", type=float, default=0.1, help="η_m of MirrorCallback (wm)")
+    parser.add_argument("--mirror_noise_std", type=float, default=1.0, help="σ of the mirror noise (wm)")
+    parser.add_argument("--mirror_decay", type=float, default=1.0, help="λ_m of the mirror (wm): B settles at (σ²/λ_m)·W")
     parser.add_argument("--patch_size", type=int, default=7)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -59,10 +66,14 @@ def vit(args, classes=10):
     return keras_hub.models.ViTImageClassifier(backbone, num_classes=classes, preprocessor=None)
 
 
-def training_setup(algo, args):
+def training_setup(algo, args, model=None):
     """The optimizer and callbacks a rule needs: Kolen–Pollack's optimizer keeps W and B in
     step; the weight mirror's callback trains B on noise between steps."""
-    optimizer = keras.optimizers.Adam(args.learning_rate)
+    optimizer = keras.optimizers.Adam(args.learning_rate, weight_decay=args.weight_decay or None)
+    if args.weight_decay:  # what KolenPollack decays: the feedback layers' kernels, nothing else
+        kernels = {id(layer.kernel) for layer in keras_wt.layers.feedback_layers(model)}
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in model.trainable_variables if id(v) not in kernels])
     callbacks = []
     learns = keras_wt.algorithms.get(algo).learns_feedback  # None, "optimizer", "mirror", "loss"
     if learns == "optimizer":
@@ -73,7 +84,8 @@ def training_setup(algo, args):
         # from backprop's (with σ²/λ = 2, examples/transformer.py's, a 1-epoch look on 512 images
         # gave delta angles of 40-60° at weight angles of 2-3°; with 1, 13-18° at 3-5°).
         callbacks.append(keras_wt.callbacks.MirrorCallback(
-            learning_rate=0.1, noise_std=1.0, decay=1.0, batch_size=64, warmup_steps=100
+            learning_rate=args.mirror_learning_rate, noise_std=args.mirror_noise_std,
+            decay=args.mirror_decay, batch_size=64, warmup_steps=100
         ))
     return optimizer, callbacks
 
@@ -100,7 +112,7 @@ def main(argv=None):
 
     model = keras_wt.convert(vit(args), args.algo, strict=True)
     model(x_train[:2])  # every layer learns its input shape (the mirror draws noise of it)
-    optimizer, callbacks = training_setup(args.algo, args)
+    optimizer, callbacks = training_setup(args.algo, args, model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -108,9 +120,14 @@ def main(argv=None):
     )
     # Mirror steps first; the alignment is measured after them, at the end of each epoch.
     callbacks.append(keras_wt.callbacks.AlignmentCallback(probe))
+    # keras-hub's Task.fit batches arrays in file order and ignores `shuffle`: reshuffle here,
+    # every epoch, as a plain keras.Model.fit would.
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+        len(x_train), seed=args.seed, reshuffle_each_iteration=True).batch(args.batch_size)
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(args.batch_size)
     history = model.fit(
-        x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-        validation_data=(x_test, y_test), callbacks=callbacks, verbose=2,
+        train, epochs=args.epochs, validation_data=test, callbacks=callbacks, verbose=2,
+        shuffle=False,  # shuffled above; Keras would only warn that it cannot shuffle a dataset
     ).history
 
     epochs = []
@@ -121,6 +138,8 @@ def main(argv=None):
             "test_accuracy": float(history["val_accuracy"][epoch]),
             "weight_angle": per_layer(history, "weight_angle", epoch),
             "delta_angle": per_layer(history, "delta_angle", epoch),
+            "gradient_angle": per_layer(history, "gradient_angle", epoch),
+            "norm_ratio": per_layer(history, "norm_ratio", epoch),
         })
         logging.info(
             "epoch %d: test accuracy %.4f; mean weight angle %.1f°, mean delta angle %.1f°",
