@@ -19,7 +19,7 @@ setup(
         "tensorboard",
     ],
     # keras-hub: the tests convert small keras-hub models built from configs (no downloads).
-    extras_require={"dev": ["pytest", "keras-hub"]},
+    extras_require={"dev": ["pytest", "pytest-xdist", "keras-hub"]},
     entry_points={
         "console_scripts": [
             "keras-wt-train=keras_wt.app.cli:main",

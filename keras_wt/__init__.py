@@ -13,11 +13,12 @@ pipeline, run folders, the command lines), which imports the library and is neve
 it.
 
 Importing the library imports Keras and TensorFlow (seconds), which the command lines must not
-do before their flags are parsed (`keras-wt-train --help`). So the library loads lazily (PEP 562)
-when `keras_wt` is imported before Keras: on first use of any of its names, which loads all
-of it. Imported after
-Keras (`import keras` then `import keras_wt`, as every example does), `keras_wt` loads at once,
-registering its layers, optimizer, schedule, metrics and losses for `keras.saving.load_model`.
+do before their flags are parsed (`keras-wt-train --help`). So when `keras_wt` is imported
+before Keras, the library loads lazily (PEP 562): a module on its first use (`keras_wt.layers`),
+all of it on the first use of a function or constant (`keras_wt.convert`). Imported after Keras
+(`import keras` then `import keras_wt`, as every example does), `keras_wt` loads at once,
+registering its layers, optimizer, schedule, metrics and losses for `keras.saving.load_model`;
+import Keras first before loading a file that holds keras_wt objects.
 """
 
 import importlib
@@ -46,38 +47,23 @@ _MODULES = tuple(m for m in _EXPORTS if m != "convert")
 _NAMES = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
-_state = {"loading": False, "loaded": False}
-
-
 def _load():
-    """Imports the whole library and binds its public names (once; a call made while it runs,
-    by a library module importing another, returns at once)."""
-    if _state["loading"] or _state["loaded"]:
-        return
-    _state["loading"] = True
-    try:
-        from keras_wt._backend import check_backend
+    """Imports the library and binds its public names (idempotent)."""
+    from keras_wt._backend import check_backend
 
-        check_backend()
-        for module in _MODULES:
-            globals()[module] = importlib.import_module(f"keras_wt.{module}")
-        for name, module in _NAMES.items():
-            globals()[name] = getattr(importlib.import_module(f"keras_wt.{module}"), name)
-        _state["loaded"] = True
-    finally:
-        _state["loading"] = False
+    check_backend()
+    for module in _MODULES:
+        globals()[module] = importlib.import_module(f"keras_wt.{module}")
+    for name, module in _NAMES.items():
+        globals()[name] = getattr(importlib.import_module(f"keras_wt.{module}"), name)
 
 
 def __getattr__(name):
-    # Any library name loads the whole library, so that every class is registered for
-    # keras.saving.load_model once any of keras_wt is used.
-    if name in _MODULES:
-        module = importlib.import_module(f"keras_wt.{name}")
-        _load()
-        return module
-    if name in _NAMES:
+    if name in _NAMES:  # a function or constant: load everything, so it is all registered
         _load()
         return globals()[name]
+    if name in _MODULES:  # a module: import that one (library modules import each other so)
+        return importlib.import_module(f"keras_wt.{name}")
     raise AttributeError(f"module 'keras_wt' has no attribute {name!r}")
 
 

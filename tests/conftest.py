@@ -31,7 +31,53 @@ def pytest_addoption(parser):
                      help="also run the tests marked long (campaigns of many subprocesses)")
 
 
+# The tests the development loop leaves out (`script/test -m "not slow"`, about 3 minutes on 2
+# cores; the whole suite, which CI runs, has them): whole files of end-to-end runs and
+# subprocesses, and elsewhere every test that took 2 s or more in a measured run of the suite.
+SLOW_FILES = ("test_preemption.py", "test_training.py", "test_run_faults.py",
+              "test_experiment.py", "test_keras_hub.py", "test_multiworker.py", "test_sweep.py")
+SLOW_TESTS = (
+    "test_every_algorithm_lowers_the_training_loss",
+    "test_keras_applications_convert_completely_with_identical_outputs",
+    "test_two_replicas_train_like_one_device",
+    "test_a_subclassed_model_mirrors_and_measures_as_the_functional_model",
+    "test_backup_and_restore_resume_continues_exactly",
+    "test_a_loss_learned_b_carries_the_error_before_its_update_of_the_same_step",
+    "test_mirror_in_train_step_equals_mirror_after_every_batch",
+    "test_training_is_bit_for_bit_the_same_without_the_unused_b",
+    "test_trainer_models_load_after_import_keras_wt_alone",
+    "test_xla_training_steps_equal_eager_ones",
+    "test_mirror_reaches_the_fixed_point_on_both_kernels",
+    "test_local_loss_updates_b_once_per_call_on_noise_of_each_kernel_input",
+    "test_kolen_pollack_keeps_both_kernel_pairs_of_every_layer_in_step",
+    "test_forward_and_bp_gradients_are_bit_for_bit_the_stock_layer",
+    "test_example_script_runs_on_a_tiny_dataset",
+    "test_every_rule_trains_with_fit_in_every_wrapper",
+    "test_alignment_reports_both_kernels_of_every_recurrent_layer",
+    "test_under_xla",
+    "test_under_mirrored_strategy_with_xla_per_replica",
+    "test_under_mirrored_strategy_replicas_agree",
+    "test_the_kp_training_step_graph_grows_linearly_with_depth",
+    "test_fa_resnet20_with_feedback_equal_to_forward_kernels_has_backprop_gradients",
+    "test_fa_resnet20_trains_under_mirrored_strategy",
+    "test_fa_cnn_trains_with_xla",
+    "test_xla_mirror_step_with_per_layer_batches_equals_eager_formula",
+    "test_xla_mirror_step_equals_eager_formula",
+    "test_the_mirroring_training_step_graph_grows_linearly_with_depth",
+    "test_residual_angle_of_a_frozen_dense_layer_follows_the_finite_sample_law",
+    "test_mirror_in_train_step_under_mirrored_strategy",
+    "test_mirror_in_train_step_across_fits_and_after_an_aborted_fit",
+    "test_mirror_in_an_xla_train_step_draws_the_xla_mirrors_noise",
+    "test_callback_between_calls_with_steps_per_execution_runs_the_same_mirror_steps",
+    "test_auto_batch_size_reaches_the_target_angle",
+    "test_strip_returns_an_uncompiled_model_that_loads_without_keras_wt",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--long"):
         return
     skip = pytest.mark.skip(reason="a long campaign: run with --long")
