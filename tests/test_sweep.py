@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import tiny_flags
 
@@ -193,3 +194,19 @@ def test_a_point_runs_as_keras_wt_train_alone_resumes_exactly_and_is_left_to_its
     assert _test_accuracies(sweep.run_folder(killed_dir)) == _test_accuracies(alone)
     with open(os.path.join(sweep.run_folder(killed_dir), "log.txt"), encoding="utf-8") as f:
         assert "Resuming" in f.read()
+
+
+def test_a_sweep_of_rules_alone_draws_each_rules_mean_and_spread():
+    from keras_wt.app import plots
+
+    rows = [{"algo": a, "n_epochs": "20", "n": "3", "final_mean": m, "final_std": s}
+            for a, m, s in (("bp", "86.0", "0.5"), ("kp", "86.7", "0.6"), ("fa", "", ""))]
+    figures = plots.sweep_figures(rows, ["algo", "n_epochs"])
+    assert list(figures) == ["algo"]
+    ax = figures["algo"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bp", "kp"]  # fa has no finished run
+    bars = [(float(c.lines[0].get_ydata()[0]), sorted(cap.get_ydata()[0] for cap in c.lines[1]))
+            for c in ax.containers]  # (mean, [mean - std, mean + std]) of each rule
+    assert bars[0][0] == 86.0 and bars[1][0] == 86.7
+    np.testing.assert_allclose(bars[0][1], [85.5, 86.5])
+    np.testing.assert_allclose(bars[1][1], [86.1, 87.3])

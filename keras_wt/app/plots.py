@@ -244,10 +244,11 @@ def _number(text):
 
 
 def sweep_figures(rows, flags):
-    """Figures of a sweep's summary rows (`keras_wt.sweep.read_summary`): for every swept
+    """Figures of a sweep's summary rows (`keras_wt.app.sweep.read_summary`): for every swept
     numeric setting, the final test accuracy against it, mean over seeds with a band of ± one
-    standard deviation, one curve per rule (and per value of the other swept settings).
-    A log axis when the values span 10× or more. Returns `{setting: Figure}`."""
+    standard deviation, one curve per rule (and per value of the other swept settings); a log
+    axis when the values span 10× or more. A sweep of rules alone gets `"algo"`: each rule's
+    mean ± std. Returns `{setting: Figure}`."""
     varying = [f for f in flags if len({row[f] for row in rows}) > 1]
     figures = {}
     for flag in varying:
@@ -293,7 +294,29 @@ def sweep_figures(rows, flags):
             ax.legend(fontsize=8)
         fig.tight_layout()
         figures[flag] = fig
+    if not figures and "algo" in varying:
+        figures["algo"] = _sweep_rules_figure(rows, flags)
     return figures
+
+
+def _sweep_rules_figure(rows, flags):
+    """A sweep over rules (and seeds) only: the final test accuracy of each rule, mean over
+    seeds with ± one standard deviation."""
+    rows = [row for row in rows if row["final_mean"] != ""]
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        algo = row["algo"]
+        ax.errorbar([i], [float(row["final_mean"])], yerr=[float(row["final_std"] or 0.0)],
+                    color=COLORS.get(algo, "gray"), marker="o", capsize=4)
+    ax.set_xticks(range(len(rows)), [row["algo"] for row in rows])
+    ns = sorted({int(row["n"]) for row in rows})
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(f"Final test accuracy per rule (mean ± std over {'/'.join(map(str, ns))} seeds)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def plot_sweep(save_dir, figures_dir=None):
