@@ -398,15 +398,7 @@ class WeightMirror:
             ]
         )
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int64))
-        if self.noise_distribution == "normal":
-            return tf.random.stateless_normal(shape, seed, stddev=self.noise_std, alg=_RNG)
-        if self.noise_distribution == "rademacher":
-            # ±σ from one random bit per sample: no float transform of the generator's output.
-            bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
-                                               dtype=tf.int32, alg=_RNG)
-            return tf.where(bits < 0, -self.noise_std, self.noise_std)
-        limit = self.noise_std * math.sqrt(3.0)
-        return tf.random.stateless_uniform(shape, seed, minval=-limit, maxval=limit, alg=_RNG)
+        return draw_noise(shape, seed, self.noise_distribution, self.noise_std)
 
     def _gradients(self, counter, replica):
         return [
@@ -517,6 +509,20 @@ class WeightMirror:
         variable such as `optimizer.iterations`) seeds the noise. Inside a `tf.function` the
         counter must be a tensor (see `run`)."""
         self.run(counter, 1, 1)
+
+
+def draw_noise(shape, seed, noise_distribution, noise_std):
+    """Float32 noise of `shape`, mean 0 and standard deviation `noise_std`, from the stateless
+    seed `seed` (two int64s): `"normal"`, `"uniform"` (`U(−σ√3, σ√3)`) or `"rademacher"` (`±σ`,
+    the sign of one random int32 per sample: no float transform of the generator's output)."""
+    if noise_distribution == "normal":
+        return tf.random.stateless_normal(shape, seed, stddev=noise_std, alg=_RNG)
+    if noise_distribution == "rademacher":
+        bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
+                                           dtype=tf.int32, alg=_RNG)
+        return tf.where(bits < 0, -noise_std, noise_std)
+    limit = noise_std * math.sqrt(3.0)
+    return tf.random.stateless_uniform(shape, seed, minval=-limit, maxval=limit, alg=_RNG)
 
 
 def _known_value(layer):
