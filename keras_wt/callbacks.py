@@ -32,7 +32,8 @@ class MirrorCallback(keras.callbacks.Callback):
     checkpoint continues exactly.
 
     With `W` frozen, a layer's `B` settles at an angle `θ` from `W` with
-    `tan θ ≈ √(d_in·η·λ / (2n))` (`keras_wt.mirror.residual_angle`): a wide Dense layer needs a
+    `tan θ ≈ √(d_in·η·λ / (2n))` (`keras_wt.mirror.residual_angle`; exactly `d_in + κ − 2` in
+    place of `d_in` for Dense, `κ` the noise's fourth moment over `σ⁴`): a wide Dense layer needs a
     far bigger noise batch `n` than a convolution, which averages over many positions. So
     `batch_size` may differ per layer, or be `"auto"`: each layer gets the smallest `n` that
     reaches `target_angle`, at most `max_batch_size` (`keras_wt.mirror.auto_batch_size`).
@@ -51,7 +52,8 @@ class MirrorCallback(keras.callbacks.Callback):
             strategy's replicas; `callback.mirror.batch_sizes` holds the results once
             training begins.
         warmup_steps: mirror steps before the first training step.
-        noise_distribution: `"normal"` or `"uniform"` (same variance `σ²`).
+        noise_distribution: `"normal"`, `"uniform"` or `"rademacher"` (`±σ`), all of
+            variance `σ²` (`keras_wt.mirror.WeightMirror`).
         seed: seed of the noise.
         jit_compile: compile the mirror computation with XLA.
         target_angle: for `batch_size="auto"`: the residual angle in degrees each layer's noise

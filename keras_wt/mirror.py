@@ -28,10 +28,13 @@ the geometric series of the noise's variance gives the residual angle between `B
 
     tan²θ ≈ η·λ·m / ((2 − η·λ)·n)       (≈ d_in·η·λ / (2n) for Dense and η·λ ≪ 1)
 
-with `m = d_in / c` (`mirror_fan_in`): `d_in` the number of kernel entries feeding one output
+with `m = (d_in + κ − 2) / c` (`mirror_fan_in`), `κ = E[x⁴]/σ⁴` the noise's fourth moment
+(normal 3, uniform 1.8, Rademacher 1): `d_in` the number of kernel entries feeding one output
 element (Dense: `in`; convolution: `k1·…·kn·c_in/groups`), `c` the number of positions each kernel
-entry is averaged over (Dense: 1; "valid" convolution: the output's spatial size). For a Gaussian
-Dense layer the exact value has `d_in + 1` in place of `d_in`. Wide Dense layers therefore need
+entry is averaged over (Dense: 1; "valid" convolution: the output's spatial size). The sample
+estimate `(1/n)·Σ x xᵀW` of `σ²·W` has per-sample variance `σ⁴·((κ − 2)·W_ij² + ‖W_:j‖²)` per
+entry, `σ⁴·(d_in + κ − 2)·‖W‖²` in all; `"auto"` sizes with the leading order `d_in / c`.
+Wide Dense layers therefore need
 much bigger noise batches than convolutions, which average over many positions; `batch_size`
 may be set per layer, or `"auto"` to size each layer's `n` for a target angle (`auto_batch_size`).
 With `λ = 0` there is no fixed point (`B` grows like the step count and its angle shrinks like
@@ -63,7 +66,9 @@ import tensorflow as tf
 from keras_wt import layers as layers_lib
 from keras_wt._distribute import assign_on_every_replica
 
-NOISE_DISTRIBUTIONS = ("normal", "uniform")
+NOISE_DISTRIBUTIONS = ("normal", "uniform", "rademacher")
+# κ = E[x⁴]/σ⁴ of each noise distribution (enters the residual-angle law: `mirror_fan_in`).
+NOISE_KURTOSIS = {"normal": 3.0, "uniform": 1.8, "rademacher": 1.0}
 AUTO = "auto"
 # Philox, named explicitly: XLA's default choice on CPU (ThreeFry) draws ~30x slower.
 _RNG = "philox"
@@ -99,18 +104,31 @@ def link_counts(layer):
     return _link_tensors(layer)[0].numpy()
 
 
-def mirror_fan_in(layer):
-    """`m = d_in / c` of the residual-angle law (`residual_angle`) for `layer`.
+def mirror_fan_in(layer, noise_distribution=None):
+    """`m` of the residual-angle law (`residual_angle`) for `layer`: `d_in / c` to leading order,
+    `d_in + κ − 2` for Dense with noise `noise_distribution` (`κ = E[x⁴]/σ⁴`, `NOISE_KURTOSIS`).
 
-    In general `m = mean_k V_k / C_k²` over the kernel entries `k` that meet real input (see
-    `_link_tensors`): each entry's mirror step averages `C_k` products `x_i·y_o`, and the
-    variance of each product is `σ⁴` times the fan-in `F_o` of its output (for weights of equal
-    magnitude). It is `d_in` for Dense and `d_in / P` for a "valid" convolution with `P` output
-    positions; padding makes the border taps' share larger.
+    In general `m = mean_k (V_k + (κ − 2)·C_k) / C_k²` over the kernel entries `k` that meet
+    real input (see `_link_tensors`): each entry's mirror step averages `C_k` products
+    `x_i·y_o`, and the variance of each product is `σ⁴` times the fan-in `F_o` of its output
+    plus `(κ − 2)` for the product's own term `x_i²·W_k` (for weights of equal magnitude). It is
+    `d_in + κ − 2` for Dense and `(d_in + κ − 2) / P` for a "valid" convolution with `P` output
+    positions; padding makes the border taps' share larger. `noise_distribution=None` leaves
+    out the `κ − 2` term (`m = mean_k V_k / C_k²`, the large-`d_in` form, as before `κ`).
     """
     counts, weighted = (t.numpy().astype(np.float64) for t in _link_tensors(layer))
     live = counts > 0
-    return float(np.mean(weighted[live] / counts[live] ** 2))
+    excess = 0.0 if noise_distribution is None else noise_kurtosis(noise_distribution) - 2.0
+    return float(np.mean((weighted[live] + excess * counts[live]) / counts[live] ** 2))
+
+
+def noise_kurtosis(noise_distribution):
+    """`κ = E[x⁴]/σ⁴` of `noise_distribution`: 3 (normal), 1.8 (uniform), 1 (Rademacher)."""
+    if noise_distribution not in NOISE_KURTOSIS:
+        raise ValueError(
+            f"noise_distribution={noise_distribution!r} is not one of {NOISE_DISTRIBUTIONS}"
+        )
+    return NOISE_KURTOSIS[noise_distribution]
 
 
 def residual_angle(fan_in, batch_size, learning_rate, decay):
@@ -234,8 +252,11 @@ class WeightMirror:
             each layer's `auto_batch_size` for `target_angle` (needs `decay > 0`). Each layer's
             `n` is then rounded up to a multiple of the strategy's replicas, which draw
             `n / replicas` samples each; `batch_sizes` holds the results.
-        noise_distribution: `"normal"` (`N(0, σ²)`) or `"uniform"` (`U(−σ√3, σ√3)`, the same
-            variance; the published code's noise in `[−a, a)` is `σ = a/√3`).
+        noise_distribution: `"normal"` (`N(0, σ²)`), `"uniform"` (`U(−σ√3, σ√3)`, the same
+            variance; the published code's noise in `[−a, a)` is `σ = a/√3`) or
+            `"rademacher"` (`±σ` with equal probability, the same variance, drawn from one
+            random bit per sample). Same mean step; the residual angle differs through the
+            fourth moment `κ` (`mirror_fan_in`), and `"auto"` sizes for it.
         seed: integer seed of the noise.
         jit_compile: compile the per-replica noise and weight-gradients with XLA.
         strategy: the `tf.distribute` strategy of the model's variables (default: current).
@@ -319,6 +340,9 @@ class WeightMirror:
         if isinstance(spec, str):  # "auto"
             sizes = []
             for layer, key in zip(self.layers, names):
+                # The leading-order m (no κ − 2 term, for every distribution): the published
+                # recipes' noise batches stay as they were; the exact angle differs from the
+                # target by a factor 1 + (κ − 2)/(2·d_in) or less (`expected_angles`).
                 fan_in = mirror_fan_in(layer)
                 n = auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
                                     self.max_batch_size)
@@ -353,9 +377,10 @@ class WeightMirror:
 
     def expected_angles(self):
         """`{key: degrees}`: the `residual_angle` of each layer at its noise batch (the angle
-        `B` settles at if `W` stood still; needs `decay > 0`)."""
+        `B` settles at if `W` stood still; needs `decay > 0`), with the noise's `κ`."""
         return {
-            key: residual_angle(mirror_fan_in(layer), n, self.learning_rate, self.decay)
+            key: residual_angle(mirror_fan_in(layer, self.noise_distribution), n,
+                                self.learning_rate, self.decay)
             for key, layer, n in zip(self.keys, self.layers, self.batch_sizes)
         }
 
@@ -373,10 +398,7 @@ class WeightMirror:
             ]
         )
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int64))
-        if self.noise_distribution == "normal":
-            return tf.random.stateless_normal(shape, seed, stddev=self.noise_std, alg=_RNG)
-        limit = self.noise_std * math.sqrt(3.0)
-        return tf.random.stateless_uniform(shape, seed, minval=-limit, maxval=limit, alg=_RNG)
+        return draw_noise(shape, seed, self.noise_distribution, self.noise_std)
 
     def _gradients(self, counter, replica):
         return [
@@ -487,6 +509,20 @@ class WeightMirror:
         variable such as `optimizer.iterations`) seeds the noise. Inside a `tf.function` the
         counter must be a tensor (see `run`)."""
         self.run(counter, 1, 1)
+
+
+def draw_noise(shape, seed, noise_distribution, noise_std):
+    """Float32 noise of `shape`, mean 0 and standard deviation `noise_std`, from the stateless
+    seed `seed` (two int64s): `"normal"`, `"uniform"` (`U(−σ√3, σ√3)`) or `"rademacher"` (`±σ`,
+    the sign of one random int32 per sample: no float transform of the generator's output)."""
+    if noise_distribution == "normal":
+        return tf.random.stateless_normal(shape, seed, stddev=noise_std, alg=_RNG)
+    if noise_distribution == "rademacher":
+        bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
+                                           dtype=tf.int32, alg=_RNG)
+        return tf.where(bits < 0, -noise_std, noise_std)
+    limit = noise_std * math.sqrt(3.0)
+    return tf.random.stateless_uniform(shape, seed, minval=-limit, maxval=limit, alg=_RNG)
 
 
 def _known_value(layer):

@@ -65,6 +65,7 @@ SLOW_TESTS = (
     "test_xla_mirror_step_equals_eager_formula",
     "test_the_mirroring_training_step_graph_grows_linearly_with_depth",
     "test_residual_angle_of_a_frozen_dense_layer_follows_the_finite_sample_law",
+    "test_residual_angle_depends_on_the_noise_fourth_moment",
     "test_mirror_in_train_step_under_mirrored_strategy",
     "test_mirror_in_train_step_across_fits_and_after_an_aborted_fit",
     "test_mirror_in_an_xla_train_step_draws_the_xla_mirrors_noise",

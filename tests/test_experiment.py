@@ -78,6 +78,7 @@ def test_help_and_flags_need_no_tensorflow():
 
 def test_cli_names_agree_with_the_library():
     assert cli.ALGORITHMS == keras_wt.ALGORITHMS
+    assert cli.NOISE_DISTRIBUTIONS == keras_wt.mirror.NOISE_DISTRIBUTIONS
     assert set(cli.DATASETS) <= set(datasets.NAMES) and set(cli.MODELS) <= set(models.BUILDERS)
 
 
@@ -221,6 +222,28 @@ def test_mirror_step_reproduces_the_published_step():
     settings = experiment.mirror_settings(config)
     assert settings["learning_rate"] == pytest.approx(0.01 * 32 / 4)
     assert (settings["noise_std"], settings["noise_distribution"]) == (0.1, "normal")
+
+
+def test_mirror_noise_distribution_flag():
+    """--mirror_noise_distribution picks the distribution; σ stays that of the other flags
+    (the mlp's published a/√3, the convnets' recipe σ); left out, the defaults are unchanged."""
+    def settings(*argv):
+        config, _ = cli.parse_args(["--algo", "wm", *argv])
+        s = experiment.mirror_settings(config)
+        return s["noise_std"], s["noise_distribution"]
+
+    assert settings() == (pytest.approx(0.05 / math.sqrt(3)), "uniform")
+    assert settings("--mirror_noise_distribution", "rademacher") == (
+        pytest.approx(0.05 / math.sqrt(3)), "rademacher")
+    assert settings("--mirror_noise_std", "0.2", "--mirror_noise_distribution", "uniform") == (
+        0.2, "uniform")
+    assert settings("--model", "cnn") == (1.0, "normal")
+    assert settings("--model", "cnn", "--mirror_noise_distribution", "rademacher") == (
+        1.0, "rademacher")
+    assert settings("--model", "cnn", "--mirror_noise_amplitude", "0.3") == (
+        pytest.approx(0.3 / math.sqrt(3)), "uniform")
+    with pytest.raises(ValueError, match="--mirror_noise_distribution='cauchy' is not allowed"):
+        cli.parse_args(["--algo", "wm", "--mirror_noise_distribution", "cauchy"])
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():

@@ -15,10 +15,12 @@ import math
 import os
 import sys
 
-# keras_wt.ALGORITHMS, keras_wt.app.experiment's datasets and models (tests check they agree).
+# keras_wt.ALGORITHMS, keras_wt.app.experiment's datasets and models, keras_wt.mirror's noise
+# distributions (tests check they agree).
 ALGORITHMS = ("bp", "fa", "ss", "wm", "kp", "frsf", "brsf", "dfa", "sa", "ia")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet20")
+NOISE_DISTRIBUTIONS = ("normal", "uniform", "rademacher")  # keras_wt.mirror's
 SCHEDULES = ("constant", "cosine")
 LOSSES = ("summed_sigmoid", "softmax")
 
@@ -139,6 +141,10 @@ def build_parser(defaults=True):
     add("--mirror_noise_std", type=float, default=None,
         help="Gaussian noise N(0, σ²) instead of the uniform noise")
     add = adder(mirror)
+    add("--mirror_noise_distribution", default=None,
+        help="normal, uniform or rademacher (±σ), with the σ of --mirror_noise_std or "
+        "--mirror_noise_amplitude/√3 (default: uniform for mlp, as published; normal for the "
+        "convnets, or uniform with --mirror_noise_amplitude)")
     add("--mirror_decay", type=float, default=None,
         help="mirror decay λ of B: ΔB −= η_m·λ·B with keras_wt's η_m, B → (σ²/λ)·W (mlp: "
         "none, as published; convnets: the recipe's)")
@@ -201,6 +207,8 @@ def validate(config):
     check("mirror_noise_std",
           config["mirror_noise_amplitude"] is None or config["mirror_noise_std"] is None,
           "left out when --mirror_noise_amplitude is given")
+    check("mirror_noise_distribution", config["mirror_noise_distribution"] in
+          (None,) + NOISE_DISTRIBUTIONS, f"one of {', '.join(NOISE_DISTRIBUTIONS)}")
     batch = config["mirror_batch_size"]
     check("mirror_batch_size", batch is None or batch == "auto" or batch >= 1,
           "an integer >= 1 or auto")

@@ -107,12 +107,14 @@ def mirror_learning_rate(published_learning_rate, mirror_batch_size):
 
 def mirror_noise(config):
     """`(noise_std, noise_distribution)` of the mirror noise: uniform in `[-a, a)` has
-    `σ = a/√3`; `--mirror_noise_std` gives Gaussian noise."""
+    `σ = a/√3`; `--mirror_noise_std` gives Gaussian noise; `--mirror_noise_distribution`
+    another distribution of the same `σ`."""
+    distribution = config.get("mirror_noise_distribution")
     if config["mirror_noise_std"] is not None:
-        return float(config["mirror_noise_std"]), "normal"
+        return float(config["mirror_noise_std"]), distribution or "normal"
     amplitude = config["mirror_noise_amplitude"]
     amplitude = 0.05 if amplitude is None else amplitude
-    return amplitude / math.sqrt(3.0), "uniform"
+    return amplitude / math.sqrt(3.0), distribution or "uniform"
 
 
 def mirror_settings(config):
@@ -126,6 +128,8 @@ def mirror_settings(config):
         if config["mirror_noise_amplitude"] is not None:
             settings.update(noise_std=config["mirror_noise_amplitude"] / math.sqrt(3.0),
                             noise_distribution="uniform")
+        if config.get("mirror_noise_distribution") is not None:
+            settings["noise_distribution"] = config["mirror_noise_distribution"]
         for flag in ("learning_rate", "noise_std", "decay", "batch_size", "target_angle",
                      "max_batch_size", "warmup_steps"):
             if config[f"mirror_{flag}"] is not None:
