@@ -36,9 +36,9 @@ likewise normalisation, pooling, embeddings and every other layer without a kern
 One module per family: `base` (`WithFeedback`, `FeedbackLayer`: `B` and the custom gradient),
 `core` (`Dense`, `EinsumDense`), `convolutional` (every convolution), `attention`
 (`MultiHeadAttention`), `embedding` (`ReversibleEmbedding`), `recurrent` (`SimpleRNN`, `LSTM`,
-`GRU`, `ConvLSTM1D/2D/3D` and their cells: `B_in` and `B_rec`). `TWINS` below is the one
-registry of stock layer → twin; `twin_of` also knows the subclasses that add nothing to a
-stock layer (`SAME_AS_STOCK`).
+`GRU`, `ConvLSTM1D/2D/3D` and their cells: `B_in` and `B_rec`; a subpackage, one module per
+family). `TWINS` below is the one registry of stock layer → twin; `twin_of` also knows the
+subclasses that add nothing to a stock layer (`SAME_AS_STOCK`).
 """
 
 import collections
