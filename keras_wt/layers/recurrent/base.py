@@ -13,8 +13,8 @@ import tensorflow as tf
 from keras_wt import _compat
 from keras_wt import feedback as feedback_lib
 from keras_wt import local
-from keras_wt.layers.base import WithFeedback
-from keras_wt.layers.base import _Twin
+from keras_wt.layers.arguments import WithFeedback
+from keras_wt.layers.arguments import _Twin
 from keras_wt.layers.recurrent.projections import _Bias
 
 
