@@ -33,12 +33,12 @@ What stays exact: the attention products `QKᵀ` and `AV` of `MultiHeadAttention
 activations and hold no weight, so there is no `W` to hide and they keep their exact gradients;
 likewise normalisation, pooling, embeddings and every other layer without a kernel.
 
-One module per family: `base` (`WithFeedback`, `FeedbackLayer`: `B` and the custom gradient),
-`core` (`Dense`, `EinsumDense`), `convolutional` (every convolution), `attention`
-(`MultiHeadAttention`), `embedding` (`ReversibleEmbedding`), `recurrent` (`SimpleRNN`, `LSTM`,
-`GRU`, `ConvLSTM1D/2D/3D` and their cells: `B_in` and `B_rec`). `TWINS` below is the one
-registry of stock layer → twin; `twin_of` also knows the subclasses that add nothing to a
-stock layer (`SAME_AS_STOCK`).
+One module per family: `arguments` (`WithFeedback`: the feedback arguments), `base`
+(`FeedbackLayer`: `B` and the custom gradient), `core` (`Dense`, `EinsumDense`), `convolutional`
+(every convolution), `attention` (`MultiHeadAttention`), `embedding` (`ReversibleEmbedding`),
+`recurrent` (`SimpleRNN`, `LSTM`, `GRU`, `ConvLSTM1D/2D/3D` and their cells: `B_in` and `B_rec`;
+a subpackage, one module per family). `TWINS` below is the one registry of stock layer → twin;
+`twin_of` also knows the subclasses that add nothing to a stock layer (`SAME_AS_STOCK`).
 """
 
 import collections
@@ -46,11 +46,11 @@ import collections
 import keras
 
 from keras_wt import _compat
+from keras_wt.layers.arguments import FEEDBACK_ARGUMENTS
+from keras_wt.layers.arguments import FEEDBACK_CONFIG_KEYS
+from keras_wt.layers.arguments import WithFeedback
 from keras_wt.layers.attention import MultiHeadAttention
-from keras_wt.layers.base import FEEDBACK_ARGUMENTS
-from keras_wt.layers.base import FEEDBACK_CONFIG_KEYS
 from keras_wt.layers.base import FeedbackLayer
-from keras_wt.layers.base import WithFeedback
 from keras_wt.layers.base import stock_weights
 from keras_wt.layers.convolutional import Conv1D
 from keras_wt.layers.convolutional import Conv1DTranspose

@@ -3,8 +3,8 @@
 import keras
 
 from keras_wt import _compat
-from keras_wt.layers.base import WithFeedback
-from keras_wt.layers.base import _Twin
+from keras_wt.layers.arguments import WithFeedback
+from keras_wt.layers.arguments import _Twin
 from keras_wt.layers.base import stock_weights
 from keras_wt.layers.core import EinsumDense
 

@@ -10,12 +10,12 @@ import math
 
 import keras
 
+from keras_wt.layers.arguments import WithFeedback
+from keras_wt.layers.arguments import _Twin
 from keras_wt.layers.base import FeedbackLayer
-from keras_wt.layers.base import WithFeedback
 from keras_wt.layers.base import _add_bias_and_activate
 from keras_wt.layers.base import _channel_axis
 from keras_wt.layers.base import _independent_initializer
-from keras_wt.layers.base import _Twin
 
 
 class _FeedbackConv(_Twin, FeedbackLayer):

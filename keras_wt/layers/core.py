@@ -4,10 +4,10 @@ import math
 
 import keras
 
+from keras_wt.layers.arguments import _Twin
 from keras_wt.layers.base import FeedbackLayer
 from keras_wt.layers.base import _add_bias_and_activate
 from keras_wt.layers.base import _independent_initializer
-from keras_wt.layers.base import _Twin
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")

@@ -2,9 +2,9 @@
 
 import keras
 
+from keras_wt.layers.arguments import _Twin
 from keras_wt.layers.base import FeedbackLayer
 from keras_wt.layers.base import _independent_initializer
-from keras_wt.layers.base import _Twin
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
