@@ -48,12 +48,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_wt  # noqa: E402
 from keras_wt.app import experiment  # noqa: E402
-from keras_wt.app.data import pipelines  # noqa: E402
 from keras_wt.app import training  # noqa: E402
 from keras_wt.app.cli import parse_args as cli_args  # noqa: E402
 

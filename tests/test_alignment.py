@@ -5,7 +5,6 @@ import csv
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_wt
 from keras_wt import alignment

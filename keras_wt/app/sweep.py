@@ -30,7 +30,6 @@ folder: a point another process is running is left to it, whatever the sharding.
 
 import csv
 import itertools
-import json
 import logging
 import math
 import os
