@@ -207,6 +207,17 @@ def _draw_layer_band(ax, run, field, layers, several_models):
             label=_label(run, several_models))
 
 
+def _write_figures(figures, out_dir):
+    """Writes `{name: Figure}` as `<out_dir>/<name>.png`; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        path = os.path.join(out_dir, f"{name}.png")
+        FigureCanvasAgg(fig).print_png(path)
+        paths.append(path)
+    return paths
+
+
 def plot_dataset(save_dir, dataset, figures_dir="figures", model=None):
     """Draws the four figures of `dataset`'s runs into `<figures_dir>/<dataset>/`.
 
@@ -224,13 +235,7 @@ def plot_dataset(save_dir, dataset, figures_dir="figures", model=None):
             + f" in {os.path.join(save_dir, dataset)}: run keras-wt-train --dataset {dataset} "
             f"--save_dir {save_dir} first."
         )
-    out_dir = os.path.join(figures_dir, dataset)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, fig in make_figures(runs, dataset).items():
-        path = os.path.join(out_dir, f"{name}.png")
-        FigureCanvasAgg(fig).print_png(path)
-        paths.append(path)
+    paths = _write_figures(make_figures(runs, dataset), os.path.join(figures_dir, dataset))
     logger.info("Wrote %s from the runs %s", ", ".join(paths),
                 ", ".join(run["run_dir"] for run in runs))
     return paths
@@ -333,13 +338,8 @@ def plot_sweep(save_dir, figures_dir=None):
         raise FileNotFoundError(f"{path} does not exist: run keras-wt-sweep --save_dir "
                                 f"{save_dir} first")
     rows, flags = sweep.read_summary(save_dir)
-    figures_dir = figures_dir or os.path.join(save_dir, sweep.FIGURES_DIR)
-    os.makedirs(figures_dir, exist_ok=True)
-    paths = []
-    for flag, fig in sweep_figures(rows, flags).items():
-        out = os.path.join(figures_dir, f"{flag}.png")
-        FigureCanvasAgg(fig).print_png(out)
-        paths.append(out)
+    paths = _write_figures(sweep_figures(rows, flags),
+                           figures_dir or os.path.join(save_dir, sweep.FIGURES_DIR))
     if paths:
         logger.info("Wrote %s", ", ".join(paths))
     return paths
