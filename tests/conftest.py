@@ -213,3 +213,26 @@ def assert_same_run(a, b, epochs=None):
         assert len(history.splitlines()) == 1 + epochs  # a header, then each epoch once
     scalars = tensorboard_scalars(a)
     assert scalars and tensorboard_scalars(b) == scalars
+
+
+# --- a user's layer keras_wt has no twin for ------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class MyCell(keras.layers.Layer):
+    """A user's recurrent cell with a kernel of its own: keras_wt has no twin for it."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1] + self.units, self.units), name="kernel")
+
+    def call(self, inputs, states):
+        h = keras.ops.tanh(keras.ops.matmul(keras.ops.concatenate([inputs, states[0]], -1), self.kernel))
+        return h, [h]
+
+    def get_config(self):
+        return dict(super().get_config(), units=self.units)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_wt
+from conftest import MyCell
 from keras_wt import layers as wt
 
 
@@ -158,40 +159,20 @@ class _MyDense(keras.layers.Dense):
     """A user subclass of Dense: its call may differ, so convert must not replace it."""
 
 
-@keras.saving.register_keras_serializable(package="test_convert")
-class _MyCell(keras.layers.Layer):
-    """A user's recurrent cell with a kernel of its own: keras_wt has no twin for it."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.state_size = units
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=(input_shape[-1] + self.units, self.units), name="kernel")
-
-    def call(self, inputs, states):
-        h = keras.ops.tanh(keras.ops.matmul(keras.ops.concatenate([inputs, states[0]], -1), self.kernel))
-        return h, [h]
-
-    def get_config(self):
-        return dict(super().get_config(), units=self.units)
-
-
 def test_unconverted_kernel_layers_are_named_in_a_warning_or_refused_when_strict():
     inputs = keras.Input((4, 3))
     # A user's cell in a generic RNN wrapper (keras_wt converts the stock cells there).
-    h = keras.layers.RNN(_MyCell(5), return_sequences=True)(inputs)
+    h = keras.layers.RNN(MyCell(5), return_sequences=True)(inputs)
     h = keras.layers.Conv1D(4, 2)(h)
     h = _MyDense(3)(keras.layers.Flatten()(h))
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
-    with pytest.warns(UserWarning, match=r"2 layers that hold a kernel were not converted .*: 1 _MyCell, 1 _MyDense"):
+    with pytest.warns(UserWarning, match=r"2 layers that hold a kernel were not converted .*: 1 MyCell, 1 _MyDense"):
         converted = keras_wt.convert(model, "fa")
     assert [type(l).__name__ for l in wt.feedback_layers(converted)] == ["Conv1D", "Dense"]
     assert len([l for l in converted.layers if type(l) is _MyDense]) == 1
     x = np.random.RandomState(2).rand(2, 4, 3).astype("float32")
     np.testing.assert_array_equal(model(x), converted(x))
-    with pytest.raises(ValueError, match="1 _MyCell, 1 _MyDense"):
+    with pytest.raises(ValueError, match="1 MyCell, 1 _MyDense"):
         keras_wt.convert(model, "fa", strict=True)
 
 

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_wt
+from conftest import MyCell
 from keras_wt import layers as wt
 from keras_wt import nested
 from keras_wt.convert import unconverted_layers
@@ -301,26 +302,6 @@ def test_a_layer_converted_before_it_is_built_builds_as_its_twin():
     net(X[:, 0])
     assert net.hidden.feedback_kernel.shape == net.hidden.kernel.shape == (6, 8)
     assert net.hidden.feedback_input_shape == (8, 6)
-
-
-@keras.saving.register_keras_serializable(package="test_convert_nested")
-class MyCell(keras.layers.Layer):
-    """A user's recurrent cell with a kernel of its own: keras_wt has no twin for it."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.state_size = units
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=(input_shape[-1] + self.units, self.units), name="kernel")
-
-    def call(self, inputs, states):
-        h = keras.ops.tanh(keras.ops.matmul(keras.ops.concatenate([inputs, states[0]], -1), self.kernel))
-        return h, [h]
-
-    def get_config(self):
-        return dict(super().get_config(), units=self.units)
 
 
 def test_unconverted_layers_name_their_parent_and_the_reason():
