@@ -156,6 +156,24 @@ def test_kp_uses_kolen_pollack_with_its_decay():
     assert np.isclose(float(model.optimizer.learning_rate), 0.3)
 
 
+def test_local_loss_decay_sets_the_decay_coefficient_of_sa_and_ia_only():
+    """--local_loss_decay replaces the decay coefficient of the algorithm's local loss in every
+    layer (the other coefficients stay the algorithm's); other algorithms ignore it."""
+    for algo, expected in (("sa", {"self": 1.0, "decay": 0.25}),
+                           ("ia", {"amp": 1.0, "null": 0.1, "decay": 0.25})):
+        config, explicit = cli.parse_args(["--algo", algo, "--local_loss_decay", "0.25"])
+        assert experiment.ignored_flags(config, explicit) == []
+        model = build_model(config, (28, 28, 1))
+        for name in ("hidden_1", "classifier"):
+            assert model.get_layer(name).local_loss_coefficients == expected
+    config, explicit = cli.parse_args(["--algo", "wm", "--local_loss_decay", "0.25"])
+    assert experiment.ignored_flags(config, explicit) == ["local_loss_decay"]
+    assert "feedback_loss" not in experiment.train_config(config).model_options
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ValueError, match=r"--local_loss_decay=.* positive"):
+            cli.parse_args(["--algo", "sa", "--local_loss_decay", bad])
+
+
 def test_convnet_recipe():
     """--model cnn/resnet20: batch norm, softmax cross-entropy on logits, SGD with momentum,
     decoupled weight decay of the kernels, a cosine schedule; KP's decay from its budget."""

@@ -162,6 +162,10 @@ def build_parser(defaults=True):
         help="cap of --mirror_batch_size auto")
     add("--mirror_warmup_steps", type=int, default=None,
         help="mirror steps before training (mlp default: N_train // batch_size)")
+    add = adder(parser.add_argument_group("local alignment losses (--algo sa, ia)"))
+    add("--local_loss_decay", type=float, default=None,
+        help="coefficient λ of the decay primitive ½‖B‖² of B's local loss (default: the "
+        "algorithm's, 1.0; sa's B → W/λ); the other coefficients are the algorithm's")
     add = adder(parser.add_argument_group("Kolen-Pollack (--algo kp)"))
     add("--kp_weight_decay", type=float, default=None,
         help="decoupled decay λ of W and B of kp layers (mlp: none, as published; convnets: "
@@ -200,6 +204,9 @@ def validate(config):
     for flag in ("mirror_learning_rate", "mirror_decay", "weight_decay", "kp_weight_decay",
                  "mirror_target_angle"):
         check(flag, config[flag] is None or config[flag] >= 0, "a number >= 0")
+    decay = config.get("local_loss_decay")
+    check("local_loss_decay", decay is None or (math.isfinite(decay) and decay > 0),
+          "a positive number")
     check("momentum", config["momentum"] is None or 0 <= config["momentum"] < 1,
           "a number in [0, 1)")
     for flag in ("mirror_noise_amplitude", "mirror_noise_std"):

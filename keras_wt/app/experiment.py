@@ -161,6 +161,11 @@ def train_config(config, run_dir=None):
                    "batch_norm": config["batch_norm"]}
     else:
         options = {}
+    if config.get("local_loss_decay") is not None:
+        algorithm = algorithms.get(config["algo"])
+        if algorithm.learns_feedback == "loss":  # else ignored, with a warning (ignored_flags)
+            options["feedback_loss"] = dict(algorithm.local_loss,
+                                            decay=config["local_loss_decay"])
     optimization = recipe(config)
     weight_decay, kp_decay_budget = optimization["weight_decay"], None
     if algorithms.get(config["algo"]).learns_feedback == "optimizer":
@@ -297,12 +302,14 @@ def resolve_resume(config, explicit):
 
 def ignored_flags(config, explicit):
     """The flags given that the algorithm does not use: the `--mirror_*` flags unless its `B`
-    learns by mirroring, `--kp_weight_decay` unless it learns through the optimizer."""
+    learns by mirroring, `--kp_weight_decay` unless it learns through the optimizer,
+    `--local_loss_decay` unless it learns from a local loss."""
     learns = algorithms.get(config["algo"]).learns_feedback
     return sorted(
         flag for flag in explicit
         if (flag.startswith("mirror_") and learns != "mirror")
         or (flag == "kp_weight_decay" and learns != "optimizer")
+        or (flag == "local_loss_decay" and learns != "loss")
     )
 
 

@@ -34,8 +34,10 @@ class _Builder:
         seed=None,
         dtype=None,
         weight_decay=None,
+        feedback_loss=None,
     ):
         self.algorithm = algorithms.get(feedback)
+        self.feedback_loss = feedback_loss
         self.feedback_initializer = feedback_initializer
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed={seed!r} must be an integer or None")
@@ -74,6 +76,8 @@ class _Builder:
         )
         if self.algorithm.stores_feedback:
             kwargs["feedback_initializer"] = feedback_initializer
+        if self.feedback_loss is not None:
+            kwargs["feedback_loss"] = self.feedback_loss  # validated by the layer
         return kwargs
 
     def _regularizer(self):

@@ -15,6 +15,7 @@ def mlp(
     output_activation="sigmoid",
     initializer="reference",
     feedback_initializer=None,
+    feedback_loss=None,
     seed=None,
     dtype=None,
     name="mlp",
@@ -38,11 +39,15 @@ def mlp(
             biases.
         feedback_initializer: initializer of `B` (`fa`, `wm`, `kp`); `None` draws `B` like `W`,
             independently.
+        feedback_loss: `{primitive: coefficient}` of the local alignment loss of `B` (`sa`,
+            `ia`; `keras_wt.local`); `None`: the algorithm's.
         seed: integer for reproducible weights, or `None`.
         dtype: dtype policy of the layers (`None`: the global policy).
         name: of the model.
     """
-    builder = _Builder(feedback, feedback_initializer, seed=seed, dtype=dtype)
+    builder = _Builder(
+        feedback, feedback_initializer, seed=seed, dtype=dtype, feedback_loss=feedback_loss
+    )
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = inputs
     if len(input_shape) > 1:
@@ -75,6 +80,7 @@ def cnn(
     output_activation=None,
     kernel_initializer="he_normal",
     feedback_initializer=None,
+    feedback_loss=None,
     batch_norm=False,
     seed=None,
     dtype=None,
@@ -99,12 +105,16 @@ def cnn(
         kernel_initializer: of every kernel; biases start at zero.
         feedback_initializer: of `B` (`fa`, `wm`, `kp`); `None` draws `B` like `W`,
             independently.
+        feedback_loss: `{primitive: coefficient}` of the local alignment loss of `B` (`sa`,
+            `ia`; `keras_wt.local`); `None`: the algorithm's.
         batch_norm: batch normalisation after every convolution and the hidden Dense.
         seed: integer for reproducible weights, or `None`.
         dtype: dtype policy of the layers (`None`: the global policy).
         name: of the model.
     """
-    builder = _Builder(feedback, feedback_initializer, seed=seed, dtype=dtype)
+    builder = _Builder(
+        feedback, feedback_initializer, seed=seed, dtype=dtype, feedback_loss=feedback_loss
+    )
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = inputs
     activation = None if batch_norm else "relu"

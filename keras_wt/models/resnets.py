@@ -65,9 +65,11 @@ def _resnet(
     seed,
     dtype,
     name,
+    feedback_loss=None,
 ):
     builder = _Builder(
-        feedback, feedback_initializer, seed=seed, dtype=dtype, weight_decay=weight_decay
+        feedback, feedback_initializer, seed=seed, dtype=dtype, weight_decay=weight_decay,
+        feedback_loss=feedback_loss,
     )
     if kernel_initializer is None:
         kernel_initializer = _he_normal_fan_out()
@@ -111,6 +113,8 @@ _RESNET_ARGS_DOC = """
         feedback: one of `keras_wt.ALGORITHMS`, for every Conv2D and Dense layer.
         feedback_initializer: of `B` (`fa`, `wm`, `kp`); `None` draws `B` like `W`,
             independently.
+        feedback_loss: `{primitive: coefficient}` of the local alignment loss of `B` (`sa`,
+            `ia`; `keras_wt.local`); `None`: the algorithm's.
         zero_init_residual: start the γ of the last batch norm of every residual block at 0,
             so each block starts as the identity (Goyal et al. 2017).
         kernel_initializer: of the convolution kernels; `None` is He et al.'s normal in fan-out
@@ -134,6 +138,7 @@ def resnet18(
     num_classes=1000,
     feedback="bp",
     feedback_initializer=None,
+    feedback_loss=None,
     zero_init_residual=True,
     kernel_initializer=None,
     classifier_initializer=None,
@@ -153,6 +158,7 @@ def resnet18(
         _basic_block, (2, 2, 2, 2), (64, 128, 256, 512), _imagenet_stem, input_shape,
         num_classes, feedback, feedback_initializer, zero_init_residual, kernel_initializer,
         classifier_initializer, weight_decay, output_activation, seed, dtype, name,
+        feedback_loss=feedback_loss,
     )
 
 
@@ -161,6 +167,7 @@ def resnet50(
     num_classes=1000,
     feedback="bp",
     feedback_initializer=None,
+    feedback_loss=None,
     zero_init_residual=True,
     kernel_initializer=None,
     classifier_initializer=None,
@@ -179,6 +186,7 @@ def resnet50(
         _bottleneck_block, (3, 4, 6, 3), (64, 128, 256, 512), _imagenet_stem, input_shape,
         num_classes, feedback, feedback_initializer, zero_init_residual, kernel_initializer,
         classifier_initializer, weight_decay, output_activation, seed, dtype, name,
+        feedback_loss=feedback_loss,
     )
 
 
@@ -187,6 +195,7 @@ def resnet20(
     num_classes=10,
     feedback="bp",
     feedback_initializer=None,
+    feedback_loss=None,
     zero_init_residual=False,
     kernel_initializer=None,
     classifier_initializer=None,
@@ -209,6 +218,7 @@ def resnet20(
         _basic_block, (3, 3, 3), (16, 32, 64), _cifar_stem, input_shape, num_classes,
         feedback, feedback_initializer, zero_init_residual, kernel_initializer,
         classifier_initializer, weight_decay, output_activation, seed, dtype, name,
+        feedback_loss=feedback_loss,
     )
 
 
