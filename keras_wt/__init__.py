@@ -49,9 +49,9 @@ _NAMES = {name: module for module, names in _EXPORTS.items() for name in names}
 
 def _load():
     """Imports the library and binds its public names (idempotent)."""
-    from keras_wt._backend import check_backend
+    from keras_wt.backend import check_backend
 
-    check_backend()
+    check_backend()  # before anything else imports the backend's framework
     for module in _MODULES:
         globals()[module] = importlib.import_module(f"keras_wt.{module}")
     for name, module in _NAMES.items():

@@ -1,10 +1,12 @@
-"""Every use of a private TensorFlow or Keras internal, each with the reason no public API serves.
+"""Every use of a private Keras internal, each with the reason no public API serves.
 
-Nothing else in keras_wt reaches into `keras.src`, `tf.__internal__` or a private Keras
-attribute. Each entry says why, names the upstream issue it works around where there is one, and
-is guarded: it checks that the internal still exists (raising a `RuntimeError` that names it) or
-applies only to the Keras versions it was checked against. Each is scoped to keras_wt's own
-objects or to the duration of a call, never patched into the process for good.
+Nothing else in keras_wt reaches into `keras.src` or a private Keras attribute; the one private
+TensorFlow internal keras_wt uses is in the backend module, with its reason
+(`keras_wt.backend.tensorflow.merge_call`). Each entry says why, names the upstream issue it
+works around where there is one, and is guarded: it checks that the internal still exists
+(raising a `RuntimeError` that names it) or applies only to the Keras versions it was checked
+against. Each is scoped to keras_wt's own objects or to the duration of a call, never patched
+into the process for good.
 """
 
 import contextlib
@@ -12,7 +14,8 @@ import inspect
 import types
 
 import keras
-import tensorflow as tf
+
+from keras_wt import backend
 
 _TESTED = ((3, 0), (3, 15))  # the Keras versions these workarounds were written against
 
@@ -228,22 +231,6 @@ def flush_summary_writers(callback):
         writer.flush()
 
 
-def merge_call(fn, strategy, *args):
-    """Runs `fn(strategy, *args)` in the cross-replica context, from a replica context or from
-    outside any (`tf.__internal__.distribute.interim.maybe_merge_call`). The public
-    `ReplicaContext.merge_call` fails outside a replica context, and Keras's own optimizers use
-    this same internal for their variable updates."""
-    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
-
-
-def is_multi_worker(strategy):
-    """Whether `strategy` spans several worker processes (the test Keras's trainer uses)."""
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
 @contextlib.contextmanager
 def multi_worker_fit(model):
     """Inside this context `model.fit`/`evaluate` work under a multi-worker
@@ -262,20 +249,20 @@ def multi_worker_fit(model):
        averages multi-worker values with `axis=None` (other strategies pass through).
     """
     strategy = model.distribute_strategy
-    if not (_KERAS_MULTIWORKER_BUG and is_multi_worker(strategy)):
+    if not (_KERAS_MULTIWORKER_BUG and backend.is_multi_worker(strategy)):
         yield model
         return
     from keras.src.backend.tensorflow import trainer as tf_trainer
 
     def local_share(value):
-        if isinstance(value, tf.distribute.DistributedValues):
+        if backend.is_distributed_value(value):
             return strategy.experimental_local_results(value)[0]
         return value
 
     def maybe_symbolic_build(iterator=None, data_batch=None):
         if iterator is not None:
             for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(local_share, next(batches))
+                data_batch = keras.tree.map_structure(local_share, next(batches))
                 break
         with strategy.scope():
             model._symbolic_build(data_batch=data_batch)
@@ -283,8 +270,8 @@ def multi_worker_fit(model):
     original = tf_trainer.reduce_per_replica
 
     def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and is_multi_worker(strategy):
-            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        if reduction in ("auto", "mean") and backend.is_multi_worker(strategy):
+            return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
         return original(values, strategy, reduction)
 
     model._maybe_symbolic_build = maybe_symbolic_build
@@ -323,4 +310,4 @@ def read_without_autocast(variable):
     except ImportError:
         raise _unsupported("keras.src.backend.common.variables.AutocastScope") from None
     with AutocastScope(None):
-        return tf.convert_to_tensor(variable.value)
+        return backend.read_value(variable)
