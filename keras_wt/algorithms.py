@@ -7,9 +7,12 @@ function of the layer and of `W`'s current value and serves Dense and every conv
 
 import collections.abc
 import dataclasses
+import enum
 import math
 
-import tensorflow as tf
+from keras import ops
+
+from keras_wt.backend import stateless_normal
 
 ALGORITHMS = ("bp", "fa", "ss", "wm", "kp", "frsf", "brsf", "dfa", "sa", "ia")
 
@@ -31,39 +34,45 @@ def _exact(layer, kernel):
 
 
 def _stored(layer, kernel):
-    return tf.cast(layer.read_feedback_kernel(), kernel.dtype)
+    return ops.cast(layer.read_feedback_kernel(), kernel.dtype)
 
 
 def _sign(layer, kernel):
-    return tf.sign(kernel) * tf.cast(sign_symmetry_scale(layer), kernel.dtype)
+    return ops.sign(kernel) * ops.cast(sign_symmetry_scale(layer), kernel.dtype)
 
 
 def _fixed_random_sign(layer, kernel):
     # The stored variable holds R; only its magnitude is used.
-    return tf.abs(tf.cast(layer.feedback_kernel, kernel.dtype)) * tf.sign(kernel)
+    return ops.abs(ops.cast(layer.feedback_kernel, kernel.dtype)) * ops.sign(kernel)
 
 
 def _batchwise_random_sign(layer, kernel):
-    # R is redrawn at every step from the layer's (seed, step) state: reproducible, resumable.
-    magnitude = tf.abs(stateless_normal(tf.shape(kernel), layer.feedback_seed()))
-    return tf.cast(magnitude * sign_symmetry_scale(layer), kernel.dtype) * tf.sign(kernel)
-
-
-def stateless_normal(shape, seed):
-    """Standard normal float32 numbers drawn from `seed` (`[seed, step]`), the same with and
-    without XLA: Philox's integer bits agree between TensorFlow's kernels and XLA (its floats do
-    not), so the bits are mapped to `u ∈ (0, 1)` and to `√2·erfinv(2u − 1)` here."""
-    bits = tf.random.stateless_uniform(
-        shape, seed=seed, alg="philox", dtype=tf.int32, minval=None, maxval=None
-    )
-    u = (tf.cast(tf.bitwise.bitwise_and(bits, 0x7FFFFF), tf.float32) + 0.5) / float(1 << 23)
-    return math.sqrt(2.0) * tf.math.erfinv(2.0 * u - 1.0)
+    # R is redrawn at every step from the layer's (seed, step) state: reproducible, resumable
+    # (`stateless_normal`: the same numbers with and without XLA).
+    magnitude = ops.abs(stateless_normal(ops.shape(kernel), layer.feedback_seed()))
+    return ops.cast(magnitude * sign_symmetry_scale(layer), kernel.dtype) * ops.sign(kernel)
 
 
 def _cut(layer, kernel):
     # Direct feedback alignment: nothing flows down through the layer; the output error reaches
     # every layer directly (`keras_wt.dfa.DirectFeedback`).
-    return tf.zeros_like(kernel)
+    return ops.zeros_like(kernel)
+
+
+class Learning(str, enum.Enum):
+    """Who changes a stored `B` (`Algorithm.learns_feedback`). A `str`, so a member equals its
+    value (`Learning.MIRROR == "mirror"`); `Learning.NONE` is false, the others true."""
+
+    NONE = "none"  # nothing: B stays as drawn (or is recomputed from W by the rule)
+    MIRROR = "mirror"  # the weight mirror, on noise (`keras_wt.mirror`)
+    OPTIMIZER = "optimizer"  # the Kolen–Pollack optimizer (`keras_wt.optimizers`)
+    LOSS = "loss"  # the model's optimizer, on a local alignment loss (`keras_wt.local`)
+
+    def __bool__(self):
+        return self is not Learning.NONE
+
+    def __str__(self):
+        return self.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +84,10 @@ class Algorithm:
         long_name: the name shown in docs and plots.
         stores_feedback: whether `B` (or, for `frsf`, the `R` of `B = |R|·sign(W)`) is a
             variable of the layer (`layer.feedback_kernel`).
-        learns_feedback: who changes the stored `B`: `None` (fixed), `"mirror"` (the weight
-            mirror on noise), `"optimizer"` (Kolen–Pollack) or `"loss"` (a local alignment loss
-            the layer adds to the model's losses, `keras_wt.local`).
+        learns_feedback: who changes the stored `B` (a `Learning`): nobody (`NONE`), the weight
+            mirror on noise (`MIRROR`), the Kolen–Pollack optimizer (`OPTIMIZER`) or the model's
+            optimizer on a local alignment loss the layer adds to the model's losses (`LOSS`,
+            `keras_wt.local`).
         rule: `(layer, kernel) -> B`, the tensor that replaces `W` in the input gradient, or
             `None` for exact backprop.
         steps: whether the layer keeps a `(seed, step)` state (`layer.feedback_state`), advanced
@@ -85,11 +95,11 @@ class Algorithm:
         direct: whether the error reaches the layer directly from the model's output (`dfa`):
             the model must end in a `keras_wt.dfa.DirectFeedback` marker.
         local_loss: `{primitive: coefficient}` of the local alignment loss of `B`
-            (`keras_wt.local.PRIMITIVES`), for `learns_feedback="loss"` (or the real-input
+            (`keras_wt.local.PRIMITIVES`), for `learns_feedback=Learning.LOSS` (or the real-input
             option of `wm`).
         inputs: the `feedback_input` values the layer accepts (the first is the default):
             `"real"`, the layer's input of the current batch, or `"noise"`.
-        real_input_learning: how `B` learns when `feedback_input="real"`, if not
+        real_input_learning: how `B` learns (a `Learning`) when `feedback_input="real"`, if not
             `learns_feedback` (`wm`: a local loss instead of the mirror on noise).
         weight_angle: whether the angle between `W` and `B` is defined (`dfa`'s `Bₗ` has another
             shape: its layers have no `weight_angle` nor `norm_ratio`).
@@ -98,13 +108,13 @@ class Algorithm:
     name: str
     long_name: str
     stores_feedback: bool
-    learns_feedback: str = None
+    learns_feedback: Learning = Learning.NONE
     rule: collections.abc.Callable = _stored
     steps: bool = False
     direct: bool = False
     local_loss: tuple = ()
     inputs: tuple = ()
-    real_input_learning: str = None
+    real_input_learning: Learning = None
     weight_angle: bool = True
 
     def feedback(self, layer, kernel):
@@ -117,7 +127,7 @@ class Algorithm:
         return self.rule(layer, kernel)
 
     def learning(self, feedback_input=None):
-        """Who changes `B` for a layer whose local input is `feedback_input`."""
+        """Who changes `B` (a `Learning`) for a layer whose local input is `feedback_input`."""
         if feedback_input == "real" and self.real_input_learning:
             return self.real_input_learning
         return self.learns_feedback
@@ -132,19 +142,20 @@ _REGISTRY = {
     "bp": Algorithm("bp", LONG_NAMES["bp"], stores_feedback=False, rule=_exact),
     "fa": Algorithm("fa", LONG_NAMES["fa"], stores_feedback=True),
     "ss": Algorithm("ss", LONG_NAMES["ss"], stores_feedback=False, rule=_sign),
-    "wm": Algorithm("wm", LONG_NAMES["wm"], stores_feedback=True, learns_feedback="mirror",
-                    local_loss=WM_REAL_LOSS, inputs=("noise", "real"),
-                    real_input_learning="loss"),
-    "kp": Algorithm("kp", LONG_NAMES["kp"], stores_feedback=True, learns_feedback="optimizer"),
+    "wm": Algorithm("wm", LONG_NAMES["wm"], stores_feedback=True,
+                    learns_feedback=Learning.MIRROR, local_loss=WM_REAL_LOSS,
+                    inputs=("noise", "real"), real_input_learning=Learning.LOSS),
+    "kp": Algorithm("kp", LONG_NAMES["kp"], stores_feedback=True,
+                    learns_feedback=Learning.OPTIMIZER),
     "frsf": Algorithm("frsf", LONG_NAMES["frsf"], stores_feedback=True,
                       rule=_fixed_random_sign),
     "brsf": Algorithm("brsf", LONG_NAMES["brsf"], stores_feedback=False,
                       rule=_batchwise_random_sign, steps=True),
     "dfa": Algorithm("dfa", LONG_NAMES["dfa"], stores_feedback=False, rule=_cut, direct=True,
                      weight_angle=False),
-    "sa": Algorithm("sa", LONG_NAMES["sa"], stores_feedback=True, learns_feedback="loss",
+    "sa": Algorithm("sa", LONG_NAMES["sa"], stores_feedback=True, learns_feedback=Learning.LOSS,
                     local_loss=SA_LOSS, inputs=("real", "noise"), steps=True),
-    "ia": Algorithm("ia", LONG_NAMES["ia"], stores_feedback=True, learns_feedback="loss",
+    "ia": Algorithm("ia", LONG_NAMES["ia"], stores_feedback=True, learns_feedback=Learning.LOSS,
                     local_loss=IA_LOSS, inputs=("noise", "real"), steps=True),
 }
 

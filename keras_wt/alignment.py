@@ -21,8 +21,9 @@ Angles are `degrees(arccos(clip(<a,b>/(|a||b|), -1, 1)))` over flattened tensors
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wt import backend
 from keras_wt import feedback as feedback_lib
 from keras_wt import layers as layers_lib
 
@@ -39,7 +40,7 @@ def angle(a, b):
 
 def effective_feedback(layer):
     """The `B` the layer's algorithm sends errors through, as a tensor of `W`'s shape."""
-    kernel = tf.convert_to_tensor(layer.kernel.value)
+    kernel = backend.read_value(layer.kernel)
     feedback = layer.algorithm.feedback(layer, kernel)
     return kernel if feedback is None else feedback
 
@@ -93,7 +94,7 @@ def _deltas_and_gradients(model, x, y, loss_fn, backprop):
     they are flattened and concatenated in call order. Its kernel gradient sums over its calls."""
     keys = layers_lib.feedback_keys(model)
     with feedback_lib.tap_linear_outputs() as tap:
-        with tf.GradientTape() as tape:
+        with backend.gradient_tape() as tape:
             if backprop:
                 with feedback_lib.force_backprop():
                     y_pred = model(x, training=False)
@@ -108,8 +109,8 @@ def _deltas_and_gradients(model, x, y, loss_fn, backprop):
     for layer, outputs in zip(layers, calls):
         per_call = grads[start:start + len(outputs)]
         start += len(outputs)
-        deltas[keys[layer]] = tf.concat(
-            [tf.reshape(_dense(g, o), [-1]) for g, o in zip(per_call, outputs)], axis=0
+        deltas[keys[layer]] = ops.concatenate(
+            [ops.reshape(_dense(g, o), [-1]) for g, o in zip(per_call, outputs)], axis=0
         )
     kernel_grads = {keys[layer]: g for layer, g in zip(layers, grads[start:])}
     return deltas, kernel_grads
@@ -117,7 +118,7 @@ def _deltas_and_gradients(model, x, y, loss_fn, backprop):
 
 def _dense(gradient, output):
     """`gradient`, or zeros of `output`'s shape where no gradient reaches the output."""
-    return tf.zeros_like(output) if gradient is None else gradient
+    return ops.zeros_like(output) if gradient is None else gradient
 
 
 def _compare(model, x, y, loss):

@@ -41,9 +41,10 @@ algorithm (under `keras_wt.feedback.force_backprop` the marker passes the exact 
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_wt import _compat
+from keras_wt import backend
 from keras_wt import algorithms
 from keras_wt import feedback as feedback_lib
 from keras_wt import layers as layers_lib
@@ -103,7 +104,7 @@ class DirectFeedback(keras.layers.Layer):
         top, *hidden = inputs
         if feedback_lib.backprop_forced():
             return top  # the hidden outputs then get only their backprop gradients
-        kernels = [tf.convert_to_tensor(k.value) for k in self.direct_kernels]
+        kernels = [backend.read_value(k) for k in self.direct_kernels]
         return _route(top, hidden, kernels)
 
     def compute_output_shape(self, input_shape):
@@ -121,20 +122,20 @@ class DirectFeedback(keras.layers.Layer):
 def _route(top, hidden, kernels):
     count = len(hidden)
 
-    @tf.custom_gradient
+    @backend.custom_gradient
     def route(*args):
         top, hidden, kernels = args[0], args[1:1 + count], args[1 + count:]
 
         def grad(dy):
-            e = tf.reshape(dy, (tf.shape(dy)[0], -1))
+            e = ops.reshape(dy, (ops.shape(dy)[0], -1))
             sent = [
-                tf.reshape(tf.matmul(e, tf.cast(b, e.dtype)), tf.shape(h))
+                ops.reshape(ops.matmul(e, ops.cast(b, e.dtype)), ops.shape(h))
                 for h, b in zip(hidden, kernels)
             ]
-            return (dy, *[tf.cast(s, h.dtype) for s, h in zip(sent, hidden)],
+            return (dy, *[ops.cast(s, h.dtype) for s, h in zip(sent, hidden)],
                     *[None] * len(kernels))
 
-        return tf.identity(top), grad
+        return backend.identity(top), grad
 
     return route(top, *hidden, *kernels)
 

@@ -4,7 +4,7 @@
 pass the gradient with respect to `x` is the vector-Jacobian product of `op(·, B)` and the
 gradient with respect to `W` is the stock one, the vector-Jacobian product of `op(x, ·)`. `op` is
 bilinear (a matmul or a convolution, with any padding, stride, dilation or grouping), so both
-products come from TensorFlow's own gradients of `op` and no layer type needs code of its own:
+products come from the backend's own gradients of `op` and no layer type needs code of its own:
 for Dense this is `dx = dy·Bᵀ`, `dW = xᵀ·dy`; for a convolution it is
 `conv_backprop_input(dy, B)` and `conv_backprop_filter(x, dy)`.
 """
@@ -12,7 +12,9 @@ for Dense this is `dx = dy·Bᵀ`, `dW = xᵀ·dy`; for a convolution it is
 import contextlib
 import threading
 
-import tensorflow as tf
+from keras import ops
+
+from keras_wt import backend
 
 _state = threading.local()
 
@@ -72,9 +74,9 @@ class _LinearTap:
 
 def tap_linear_outputs():
     """Context manager yielding a tap: `tap.calls[layer]` lists the linear output of every call
-    of each feedback layer called inside it (eagerly), in call order, so that a
-    `tf.GradientTape` can take the gradient of a loss with respect to them (the layer's *delta*
-    at each call); `tap.outputs[layer]` is the last call's."""
+    of each feedback layer called inside it (eagerly), in call order, so that a gradient tape
+    (`keras_wt.backend.gradient_tape`) can take the gradient of a loss with respect to them
+    (the layer's *delta* at each call); `tap.outputs[layer]` is the last call's."""
     return _set("tap", _LinearTap())
 
 
@@ -92,7 +94,7 @@ def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
         feedback: a tensor of `kernel`'s shape and dtype, or `None` for exact backprop (then
             the stock op and its stock gradients are used, bit for bit).
         on_backward: called (without arguments) when the backward pass is built: when it is
-            traced inside a `tf.function`, at every backward pass in eager mode.
+            traced inside a compiled function, at every backward pass in eager mode.
 
     Returns:
         `op(x, kernel)`.
@@ -100,21 +102,15 @@ def linear_with_feedback(op, x, kernel, feedback, on_backward=None):
     if feedback is None:
         return op(x, kernel)
 
-    @tf.custom_gradient
+    @backend.custom_gradient
     def _linear(x, kernel, feedback):
         def grad(dy):
             if on_backward is not None:
                 on_backward()
             # Two independent vector-Jacobian products of the same bilinear op. Their forward
             # values are never used and are pruned from the compiled graph.
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(x)
-                tape.watch(kernel)
-                y_x = op(x, tf.stop_gradient(feedback))
-                y_w = op(tf.stop_gradient(x), kernel)
-            dx = tape.gradient(y_x, x, output_gradients=dy)
-            dw = tape.gradient(y_w, kernel, output_gradients=dy)
-            del tape
+            (dx,) = backend.vjp(lambda x: op(x, ops.stop_gradient(feedback)), (x,), dy)
+            (dw,) = backend.vjp(lambda kernel: op(ops.stop_gradient(x), kernel), (kernel,), dy)
             return dx, dw, None
 
         return op(x, kernel), grad

@@ -29,10 +29,14 @@ applies `lr·∇_B loss` with everything else, through Keras's own loss plumbing
 under `tf.distribute`, loss scaling under mixed precision, XLA).
 """
 
+import functools
 import math
 import numbers
+import operator
 
-import tensorflow as tf
+from keras import ops
+
+from keras_wt import backend
 
 PRIMITIVES = ("decay", "self", "amp", "null", "sparse")
 # The primitives that read the layer's input x.
@@ -58,11 +62,8 @@ def check_coefficients(coefficients):
 def transpose_apply(layer, feedback, y, x):
     """`f_Bᵀ(y)`: the transpose of the linear map `z ↦ layer.linear(z, B)` applied to `y`
     (`x` gives the input's shape and dtype)."""
-    z = tf.zeros_like(x)
-    with tf.GradientTape() as tape:
-        tape.watch(z)
-        probe = tf.reduce_sum(layer.linear(z, feedback) * y)
-    return tape.gradient(probe, z)
+    (transposed,) = backend.vjp(lambda z: layer.linear(z, feedback), (ops.zeros_like(x),), y)
+    return transposed
 
 
 def alignment_loss(layer, x, kernel, feedback, coefficients):
@@ -79,31 +80,32 @@ def alignment_loss(layer, x, kernel, feedback, coefficients):
         coefficients: `{primitive: coefficient}`.
     """
     coefficients = dict(check_coefficients(coefficients))
-    dtype = tf.convert_to_tensor(kernel).dtype
-    w = tf.stop_gradient(tf.cast(kernel, dtype))
-    b = tf.cast(feedback, dtype)
+    dtype = backend.read_value(kernel).dtype
+    w = ops.stop_gradient(ops.cast(kernel, dtype))
+    b = ops.cast(feedback, dtype)
     terms = {}
     if "decay" in coefficients:
-        terms["decay"] = 0.5 * tf.reduce_sum(tf.square(b))
+        terms["decay"] = 0.5 * ops.sum(ops.square(b))
     if "self" in coefficients:
-        terms["self"] = -tf.reduce_sum(w * b)
+        terms["self"] = -ops.sum(w * b)
     if any(name in coefficients for name in _READ_INPUT):
-        x = tf.stop_gradient(tf.cast(x, dtype))
-        n = tf.cast(tf.shape(x)[0], dtype)
-        y_w = tf.stop_gradient(layer.linear(x, w))
+        x = ops.stop_gradient(ops.cast(x, dtype))
+        n = ops.cast(ops.shape(x)[0], dtype)
+        y_w = ops.stop_gradient(layer.linear(x, w))
         if "amp" in coefficients or "sparse" in coefficients:
             y_b = layer.linear(x, b)
             if "amp" in coefficients:
-                terms["amp"] = -tf.reduce_sum(y_b * y_w) / n
+                terms["amp"] = -ops.sum(y_b * y_w) / n
             if "sparse" in coefficients:
-                terms["sparse"] = 0.5 * tf.reduce_sum(tf.square(y_b)) / n
+                terms["sparse"] = 0.5 * ops.sum(ops.square(y_b)) / n
         if "null" in coefficients:
-            terms["null"] = 0.5 * tf.reduce_sum(tf.square(transpose_apply(layer, b, y_w, x))) / n
-    total = tf.add_n([coefficients[name] * terms[name] for name in terms])
-    return tf.cast(total, tf.float32)
+            terms["null"] = 0.5 * ops.sum(ops.square(transpose_apply(layer, b, y_w, x))) / n
+    # Summed left to right, as TensorFlow's `add_n` of these few scalars adds them.
+    total = functools.reduce(operator.add, [coefficients[name] * terms[name] for name in terms])
+    return ops.cast(total, "float32")
 
 
 def gradient_only(loss):
     """`loss − stop_gradient(loss)`: zero, with `loss`'s gradient. Added to the model's losses it
     trains `B` without changing the losses Keras reports (training and test)."""
-    return loss - tf.stop_gradient(loss)
+    return loss - ops.stop_gradient(loss)

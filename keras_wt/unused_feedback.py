@@ -15,7 +15,7 @@ graphs, keeps its `B` if any call needs it. A subclassed model has no graph to r
 every `B`, as do the sublayers of a layer that is not a graph (a custom layer).
 `drop_unused_feedback(model)` marks them `feedback_used=False`
 (`keras_wt.layers.FeedbackLayer`): such a layer stores no `B`, computes no input gradient
-(its input is read through `tf.stop_gradient`), and neither `KolenPollack` nor the mirror
+(its input is read through `stop_gradient`), and neither `KolenPollack` nor the mirror
 touches it (`W`'s own update and decay are unchanged, so every other weight trains bit for bit
 as with the `B` kept). The flag is part of the layer's config, so `keras.saving.load_model`
 rebuilds the layer without `B` and the saved variables match.

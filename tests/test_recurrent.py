@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import keras_wt
 from keras_wt import layers as wt
+from keras_wt.algorithms import Learning
 from keras_wt.alignment import angle, delta_angles, effective_feedback, weight_angles
 from keras_wt.mirror import WeightMirror, mirror_fan_in, residual_angle
 from keras_wt.optimizers import KolenPollack
@@ -395,7 +396,7 @@ def test_every_rule_trains_with_fit_in_every_wrapper():
         assert not np.array_equal(before[layer.kernel.path], layer.kernel.numpy()), layer.name
         if layer.feedback_state is not None:
             assert layer.feedback_state.numpy()[1] == 3, layer.name
-        if layer.feedback_learning is not None:
+        if layer.feedback_learning != Learning.NONE:
             assert not np.array_equal(before[layer.feedback_kernel.path], layer.feedback_kernel.numpy()), layer.name
     assert len(optimizer.kp_pairs) == 2 and len(mirror.mirror.layers) == 2  # both kernels of each
 

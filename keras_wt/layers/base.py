@@ -12,14 +12,16 @@ import warnings
 import weakref
 
 import keras
-import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_wt import _compat
 from keras_wt import algorithms
+from keras_wt import backend
 from keras_wt import feedback as feedback_lib
 from keras_wt import local
+from keras_wt.algorithms import Learning
 from keras_wt.layers.arguments import WithFeedback
+from keras_wt.layers.shapes import mirror_input_shape
 
 
 class _KolenPollackGuard:
@@ -110,7 +112,7 @@ class FeedbackLayer(WithFeedback):
         """
         self.feedback_input_shape = tuple(input_shape)
         kernel = self.kernel
-        if self.algorithm.learns_feedback == "optimizer":
+        if self.algorithm.learns_feedback == Learning.OPTIMIZER:
             kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
         if self.algorithm.stores_feedback and self.feedback_used:
             self.feedback_kernel = self.add_weight(
@@ -118,7 +120,7 @@ class FeedbackLayer(WithFeedback):
                 shape=kernel.shape,
                 initializer=self.feedback_initializer or self.default_feedback_initializer(),
                 # A B that learns from a local loss is updated by the model's optimizer.
-                trainable=self.feedback_learning == "loss",
+                trainable=self.feedback_learning == Learning.LOSS,
                 # Every replica computes the same update of B; this makes any assignment of
                 # B in a replica context take one replica's value for all.
                 aggregation="only_first_replica",
@@ -145,8 +147,8 @@ class FeedbackLayer(WithFeedback):
         assignment sometimes ran before the forward pass's read (about 1 run in 10 on CPU, with
         several steps per call): the error went down through the `B` of the step after.
         """
-        value = tf.convert_to_tensor(self.feedback_kernel.value)
-        if self.feedback_learning == "mirror" and tf.inside_function():
+        value = backend.read_value(self.feedback_kernel)
+        if self.feedback_learning == Learning.MIRROR and backend.in_graph():
             self._traced_values(create=True).append(value)
         return value
 
@@ -154,21 +156,21 @@ class FeedbackLayer(WithFeedback):
         """The tensors holding `B`'s current value in the function and replica being traced:
         the layer's reads of `B` there, or the value a mirror step assigned there last (`[]`:
         none, read the variable)."""
-        if not tf.inside_function():
+        if not backend.in_graph():
             return []
         return list(self._traced_values())
 
     def set_feedback_value(self, value):
         """Records `value`, just assigned to `B` in the function being traced, as `B`'s value
         there (what `feedback_values` returns until the next read)."""
-        if tf.inside_function():
+        if backend.in_graph():
             self._traced_values(create=True)[:] = [value]
 
     def _traced_values(self, create=False):
         # Per graph being traced and per replica: each replica of a MirroredStrategy traces
         # the step in its own context (and thread), into the same graph.
-        graph = tf.compat.v1.get_default_graph()
-        context = tf.distribute.get_replica_context()
+        graph = backend.trace_key()
+        context = backend.replica_context()
         by_context = self._traced_feedback.get(graph)
         if by_context is None:
             if not create:
@@ -184,44 +186,14 @@ class FeedbackLayer(WithFeedback):
     @property
     def mirror_input_shape(self):
         """The shape of one sample of the weight mirror's noise (`keras_wt.mirror`): the layer's
-        input shape without the batch axis (`feedback_input_shape[1:]`), exactly, where every
-        dimension is known.
-
-        A dimension still unknown (`None`: the sequence length of a keras-hub Transformer) is 1
-        when the layer's linear op maps the slices of its input along that axis independently,
-        each with the same kernel: every axis but the last for `Dense`, the input axes that reach
-        the output without meeting the kernel for `EinsumDense`. The mirror's step is then the
-        same average whatever the length, since its link counts `C` come from the same shape.
-        Which axes qualify is found from `linear` itself (on random inputs, the output of a
-        length-2 input must be the outputs of its two slices, side by side), so no layer type
-        needs code of its own.
-
-        Raises:
-            ValueError: an unknown dimension that the linear op mixes (a convolution's spatial
-                axes): the noise needs its size.
-        """
-        shape = self.feedback_input_shape
-        if shape is None:
-            raise ValueError(
-                f"Layer {self.name!r} is not built: the weight mirror's noise has the shape of its "
-                "input. Call the model on a batch first (the build() of a subclassed model does "
-                "not build the layers it holds; a call does)."
-            )
-        shape = tuple(shape[1:])
-        unknown = [axis for axis, size in enumerate(shape) if size is None]
-        for axis in unknown:
-            if not _slices_independent(self, shape, axis):
-                raise ValueError(
-                    f"Layer {self.name!r} has input shape {tuple(self.feedback_input_shape)}: the "
-                    f"weight mirror's noise needs the size of axis {axis + 1}, which the layer's "
-                    "linear op mixes across positions (the spatial axes of a convolution). Give "
-                    "the model a fixed input size (e.g. keras.Input((32, 32, 3)))."
-                )
-        return tuple(1 if size is None else size for size in shape)
+        input shape without the batch axis, its unknown dimensions resolved as
+        `keras_wt.layers.shapes.mirror_input_shape` says (raises a `ValueError` where they
+        cannot be)."""
+        return mirror_input_shape(self)
 
     def feedback_seed(self):
         """The `[seed, step]` of this step's random draws (a stateless RNG seed)."""
-        return tf.convert_to_tensor(self.feedback_state.value)
+        return backend.read_value(self.feedback_state)
 
     def default_feedback_initializer(self):
         """The initializer of `B` when `feedback_initializer` is `None`: the kernel's, unseeded."""
@@ -246,7 +218,7 @@ class FeedbackLayer(WithFeedback):
             # A layer built without knowing every dimension (the output projection of an
             # attention layer is built for any sequence length) learns it from its first call.
             self.feedback_input_shape = (None,) + shape[1:]
-        kernel = tf.convert_to_tensor(kernel)
+        kernel = backend.read_value(kernel)
         # A measurement (keras_wt.alignment) is not a training step: decided here, since its
         # backward pass runs after the tap is closed.
         tap = feedback_lib.linear_tap()
@@ -261,10 +233,10 @@ class FeedbackLayer(WithFeedback):
                 on_backward=self._on_backward if tap is None else None,
             )
         else:  # no error is sent below this layer: none is computed
-            outputs = self.linear(tf.stop_gradient(inputs), kernel)
+            outputs = self.linear(ops.stop_gradient(inputs), kernel)
         if tap is not None:
             outputs = tap(self, outputs)
-        elif (self.feedback_learning == "loss" and self.feedback_used
+        elif (self.feedback_learning == Learning.LOSS and self.feedback_used
               and not feedback_lib.backprop_forced()):
             # Zero-valued, with B's gradient: the model's optimizer applies it and the reported
             # losses stay the task's (keras_wt.local.gradient_only). The model's optimizer
@@ -282,31 +254,29 @@ class FeedbackLayer(WithFeedback):
 
     def _local_input(self, inputs):
         """What `B`'s local loss sees: the layer's input, or standard normal noise of its shape
-        drawn from `feedback_state` (`feedback_input="noise"`; under `tf.distribute`, from the
-        state and the replica: every replica draws its own share of the noise)."""
+        drawn from `feedback_state` (`feedback_input="noise"`; under a distribution strategy,
+        from the state and the replica: every replica draws its own share of the noise)."""
         if self.resolved_feedback_input == "noise":
             seed = self.feedback_seed()
-            replica = tf.distribute.get_replica_context()
+            replica = backend.replica_context()
             if replica is not None and replica.num_replicas_in_sync > 1:
                 # Each replica draws its own share of the noise batch.
-                seed = tf.random.experimental.stateless_fold_in(
-                    seed, replica.replica_id_in_sync_group
-                )
-            noise = algorithms.stateless_normal(tf.shape(inputs), seed)
-            return tf.cast(noise, inputs.dtype)
+                seed = backend.fold_in(seed, replica.replica_id_in_sync_group)
+            noise = backend.stateless_normal(ops.shape(inputs), seed)
+            return ops.cast(noise, inputs.dtype)
         return inputs
 
     def _on_backward(self):
         self._check_feedback_learner()
         if self.feedback_state is not None:
-            self.feedback_state.assign_add(tf.constant([0, 1], tf.int64))
+            self.feedback_state.assign_add(ops.convert_to_tensor([0, 1], "int64"))
 
     def _check_feedback_learner(self):
         """Warns when an error is sent down through a `B` that should learn by mirroring but
         that no weight mirror trains (it would stay at its random start: feedback alignment).
         Measuring deltas (`keras_wt.alignment`) is not training and is not checked."""
         if (
-            self.feedback_learning == "mirror"
+            self.feedback_learning == Learning.MIRROR
             and self.feedback_learner is None
             and feedback_lib.linear_tap() is None
         ):
@@ -365,39 +335,6 @@ class FeedbackLayer(WithFeedback):
         variables += [variable for _, variable in self.feedback_variables()]
         for key, variable in zip(expected, variables):
             variable.assign(store[key])
-
-
-def _slices_independent(layer, sample_shape, axis):
-    """Whether `layer.linear` maps the slices of a sample along `axis` (of `sample_shape`, no
-    batch axis) independently and alike: on a sample of length 2 there (1 on other unknown axes),
-    its output is the outputs of the two slices, concatenated along the one output axis that has
-    length 2 where a slice's has length 1. Inputs and kernel are Gaussian (so no sum cancels by
-    chance), compared to float32 rounding. Computed eagerly, also while a function is traced."""
-    rng = np.random.RandomState(0)
-    shape = [1] + [1 if size is None else size for size in sample_shape]
-    shape[axis + 1] = 2
-    with tf.init_scope():
-        x = tf.constant(rng.standard_normal(shape), tf.float32)
-        kernel = tf.constant(rng.standard_normal(tuple(layer.kernel.shape)), tf.float32)
-        try:
-            whole = layer.linear(x, kernel)
-            parts = [layer.linear(_slice(x, axis + 1, i), kernel) for i in range(2)]
-        except (ValueError, tf.errors.OpError):  # e.g. a "valid" window wider than 2
-            return False
-        whole_shape, part_shape = tuple(whole.shape), tuple(parts[0].shape)
-        if tuple(parts[1].shape) != part_shape or len(whole_shape) != len(part_shape):
-            return False
-        differ = [i for i, (a, b) in enumerate(zip(whole_shape, part_shape)) if a != b]
-        if len(differ) != 1 or (whole_shape[differ[0]], part_shape[differ[0]]) != (2, 1):
-            return False
-        joined = tf.concat(parts, axis=differ[0])
-        whole, joined = whole.numpy(), joined.numpy()
-        return bool(np.allclose(whole, joined, rtol=1e-5, atol=1e-5 * np.abs(whole).max()))
-
-
-def _slice(x, axis, index):
-    """`x` restricted to `index` along `axis` (the axis kept, with length 1)."""
-    return tf.gather(x, [index], axis=axis)
 
 
 def _add_bias_and_activate(layer, outputs, channel_axis=None):

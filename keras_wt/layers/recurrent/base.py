@@ -8,11 +8,13 @@ import contextlib
 import functools
 import threading
 
-import tensorflow as tf
+from keras import ops
 
 from keras_wt import _compat
+from keras_wt import backend
 from keras_wt import feedback as feedback_lib
 from keras_wt import local
+from keras_wt.algorithms import Learning
 from keras_wt.layers.arguments import WithFeedback
 from keras_wt.layers.arguments import _Twin
 from keras_wt.layers.recurrent.projections import _Bias
@@ -25,13 +27,13 @@ _READS_INPUT = ("amp", "null", "sparse")
 def _notify_backward(x, callback):
     """`x`, calling `callback()` when its gradient is built (once per backward pass)."""
 
-    @tf.custom_gradient
+    @backend.custom_gradient
     def identity(x):
         def grad(dy):
             callback()
             return dy
 
-        return tf.identity(x), grad
+        return backend.identity(x), grad
 
     return identity(x)
 
@@ -51,9 +53,9 @@ class _Sequence:
             kernel = _compat.read_without_autocast(projection.kernel)
             feedback = None
             if projection.feedback_used:
-                feedback = projection.feedback_tensor(tf.cast(kernel, self.compute_dtype))
+                feedback = projection.feedback_tensor(ops.cast(kernel, self.compute_dtype))
             if feedback is not None and not self.tapped and (
-                projection.feedback_learning == "mirror" or projection.feedback_state is not None
+                projection.feedback_learning == Learning.MIRROR or projection.feedback_state is not None
             ):
                 # FeedbackLayer's own backward hook (advance `[seed, step]`, check for a
                 # mirror), here once per backward pass, not once per time step.
@@ -69,13 +71,13 @@ class _Sequence:
         if self.tapped:
             return
         for projection, (kernel, feedback) in self.kernels.items():
-            if projection.feedback_learning != "loss" or feedback is None:
+            if projection.feedback_learning != Learning.LOSS or feedback is None:
                 continue
-            kernel = tf.cast(kernel, self.compute_dtype)
+            kernel = ops.cast(kernel, self.compute_dtype)
             coefficients = projection.local_loss_coefficients
             coefficients.setdefault("decay", 0.0)  # B's update waits for this read by data
             shape = [self.batch_size] + list(projection.feedback_input_shape[1:])
-            x = projection._local_input(tf.zeros(tf.stack(shape), kernel.dtype))
+            x = projection._local_input(ops.zeros(shape, kernel.dtype))
             projection.add_loss(local.gradient_only(
                 local.alignment_loss(projection, x, kernel, feedback, coefficients)
             ))
@@ -93,16 +95,16 @@ class _Step:
         """`W` in the compute dtype for this step, and `B`."""
         if projection not in self.kernels:
             kernel, feedback = self.sequence.kernels[projection]
-            self.kernels[projection] = (tf.cast(kernel, self.sequence.compute_dtype), feedback)
+            self.kernels[projection] = (ops.cast(kernel, self.sequence.compute_dtype), feedback)
         return self.kernels[projection]
 
     def read_once(self, projection):
         """Where the stock cell splits a kernel it has read once for the step (LSTM's
         `implementation=1`), its pieces' weight gradients meet in one tensor per step before
         they are summed over the steps: eagerly, TensorFlow sums gradients in groups, and the
-        same grouping keeps `bp` bit for bit."""
+        same grouping keeps `bp` bit for bit (`backend.identity`)."""
         kernel, feedback = self._kernel(projection)
-        self.kernels[projection] = (tf.identity(kernel), feedback)
+        self.kernels[projection] = (backend.identity(kernel), feedback)
 
     def project(self, projection, x, start=None, stop=None):
         """The projection's op on `x` (restricted to the columns `start:stop` if given), with
@@ -113,7 +115,7 @@ class _Step:
         else:
             op = functools.partial(projection.columns, start=start, stop=stop)
         if not projection.feedback_used:
-            y = op(tf.stop_gradient(x), kernel)
+            y = op(ops.stop_gradient(x), kernel)
         else:
             y = feedback_lib.linear_with_feedback(op, x, kernel, feedback)
         if not self.sequence.tapped:
@@ -131,7 +133,7 @@ class _Step:
         if projection not in self.probes:
             padding = [[0, 0]] * len(y.shape)
             padding[axis] = [start, total - stop]
-            self.probes[projection] = tap(projection, tf.pad(0.0 * y, padding))
+            self.probes[projection] = tap(projection, ops.pad(0.0 * y, padding))
         index = [slice(None)] * len(y.shape)
         index[axis] = slice(start, stop)
         return y + self.probes[projection][tuple(index)]
@@ -148,7 +150,8 @@ def _check_feedback(layer):
             "at the time step it entered. Use another rule, or keep this layer on 'bp'."
         )
     reads_input = [p for p in layer.local_loss_coefficients if p in _READS_INPUT]
-    if layer.feedback_learning == "loss" and layer.resolved_feedback_input == "real" and reads_input:
+    if (layer.feedback_learning == Learning.LOSS and layer.resolved_feedback_input == "real"
+            and reads_input):
         raise ValueError(
             f"feedback_input='real' is not supported by the recurrent layers (layer "
             f"{layer.name!r}, feedback={layer.feedback!r}: the primitives {reads_input} read the "
@@ -270,7 +273,7 @@ class _FeedbackCell(_Twin, WithFeedback):
     def get_dropout_mask(self, step_input):
         sequence = self._sequence()
         if sequence is None or sequence.owner != "layer":
-            self.open_sequence(tf.shape(step_input)[0], "hook")
+            self.open_sequence(ops.shape(step_input)[0], "hook")
         return self._stock_dropout_mask(step_input)
 
     def reset_dropout_mask(self):
@@ -287,7 +290,7 @@ class _FeedbackCell(_Twin, WithFeedback):
         if sequence is not None:
             return self._step_call(sequence.step(), inputs, states, training)
         # Called on its own: the call is the sequence.
-        with self.sequence_scope(tf.shape(inputs)[0], "call"):
+        with self.sequence_scope(ops.shape(inputs)[0], "call"):
             return self._step_call(self._sequence().step(), inputs, states, training)
 
 
@@ -321,7 +324,7 @@ class _FeedbackRNN(_Twin, WithFeedback):
         cell.feedback_prefix = self.name
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
-        with self.cell.sequence_scope(tf.shape(sequences)[0], "layer"):
+        with self.cell.sequence_scope(ops.shape(sequences)[0], "layer"):
             return super().call(
                 sequences, initial_state=initial_state, mask=mask, training=training
             )
