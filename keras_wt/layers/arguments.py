@@ -59,7 +59,8 @@ class WithFeedback:
 
     @property
     def feedback_learning(self):
-        """Who changes this layer's `B`: `None`, `"mirror"`, `"optimizer"` or `"loss"`."""
+        """Who changes this layer's `B`: an `algorithms.Learning` (`NONE`, `MIRROR`, `OPTIMIZER`
+        or `LOSS`)."""
         return self.algorithm.learning(self.resolved_feedback_input)
 
     @property
