@@ -29,10 +29,8 @@ applies `lr·∇_B loss` with everything else, through Keras's own loss plumbing
 under `tf.distribute`, loss scaling under mixed precision, XLA).
 """
 
-import functools
 import math
 import numbers
-import operator
 
 from keras import ops
 
@@ -100,8 +98,7 @@ def alignment_loss(layer, x, kernel, feedback, coefficients):
                 terms["sparse"] = 0.5 * ops.sum(ops.square(y_b)) / n
         if "null" in coefficients:
             terms["null"] = 0.5 * ops.sum(ops.square(transpose_apply(layer, b, y_w, x))) / n
-    # Summed left to right, as TensorFlow's `add_n` of these few scalars adds them.
-    total = functools.reduce(operator.add, [coefficients[name] * terms[name] for name in terms])
+    total = backend.add_n([coefficients[name] * terms[name] for name in terms])
     return ops.cast(total, "float32")
 
 

@@ -87,6 +87,11 @@ def test_read_value_keeps_the_value_read_before_a_later_assignment():
     assert backend.read_value(t) is t
 
 
+def test_add_n_is_the_sum():
+    parts = [tf.constant([1.0, 2.0]), tf.constant([0.5, -1.0]), tf.constant([0.25, 4.0])]
+    np.testing.assert_array_equal(backend.add_n(parts).numpy(), [1.75, 5.0])
+
+
 def test_after_and_barrier_and_control_dependencies_add_the_edges_only_in_a_graph():
     v = tf.Variable(0.0)
     x = tf.constant(5.0)

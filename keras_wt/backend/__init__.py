@@ -13,7 +13,8 @@ A JAX implementation is one more module with the same names (each function's doc
 `"jax"`. The interface:
 
 - Gradients: `custom_gradient`, `vjp`, `gradient_tape`.
-- Values and ordering: `read_value`, `identity`, `after`, `barrier`, `control_dependencies`.
+- Values and ordering: `read_value`, `add_n`, `identity`, `after`, `barrier`,
+  `control_dependencies`.
 - Tracing and compiling: `in_graph`, `trace_key`, `eager_scope`, `function`, `fori_loop`,
   `KERNEL_ERRORS`, `is_tensor_spec`.
 - Stateless random numbers: `fold_in`, `stateless_bits`, `stateless_normal`,
@@ -47,6 +48,7 @@ def check_backend():
 check_backend()
 
 from keras_wt.backend.tensorflow import KERNEL_ERRORS  # noqa: E402
+from keras_wt.backend.tensorflow import add_n  # noqa: E402
 from keras_wt.backend.tensorflow import after  # noqa: E402
 from keras_wt.backend.tensorflow import assign_on_every_replica  # noqa: E402
 from keras_wt.backend.tensorflow import barrier  # noqa: E402

@@ -65,6 +65,14 @@ def read_value(x):
     return tf.convert_to_tensor(x)
 
 
+def add_n(tensors):
+    """The sum of the tensors of the list `tensors` (one shape and dtype), as one op (`tf.add_n`).
+    Under XLA a chain of `+` compiles (fuses) differently and changes the last bits of what is
+    computed around it; this keeps the graph, and results, as they were. A JAX version sums them
+    left to right."""
+    return tf.add_n(tensors)
+
+
 def identity(x):
     """A new tensor equal to `x`: a point where gradients meet (TensorFlow sums the gradients of
     a tensor's uses there) and the fresh output `tf.custom_gradient` needs. A JAX version returns

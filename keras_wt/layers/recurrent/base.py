@@ -55,7 +55,8 @@ class _Sequence:
             if projection.feedback_used:
                 feedback = projection.feedback_tensor(ops.cast(kernel, self.compute_dtype))
             if feedback is not None and not self.tapped and (
-                projection.feedback_learning == Learning.MIRROR or projection.feedback_state is not None
+                projection.feedback_learning == Learning.MIRROR
+                or projection.feedback_state is not None
             ):
                 # FeedbackLayer's own backward hook (advance `[seed, step]`, check for a
                 # mirror), here once per backward pass, not once per time step.
