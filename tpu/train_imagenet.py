@@ -13,7 +13,9 @@ A smoke run on any machine:
 
 Restarting the same command with the same --model_dir resumes from the last completed epoch
 (weights, feedback kernels, optimizer and weight-mirror state). The logic lives in
-`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.config.TrainConfig`. Errors end
+`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.config.TrainConfig` (each to
+the field of the same name of its component config: `--mirror_decay` to `mirror.decay`; the
+defaults are the configs' own: `keras_wt.app.config.RECIPE_MIRROR`, `IMAGENET_OPTIMIZER`). Errors end
 in one line: exit status 2 for bad flags or settings, 1 for a failure while running (see
 `keras_wt.app.training.describe_failure`).
 """
@@ -28,7 +30,23 @@ from keras_wt import schedules
 from keras_wt.app import config as config_lib
 from keras_wt.app import strategies
 from keras_wt.app import training
-from keras_wt.app.config import TrainConfig
+from keras_wt.app.config import (
+    IMAGENET_OPTIMIZER,
+    RECIPE_MIRROR,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from keras_wt.mirror import MirrorConfig
+
+# The flags of each component config: `--<prefix><field>` sets the config's `<field>`.
+DATA_FLAGS = ("data_dir", "train_examples", "eval_examples", "use_synthetic_data", "image_size",
+              "num_classes", "batch_size", "steps_per_epoch")
+MODEL_FLAGS = {"model": "name", "dtype": "dtype"}
+OPTIMIZER_FLAGS = {"schedule": "schedule", "warmup_epochs": "warmup_epochs",
+                   "decay_epochs": "decay_epochs", "momentum": "momentum", "weight_decay": "l2"}
+MIRROR_FLAGS = ("learning_rate", "noise_std", "decay", "every", "steps", "batch_size",
+                "target_angle", "max_batch_size", "warmup_steps", "in_train_step")
 
 
 def _ints_or_floats(text):
@@ -40,10 +58,12 @@ def _int_or_auto(text):
 
 
 def flag_parser():
-    """The command-line flags; each maps to the `TrainConfig` field of the same name, except
+    """The command-line flags; each maps to a field of `TrainConfig` or of one of its component
+    configs (`DATA_FLAGS`, `MODEL_FLAGS`, `OPTIMIZER_FLAGS`, `--mirror_<field>`), except
     `--lr_per_256` (the peak `learning_rate` is `lr_per_256 · batch_size / 256`) and
     `--zero_init_residual` (an option of the ResNet builders)."""
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    d = {f"mirror_{name}": getattr(RECIPE_MIRROR, name) for name in MIRROR_FLAGS}
+    o = IMAGENET_OPTIMIZER
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -102,14 +122,14 @@ def flag_parser():
                    "no evaluation).")
     g.add_argument("--lr_per_256", type=float, default=0.1,
                    help="peak learning rate per 256 images, scaled linearly with batch_size.")
-    g.add_argument("--schedule", choices=schedules.SCHEDULES, default="step",
+    g.add_argument("--schedule", choices=schedules.SCHEDULES, default=o.schedule,
                    help="after the warm-up: x0.1 at --decay_epochs, or a cosine to 0.")
-    g.add_argument("--warmup_epochs", type=float, default=5.0,
+    g.add_argument("--warmup_epochs", type=float, default=o.warmup_epochs,
                    help="epochs of linear learning-rate warm-up.")
-    g.add_argument("--decay_epochs", type=_ints_or_floats, default=(30, 60, 80),
+    g.add_argument("--decay_epochs", type=_ints_or_floats, default=o.decay_epochs,
                    help="epochs of the x0.1 steps of --schedule=step, comma-separated.")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
-    g.add_argument("--weight_decay", type=float, default=1e-4,
+    g.add_argument("--momentum", type=float, default=o.momentum, help="SGD momentum.")
+    g.add_argument("--weight_decay", type=float, default=o.l2,
                    help="L2 coefficient of the kernels (W and, for kp, B), applied as the "
                    "equivalent decoupled decay weight_decay / (1 - momentum) per unit learning "
                    "rate; biases and batch norm are not decayed.")
@@ -163,14 +183,22 @@ def parse_flags(argv=None):
     kwargs = vars(flag_parser().parse_args(argv))
     if kwargs["mirrored_devices"]:
         kwargs["mirrored_devices"] = tuple(kwargs["mirrored_devices"].split(","))
-    kwargs["learning_rate"] = schedules.peak_learning_rate(
-        kwargs["batch_size"], kwargs.pop("lr_per_256")
-    )
+    learning_rate = schedules.peak_learning_rate(kwargs["batch_size"], kwargs.pop("lr_per_256"))
     zero_init_residual = kwargs.pop("zero_init_residual")
-    if kwargs["model"].startswith("resnet"):
-        kwargs["model_options"] = {"zero_init_residual": zero_init_residual}
+    options = {"zero_init_residual": zero_init_residual} if kwargs["model"].startswith(
+        "resnet") else {}
     try:
-        config = TrainConfig(dataset="imagenet", **kwargs)
+        config = TrainConfig(
+            data=DataConfig(dataset="imagenet", **{k: kwargs.pop(k) for k in DATA_FLAGS}),
+            model=ModelConfig(options=options,
+                              **{field: kwargs.pop(flag) for flag, field in MODEL_FLAGS.items()}),
+            optimizer=dataclasses.replace(
+                IMAGENET_OPTIMIZER, learning_rate=learning_rate,
+                **{field: kwargs.pop(flag) for flag, field in OPTIMIZER_FLAGS.items()}),
+            mirror=MirrorConfig.of(RECIPE_MIRROR, **{
+                name: kwargs.pop(f"mirror_{name}") for name in MIRROR_FLAGS}),
+            **kwargs,
+        )
     except ValueError as e:
         flag_parser().error(str(e))
     ignored = ignored_flags(config)
@@ -185,9 +213,8 @@ def ignored_flags(config):
     mirroring (the flags the algorithm does not use)."""
     if algorithms.get(config.algo).learns_feedback == "mirror":
         return []
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return sorted(name for name in defaults if name.startswith("mirror_")
-                  and getattr(config, name) != defaults[name])
+    return sorted(f"mirror_{name}" for name in MIRROR_FLAGS
+                  if getattr(config.mirror, name) != getattr(RECIPE_MIRROR, name))
 
 
 def main(argv=None):
