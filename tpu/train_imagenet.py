@@ -45,16 +45,29 @@ DATA_FLAGS = ("data_dir", "train_examples", "eval_examples", "use_synthetic_data
 MODEL_FLAGS = {"model": "name", "dtype": "dtype"}
 OPTIMIZER_FLAGS = {"schedule": "schedule", "warmup_epochs": "warmup_epochs",
                    "decay_epochs": "decay_epochs", "momentum": "momentum", "weight_decay": "l2"}
-MIRROR_FLAGS = ("learning_rate", "noise_std", "decay", "every", "steps", "batch_size",
-                "target_angle", "max_batch_size", "warmup_steps", "in_train_step")
+# `--mirror_<field>`: the type and help of each flag of `MirrorConfig`'s fields.
+MIRROR_FLAGS = {
+    "learning_rate": (float, "fraction of the way to B's target covered per mirror step."),
+    "noise_std": (float, "standard deviation of the mirror noise."),
+    "decay": (float, "B tends to (noise_std**2 / mirror_decay) * W."),
+    "every": (int, "mirror after every N training steps."),
+    "steps": (int, "mirror steps each time."),
+    "batch_size": (
+        lambda text: text if text == "auto" else int(text),
+        "noise examples per layer and mirror step (all replicas together), or 'auto': per "
+        "layer, the smallest batch whose residual angle is --mirror_target_angle (tan θ ≈ "
+        "√(fan_in·η·λ/(2n)), capped at --mirror_max_batch_size)."),
+    "target_angle": (float, "degrees, for --mirror_batch_size=auto."),
+    "max_batch_size": (int, "cap of --mirror_batch_size=auto."),
+    "warmup_steps": (int, "mirror steps before the first training step."),
+    "in_train_step": (bool, "run the mirror steps inside the compiled training step, after "
+                      "each batch (the default), or between host calls "
+                      "(--no-mirror_in_train_step)."),
+}
 
 
 def _ints_or_floats(text):
     return tuple(float(x) if "." in x else int(x) for x in text.split(",") if x)
-
-
-def _int_or_auto(text):
-    return text if text == "auto" else int(text)
 
 
 def flag_parser():
@@ -62,7 +75,6 @@ def flag_parser():
     configs (`DATA_FLAGS`, `MODEL_FLAGS`, `OPTIMIZER_FLAGS`, `--mirror_<field>`), except
     `--lr_per_256` (the peak `learning_rate` is `lr_per_256 · batch_size / 256`) and
     `--zero_init_residual` (an option of the ResNet builders)."""
-    d = {f"mirror_{name}": getattr(RECIPE_MIRROR, name) for name in MIRROR_FLAGS}
     o = IMAGENET_OPTIMIZER
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -136,32 +148,14 @@ def flag_parser():
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="label smoothing of the cross-entropy.")
 
-    g = p.add_argument_group("weight mirror (--algo=wm)")
-    g.add_argument("--mirror_learning_rate", type=float, default=d["mirror_learning_rate"],
-                   help="fraction of the way to B's target covered per mirror step.")
-    g.add_argument("--mirror_noise_std", type=float, default=d["mirror_noise_std"],
-                   help="standard deviation of the mirror noise.")
-    g.add_argument("--mirror_decay", type=float, default=d["mirror_decay"],
-                   help="B tends to (noise_std**2 / mirror_decay) * W.")
-    g.add_argument("--mirror_every", type=int, default=d["mirror_every"],
-                   help="mirror after every N training steps.")
-    g.add_argument("--mirror_steps", type=int, default=d["mirror_steps"],
-                   help="mirror steps each time.")
-    g.add_argument("--mirror_batch_size", type=_int_or_auto, default=d["mirror_batch_size"],
-                   help="noise examples per layer and mirror step (all replicas together), or "
-                   "'auto': per layer, the smallest batch whose residual angle is "
-                   "--mirror_target_angle (tan θ ≈ √(fan_in·η·λ/(2n)), capped at "
-                   "--mirror_max_batch_size).")
-    g.add_argument("--mirror_target_angle", type=float, default=d["mirror_target_angle"],
-                   help="degrees, for --mirror_batch_size=auto.")
-    g.add_argument("--mirror_max_batch_size", type=int, default=d["mirror_max_batch_size"],
-                   help="cap of --mirror_batch_size=auto.")
-    g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"],
-                   help="mirror steps before the first training step.")
-    g.add_argument("--mirror_in_train_step", action=argparse.BooleanOptionalAction,
-                   default=d["mirror_in_train_step"],
-                   help="run the mirror steps inside the compiled training step, after each "
-                   "batch (the default), or between host calls (--no-mirror_in_train_step).")
+    g = p.add_argument_group("weight mirror (--algo=wm): keras_wt.mirror.MirrorConfig")
+    for name, (kind, text) in MIRROR_FLAGS.items():
+        if kind is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": kind}
+        g.add_argument(f"--mirror_{name}", default=getattr(RECIPE_MIRROR, name), help=text,
+                       **kind)
 
     g = p.add_argument_group("logging")
     g.add_argument("--alignment", choices=("none", "weights", "full"), default="weights",
