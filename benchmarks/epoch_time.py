@@ -13,7 +13,7 @@ Versions:
 * `keras`: the stock Keras MLP (the `bp` model stripped to `keras.layers.Dense`, same weights)
   compiled like the trainer (same loss, optimizer, metric) and fitted on the same dataset with no
   callbacks and no evaluation: the tight stock loop;
-* `<algo>`: `keras_wt.app.training.train` with `keras_wt.app.experiment.train_config` of
+* `<algo>`: `keras_wt.app.training.train` with `keras_wt.app.published.train_config` of
   `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch; no run folder, so
   nothing written), except that the first layer's `B`, which no gradient uses, is dropped
   (`keep_unused_feedback=False`; the CLI keeps it for the published figures);
@@ -36,6 +36,7 @@ Usage (from the repository root; pause other jobs for numbers worth recording):
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import random
@@ -51,7 +52,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_wt  # noqa: E402
-from keras_wt.app import experiment  # noqa: E402
+from keras_wt.app import published  # noqa: E402
 from keras_wt.app import training  # noqa: E402
 from keras_wt.app.cli import parse_args as cli_args  # noqa: E402
 
@@ -81,10 +82,15 @@ class EpochTimer(keras.callbacks.Callback):
 
 def _config(algo, epochs, **overrides):
     flags, _ = cli_args(["--algo", algo, "--n_epochs", str(epochs), "--verbose", "0"])
-    config = experiment.train_config(flags)
+    config = published.train_config(flags)
     config.model_dir = None
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    for key, value in overrides.items():  # a component's setting as <component>_<field>
+        if key == "keep_unused_feedback":
+            config.model = dataclasses.replace(config.model, keep_unused_feedback=value)
+        elif key.startswith("mirror_"):
+            config.mirror = dataclasses.replace(config.mirror, **{key[len("mirror_"):]: value})
+        else:
+            setattr(config, key, value)
     return config
 
 

@@ -36,10 +36,10 @@ _EXPORTS = {
     "local": (),
     "layers": ("feedback_pairs",),
     "metrics": (),
-    "mirror": (),
+    "mirror": ("MirrorConfig",),
     "models": (),
     "optimizers": (),
-    "schedules": (),  # registers WarmupSchedule for load_model
+    "schedules": ("OptimizerConfig",),  # registers WarmupSchedule for load_model
     "unused_feedback": ("drop_unused_feedback",),
     "convert": ("convert", "strip"),  # `keras_wt.convert` is the function
 }

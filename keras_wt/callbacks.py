@@ -1,7 +1,5 @@
 """Callbacks: mirror steps for the weight mirror, alignment angles into `logs`."""
 
-import collections.abc
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -20,7 +18,7 @@ def mirrors_in_train_step(in_train_step, every, replicas):
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
-class MirrorCallback(keras.callbacks.Callback):
+class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
     """Runs weight-mirror steps on every `wm` layer between training steps.
 
     `steps` mirror steps run after every `every` training batches, and `warmup_steps` before
@@ -38,31 +36,33 @@ class MirrorCallback(keras.callbacks.Callback):
     `batch_size` may differ per layer, or be `"auto"`: each layer gets the smallest `n` that
     reaches `target_angle`, at most `max_batch_size` (`keras_wt.mirror.auto_batch_size`).
 
+    The settings are a `keras_wt.mirror.MirrorConfig` (`config`), or its fields as keyword
+    arguments, which replace those of `config` when both are given (`learning_rate` and
+    `noise_std` may be given by position); they read as attributes (`callback.every`). What they
+    mean here:
+
+    * `learning_rate` `η`, `noise_std` `σ`, `decay` `λ` (`B → (σ²/λ)·W` when `λ > 0`), `seed`
+      and `noise_distribution` (`"normal"`, `"uniform"` or `"rademacher"`, all of variance `σ²`):
+      the mirror step (`keras_wt.mirror.WeightMirror`);
+    * `every`, `steps`: `steps` mirror steps after every `every` training batches;
+    * `batch_size`: noise samples per layer and step: an int; a dict `{key: n}` naming every
+      `wm` layer (keys as `keras_wt.layers.feedback_keys`: the layer's name unless another
+      feedback layer has it); a callable `layer -> n` (register it with
+      `keras.saving.register_keras_serializable` for `get_config` to reload); or `"auto"`
+      (needs `decay > 0`): each layer's smallest batch for the residual angle `target_angle`, at
+      most `max_batch_size`. Each `n` is rounded up to a multiple of the strategy's replicas;
+      `callback.mirror.batch_sizes` holds the results once training begins;
+    * `warmup_steps`: mirror steps before the first training step;
+    * `in_train_step`: run the mirror steps inside the model's compiled training step, right
+      after the optimizer's update (`True`, the default), or from this callback between calls
+      of the training function (`False`). With `every > 1` under a strategy of several replicas
+      they always run between calls (see below).
+
     Args:
-        learning_rate: `η`.
-        noise_std: `σ` of the noise.
-        decay: `λ`, the mirror decay of `B` (`B → (σ²/λ)·W` when `λ > 0`).
-        every: mirror after every `every` training batches.
-        steps: mirror steps each time.
-        batch_size: noise samples per layer and step: an int; a dict `{key: n}` naming every
-            `wm` layer (keys as `keras_wt.layers.feedback_keys`: the layer's name unless another
-            feedback layer has it); a callable `layer -> n` (register it with
-            `keras.saving.register_keras_serializable` for `get_config` to reload); or
-            `"auto"` (needs `decay > 0`). Each `n` is rounded up to a multiple of the
-            strategy's replicas; `callback.mirror.batch_sizes` holds the results once
-            training begins.
-        warmup_steps: mirror steps before the first training step.
-        noise_distribution: `"normal"`, `"uniform"` or `"rademacher"` (`±σ`), all of
-            variance `σ²` (`keras_wt.mirror.WeightMirror`).
-        seed: seed of the noise.
+        learning_rate, noise_std: `η` and `σ` (or in `config`).
+        config: a `keras_wt.mirror.MirrorConfig`.
         jit_compile: compile the mirror computation with XLA.
-        target_angle: for `batch_size="auto"`: the residual angle in degrees each layer's noise
-            batch is sized for.
-        max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch.
-        in_train_step: run the mirror steps inside the model's compiled training step, right
-            after the optimizer's update (`True`, the default), or from this callback between
-            calls of the training function (`False`). With `every > 1` under a strategy of
-            several replicas they always run between calls (see below).
+        **settings: other fields of `MirrorConfig`.
 
     **Inside the training step** (`in_train_step=True`) `fit` runs, for its duration, a
     training function made from a `train_step` that, after the model's own, reads the step
@@ -86,40 +86,13 @@ class MirrorCallback(keras.callbacks.Callback):
     updates of separate steps, after the weights of all those batches have moved.
     """
 
-    def __init__(
-        self,
-        learning_rate,
-        noise_std,
-        decay=0.0,
-        every=1,
-        steps=1,
-        batch_size=128,
-        warmup_steps=0,
-        noise_distribution="normal",
-        seed=0,
-        jit_compile=False,
-        target_angle=5.0,
-        max_batch_size=4096,
-        in_train_step=True,
-    ):
+    def __init__(self, learning_rate=None, noise_std=None, *, config=None, jit_compile=False,
+                 **settings):
         super().__init__()
-        if every < 1 or steps < 1 or warmup_steps < 0:
-            raise ValueError(
-                f"every={every} and steps={steps} must be >= 1 and warmup_steps={warmup_steps} >= 0"
-            )
-        self.learning_rate = learning_rate
-        self.noise_std = noise_std
-        self.decay = decay
-        self.every = int(every)
-        self.steps = int(steps)
-        self.batch_size = mirror_lib.check_batch_size(batch_size)
-        self.target_angle = float(target_angle)
-        self.max_batch_size = int(max_batch_size)
-        self.warmup_steps = int(warmup_steps)
-        self.noise_distribution = noise_distribution
-        self.seed = seed
+        self.config = mirror_lib.MirrorConfig.of(
+            config, learning_rate=learning_rate, noise_std=noise_std, **settings
+        )
         self.jit_compile = jit_compile
-        self.in_train_step = bool(in_train_step)
         self.mirror = None
         self._iterations = None
         self._epoch_start = 0
@@ -138,16 +111,9 @@ class MirrorCallback(keras.callbacks.Callback):
     def _build(self):
         self.mirror = mirror_lib.WeightMirror(
             self.model,
-            learning_rate=self.learning_rate,
-            noise_std=self.noise_std,
-            decay=self.decay,
-            batch_size=self.batch_size,
-            noise_distribution=self.noise_distribution,
-            seed=self.seed,
+            config=self.config,
             jit_compile=self._mirror_jit_compile(),
             strategy=self.model.distribute_strategy,
-            target_angle=self.target_angle,
-            max_batch_size=self.max_batch_size,
         )
 
     def _mirrors_in_train_step(self):
@@ -295,35 +261,14 @@ class MirrorCallback(keras.callbacks.Callback):
         self._iterations = iterations
 
     def get_config(self):
-        batch_size = self.batch_size
-        if isinstance(batch_size, collections.abc.Mapping):
-            batch_size = {name: int(n) for name, n in batch_size.items()}
-        elif callable(batch_size):
-            batch_size = keras.saving.serialize_keras_object(batch_size)
-        return {
-            "learning_rate": self.learning_rate,
-            "noise_std": self.noise_std,
-            "decay": self.decay,
-            "every": self.every,
-            "steps": self.steps,
-            "batch_size": batch_size,
-            "warmup_steps": self.warmup_steps,
-            "noise_distribution": self.noise_distribution,
-            "seed": self.seed,
-            "jit_compile": self.jit_compile,
-            "target_angle": self.target_angle,
-            "max_batch_size": self.max_batch_size,
-            "in_train_step": self.in_train_step,
-        }
+        return dict(self.config.get_config(), jit_compile=self.jit_compile)
 
     @classmethod
     def from_config(cls, config):
+        """Also reads the keyword form saved before `MirrorConfig` (the same keys)."""
         config = dict(config)
-        batch_size = config.get("batch_size")
-        # A serialized callable, not a {layer_name: int} map (whose values are all ints).
-        if isinstance(batch_size, dict) and isinstance(batch_size.get("class_name"), str):
-            config["batch_size"] = keras.saving.deserialize_keras_object(batch_size)
-        return cls(**config)
+        jit_compile = config.pop("jit_compile", False)
+        return cls(config=mirror_lib.MirrorConfig.from_config(config), jit_compile=jit_compile)
 
 
 def _unbuilt(layers):

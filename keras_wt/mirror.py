@@ -56,10 +56,12 @@ replicas, and every replica applies the same update: all replicas keep the same 
 """
 
 import collections.abc
+import dataclasses
 import logging
 import math
 import numbers
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -190,6 +192,146 @@ def _check_size(n, what):
     return int(n)
 
 
+@dataclasses.dataclass(frozen=True)
+class MirrorConfig:
+    """Every setting of the weight mirror, in keras_wt's units (`η`, `σ`, `λ`): the one place
+    where each is defined, defaulted and checked. `WeightMirror` and `MirrorCallback` take one
+    (`config=`), or keyword arguments of the same names, which make one.
+
+    The defaults are the library's (no decay, a noise batch of 128); the trainer's recipe for the
+    convnets and ImageNet passes its own values (`keras_wt.app.config.RECIPE_MIRROR`), and the
+    reference MLP's come from the published units (`keras_wt.app.published`).
+
+    Args:
+        learning_rate: `η`, the mirror learning rate (>= 0; required).
+        noise_std: `σ`, the standard deviation of the noise (> 0; required).
+        decay: `λ`, the mirror decay of `B` (>= 0; `B → (σ²/λ)·W` when `λ > 0`).
+        every: mirror after every `every` training batches (`MirrorCallback`).
+        steps: mirror steps each time (`MirrorCallback`).
+        batch_size: `n`, noise samples per layer and step: an int, a `{key: n}` dict, a
+            callable `layer -> n`, or `"auto"` (needs `decay > 0` and `η·λ < 2`): see
+            `WeightMirror`.
+        warmup_steps: mirror steps before the first training step (`MirrorCallback`).
+        noise_distribution: `"normal"`, `"uniform"` or `"rademacher"`, all of variance `σ²`.
+        seed: integer seed of the noise.
+        target_angle: for `batch_size="auto"`: the residual angle in degrees, in (0, 90).
+        max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch (>= 1).
+        in_train_step: run the mirror steps inside the compiled training step
+            (`MirrorCallback`).
+
+    Raises:
+        ValueError: a setting out of range, named with the value given.
+    """
+
+    learning_rate: float
+    noise_std: float
+    decay: float = 0.0
+    every: int = 1
+    steps: int = 1
+    batch_size: object = 128
+    warmup_steps: int = 0
+    noise_distribution: str = "normal"
+    seed: int = 0
+    target_angle: float = 5.0
+    max_batch_size: int = 4096
+    in_train_step: bool = True
+
+    def __post_init__(self):
+        def setting(name, value):  # frozen: normalised values are set once, here
+            object.__setattr__(self, name, value)
+
+        if self.noise_distribution not in NOISE_DISTRIBUTIONS:
+            raise ValueError(
+                f"noise_distribution={self.noise_distribution!r} is not one of "
+                f"{NOISE_DISTRIBUTIONS}"
+            )
+        for name, low, strict in (("learning_rate", 0, False), ("noise_std", 0, True),
+                                  ("decay", 0, False)):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)
+                    and (value > low if strict else value >= low)):
+                raise ValueError(
+                    f"{name}={value!r} must be a finite number {'>' if strict else '>='} {low}"
+                )
+            setting(name, float(value))
+        for name, low in (("every", 1), ("steps", 1), ("warmup_steps", 0),
+                          ("max_batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+            setting(name, int(value))
+        if not (isinstance(self.target_angle, numbers.Real) and 0 < self.target_angle < 90):
+            raise ValueError(f"target_angle={self.target_angle!r} must be in (0, 90) degrees")
+        setting("target_angle", float(self.target_angle))
+        setting("seed", int(self.seed))
+        setting("in_train_step", bool(self.in_train_step))
+        setting("batch_size", check_batch_size(self.batch_size))
+        if self.batch_size == AUTO:
+            _check_fixed_point(self.learning_rate, self.decay)
+
+    @classmethod
+    def of(cls, config=None, **settings):
+        """`config` (default: the defaults) with `settings` replaced: how `WeightMirror` and
+        `MirrorCallback` turn their keyword arguments into one config. A setting given as `None`
+        is not given."""
+        settings = {k: v for k, v in settings.items() if v is not None}
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(f"{unknown} are not mirror settings: they are {sorted(names)}")
+        if config is None:
+            missing = [name for name in ("learning_rate", "noise_std") if name not in settings]
+            if missing:
+                raise ValueError(
+                    f"The weight mirror needs {' and '.join(missing)} (its η and σ): give them, "
+                    "or config=MirrorConfig(...)."
+                )
+            return cls(**settings)
+        if not isinstance(config, cls):
+            raise ValueError(f"config={config!r} is not a {cls.__name__}")
+        return dataclasses.replace(config, **settings) if settings else config
+
+    def get_config(self):
+        """The settings as a JSON-able dict (a callable `batch_size` serialized by Keras)."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        if isinstance(self.batch_size, collections.abc.Mapping):
+            values["batch_size"] = {name: int(n) for name, n in self.batch_size.items()}
+        elif callable(self.batch_size):
+            values["batch_size"] = keras.saving.serialize_keras_object(self.batch_size)
+        return values
+
+    @classmethod
+    def from_config(cls, values):
+        """The inverse of `get_config`."""
+        values = dict(values)
+        batch_size = values.get("batch_size")
+        # A serialized callable, not a {layer_name: int} map (whose values are all ints).
+        if isinstance(batch_size, dict) and isinstance(batch_size.get("class_name"), str):
+            values["batch_size"] = keras.saving.deserialize_keras_object(batch_size)
+        return cls(**values)
+
+
+class MirrorSettings:
+    """Reads the settings of `self.config` (a `MirrorConfig`) as attributes: `mirror.decay` is
+    `mirror.config.decay`. They are set once, through the constructor."""
+
+    def __getattr__(self, name):
+        if name in _MIRROR_SETTINGS and "config" in self.__dict__:
+            return getattr(self.__dict__["config"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in _MIRROR_SETTINGS:
+            raise AttributeError(
+                f"{name} is a setting of the frozen MirrorConfig `config`: give it to the "
+                "constructor"
+            )
+        super().__setattr__(name, value)
+
+
+_MIRROR_SETTINGS = frozenset(field.name for field in dataclasses.fields(MirrorConfig))
+
+
 def mirror_gradient(layer, x, counts=None):
     """`∇_W(½‖f_W(x)‖²) ⊘ C` of `layer`'s linear op at its current kernel, for noise `x`.
 
@@ -233,54 +375,46 @@ def _wm_keys(model):
     }
 
 
-class WeightMirror:
+class WeightMirror(MirrorSettings):
     """Compiled mirror steps for a list of `wm` layers (built layers with known input shapes).
 
     Each layer draws noise of its `mirror_input_shape`: its input shape, with 1 for an unknown
     length along which its linear op works slice by slice (the sequence axis of a `Dense` or
     `EinsumDense` projection), which gives the same mirror step in expectation whatever the length.
 
+    The settings are a `MirrorConfig` (`config`), or its fields as keyword arguments
+    (`WeightMirror(model, learning_rate=0.1, noise_std=1.0, decay=0.5)`; `learning_rate` and
+    `noise_std` may be given by position), which replace those of `config` when both are given;
+    they read as attributes (`mirror.decay`). Of them the mirror uses:
+
+    * `learning_rate` `η`, `noise_std` `σ`, `decay` `λ`, `seed`;
+    * `batch_size`, `n`, noise samples per layer and step: an int for every layer; a dict
+      `{key: n}` naming every `wm` layer (keys as `keras_wt.layers.feedback_keys`: the layer's
+      name unless another feedback layer has it; for a list of layers, their names); a callable
+      `layer -> n`; or `"auto"`: each layer's `auto_batch_size` for `target_angle` (needs
+      `decay > 0`), at most `max_batch_size` (before rounding up to the replicas; a layer that
+      needs more is capped, with a warning giving the angle it will reach). Each layer's `n` is
+      then rounded up to a multiple of the strategy's replicas, which draw `n / replicas`
+      samples each; `batch_sizes` holds the results;
+    * `noise_distribution`: `"normal"` (`N(0, σ²)`), `"uniform"` (`U(−σ√3, σ√3)`, the same
+      variance; the published code's noise in `[−a, a)` is `σ = a/√3`) or `"rademacher"` (`±σ`
+      with equal probability, the same variance, drawn from one random bit per sample). Same
+      mean step; the residual angle differs through the fourth moment `κ` (`mirror_fan_in`), and
+      `"auto"` sizes for it.
+
     Args:
         layers: the `wm` feedback layers, or a model (its `wm` layers are used).
-        learning_rate: `η`, the mirror learning rate.
-        noise_std: `σ`, the standard deviation of the noise.
-        decay: `λ`, the mirror weight decay of `B`.
-        batch_size: `n`, noise samples per layer and step: an int for every layer; a dict
-            `{key: n}` naming every `wm` layer (keys as `keras_wt.layers.feedback_keys`: the
-            layer's name unless another feedback layer has it; for a list of layers, their
-            names); a callable `layer -> n`; or `"auto"`:
-            each layer's `auto_batch_size` for `target_angle` (needs `decay > 0`). Each layer's
-            `n` is then rounded up to a multiple of the strategy's replicas, which draw
-            `n / replicas` samples each; `batch_sizes` holds the results.
-        noise_distribution: `"normal"` (`N(0, σ²)`), `"uniform"` (`U(−σ√3, σ√3)`, the same
-            variance; the published code's noise in `[−a, a)` is `σ = a/√3`) or
-            `"rademacher"` (`±σ` with equal probability, the same variance, drawn from one
-            random bit per sample). Same mean step; the residual angle differs through the
-            fourth moment `κ` (`mirror_fan_in`), and `"auto"` sizes for it.
-        seed: integer seed of the noise.
+        learning_rate, noise_std: `η` and `σ` (or in `config`).
+        config: a `MirrorConfig`.
         jit_compile: compile the per-replica noise and weight-gradients with XLA.
         strategy: the `tf.distribute` strategy of the model's variables (default: current).
-        target_angle: for `batch_size="auto"`: the residual angle (degrees) between `B` and a
-            frozen `W` that each layer's noise batch is sized for (`residual_angle`).
-        max_batch_size: for `batch_size="auto"`: the largest noise batch of a layer (before
-            rounding up to the replicas); a layer that needs more is capped, with a warning
-            giving the angle it will reach.
+        **settings: other fields of `MirrorConfig`.
     """
 
-    def __init__(
-        self,
-        layers,
-        learning_rate,
-        noise_std,
-        decay=0.0,
-        batch_size=128,
-        noise_distribution="normal",
-        seed=0,
-        jit_compile=False,
-        strategy=None,
-        target_angle=5.0,
-        max_batch_size=4096,
-    ):
+    def __init__(self, layers, learning_rate=None, noise_std=None, *, config=None,
+                 jit_compile=False, strategy=None, **settings):
+        self.config = MirrorConfig.of(config, learning_rate=learning_rate, noise_std=noise_std,
+                                      **settings)
         if isinstance(layers, (list, tuple)):
             keys = {layer: layer.name for layer in layers}
         else:
@@ -301,26 +435,9 @@ class WeightMirror:
         self.keys = [keys[layer] for layer in layers]
         # Raises where a layer is not built, or an unknown input length meets its kernel.
         self._input_shapes = [layer.mirror_input_shape for layer in layers]
-        if noise_distribution not in NOISE_DISTRIBUTIONS:
-            raise ValueError(
-                f"noise_distribution={noise_distribution!r} is not one of {NOISE_DISTRIBUTIONS}"
-            )
-        if learning_rate < 0 or noise_std <= 0 or decay < 0:
-            raise ValueError(
-                "Weight mirror needs learning_rate >= 0, noise_std > 0 and decay >= 0; got "
-                f"learning_rate={learning_rate}, noise_std={noise_std}, decay={decay}."
-            )
         self.layers = list(layers)
         for layer in self.layers:  # read by FeedbackLayer._check_feedback_learner
             layer.feedback_learner = self
-        self.learning_rate = float(learning_rate)
-        self.noise_std = float(noise_std)
-        self.decay = float(decay)
-        self.batch_size = check_batch_size(batch_size)
-        self.target_angle = float(target_angle)
-        self.max_batch_size = int(max_batch_size)
-        self.noise_distribution = noise_distribution
-        self.seed = int(seed)
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy or tf.distribute.get_strategy()
         # Counts and fan-ins depend only on shapes: computed once, eagerly.

@@ -7,9 +7,19 @@
 * `create_optimizer`: SGD with momentum and decoupled weight decay of the kernels only; for an
   algorithm whose `B` learns through the optimizer (`kp`) the same decay of `W` and `B` through
   `keras_wt.optimizers.KolenPollack`.
+* `OptimizerConfig`: every setting of the schedule and the optimizer, defined, defaulted and
+  checked in one place; it builds both.
+
+Weight decay has two strengths in keras_wt, each under its own name: `l2` (and `weight_decay` of
+`create_optimizer` and of the `keras_wt.models` builders) is the conventional coupled L2
+coefficient, added to the gradient as `l2·W`; `decoupled_decay` `λ` (Keras's optimizers' and
+`KolenPollack`'s `weight_decay`) shrinks `W` by `lr·λ·W` per step, outside the momentum.
 """
 
+import dataclasses
+import logging
 import math
+import numbers
 
 import keras
 import tensorflow as tf
@@ -18,6 +28,7 @@ from keras_wt import algorithms
 from keras_wt import optimizers as optimizers_lib
 
 SCHEDULES = ("constant", "step", "cosine")
+logger = logging.getLogger("keras_wt")
 
 # Variables that are never decayed: biases, batch-norm scale and offset. Feedback kernels are not
 # trainable (the optimizer never sees them); the name is listed so that this stays true if a
@@ -191,7 +202,15 @@ def create_optimizer(feedback, learning_rate, momentum=0.9, weight_decay=1e-4, n
         weight_decay: the L2 coefficient (0 for none).
         nesterov: Nesterov momentum.
     """
-    decay = decoupled_weight_decay(weight_decay, momentum)
+    return sgd(feedback, learning_rate, momentum=momentum,
+               decoupled_decay=decoupled_weight_decay(weight_decay, momentum), nesterov=nesterov)
+
+
+def sgd(feedback, learning_rate, momentum=0.9, decoupled_decay=0.0, nesterov=False):
+    """`create_optimizer` with the decoupled decay `λ` itself (`W ← W − lr·λ·W` per step, no
+    conversion): `KolenPollack(SGD(...), weight_decay=λ)` for an algorithm whose `B` learns
+    through the optimizer, else `SGD(..., weight_decay=λ)` excluding `NO_WEIGHT_DECAY`."""
+    decay = decoupled_decay
     if algorithms.get(feedback).learns_feedback == "optimizer":
         sgd = keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov)
         return optimizers_lib.KolenPollack(sgd, weight_decay=decay)
@@ -201,3 +220,110 @@ def create_optimizer(feedback, learning_rate, momentum=0.9, weight_decay=1e-4, n
     if decay:
         optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
     return optimizer
+
+
+def _check(name, value, ok, allowed, optional=False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The schedule and the optimizer of a run: SGD with momentum, a learning-rate schedule and
+    one decay of the kernels (see the module docstring for the two strengths of decay).
+
+    Args:
+        learning_rate: the peak learning rate (after the warm-up), > 0 (required).
+        schedule: `"constant"`, `"step"` (×`decay_rate` at each of `decay_epochs`) or
+            `"cosine"` (to 0 at the last epoch) (`learning_rate_schedule`).
+        warmup_epochs: epochs of linear warm-up (may be fractional), >= 0.
+        decay_epochs: for `"step"`: the epochs of the decays.
+        decay_rate: for `"step"`: the factor of each decay.
+        momentum: SGD momentum, in [0, 1).
+        nesterov: Nesterov momentum.
+        l2: the coupled L2 coefficient of the kernels (conventional: He et al.'s 1e-4), applied
+            as the equivalent decoupled decay `l2 / (1 − momentum)` (`decoupled_weight_decay`).
+        decoupled_decay: `λ` itself, applied as is (for `kp`: Kolen–Pollack's decay of `W` and
+            `B`), instead of `l2`.
+        kp_decay_budget: for an algorithm whose `B` learns through the optimizer (`kp`): the
+            decoupled `λ` for which `Σ_t lr_t·λ` over the run is this budget
+            (`decay_for_budget`), instead of `l2` or `decoupled_decay`; other algorithms get no
+            decay.
+
+    Raises:
+        ValueError: a setting out of range, or more than one of `l2`, `decoupled_decay` and
+            `kp_decay_budget`.
+    """
+
+    learning_rate: float
+    schedule: str = "step"
+    warmup_epochs: float = 5.0
+    decay_epochs: tuple = (30, 60, 80)
+    decay_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    l2: float = 1e-4
+    decoupled_decay: float = None
+    kp_decay_budget: float = None
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
+        finite = math.isfinite
+        _check("learning_rate", self.learning_rate, lambda v: finite(v) and v > 0,
+               "a finite number > 0")
+        _check("momentum", self.momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check("decay_rate", self.decay_rate, lambda v: finite(v) and v > 0, "a finite number > 0")
+        for name in ("warmup_epochs", "l2"):
+            _check(name, getattr(self, name), lambda v: finite(v) and v >= 0,
+                   "a finite number >= 0")
+        _check("decoupled_decay", self.decoupled_decay, lambda v: finite(v) and v >= 0,
+               "a finite number >= 0 (or None: from l2)", optional=True)
+        _check("kp_decay_budget", self.kp_decay_budget, lambda v: finite(v) and v > 0,
+               "a finite number > 0 (or None)", optional=True)
+        object.__setattr__(self, "decay_epochs", tuple(self.decay_epochs))
+        for epoch in self.decay_epochs:
+            _check("decay_epochs", epoch, lambda v: finite(v) and v >= 0, "numbers >= 0")
+        given = ["l2"] if self.l2 else []
+        given += [name for name in ("decoupled_decay", "kp_decay_budget")
+                  if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"{' and '.join(f'{n}={getattr(self, n)!r}' for n in given)}: these are "
+                "alternative ways to give one decay of the kernels; give one (l2=0 and "
+                "the others None)."
+            )
+
+    def learning_rate_schedule(self, steps_per_epoch, epochs):
+        """The schedule over `epochs` epochs of `steps_per_epoch` steps (a float when
+        constant without warm-up; `learning_rate_schedule`)."""
+        return learning_rate_schedule(
+            self.learning_rate, steps_per_epoch, epochs, schedule=self.schedule,
+            warmup_epochs=self.warmup_epochs, decay_epochs=self.decay_epochs,
+            decay_rate=self.decay_rate,
+        )
+
+    def decoupled_decay_for(self, feedback, schedule, total_steps):
+        """The decoupled `λ` the optimizer applies for the algorithm `feedback` over
+        `total_steps` steps of `schedule`."""
+        if self.kp_decay_budget is not None:
+            if algorithms.get(feedback).learns_feedback != "optimizer":
+                return 0.0
+            decay = decay_for_budget(schedule, total_steps, self.kp_decay_budget)
+            logger.info("Kolen-Pollack decay λ = %.4g (Σ lr·λ = %g over the run)", decay,
+                        self.kp_decay_budget)
+            return decay
+        if self.decoupled_decay is not None:
+            return float(self.decoupled_decay)
+        return decoupled_weight_decay(self.l2, self.momentum)
+
+    def create(self, feedback, steps_per_epoch, epochs):
+        """`(optimizer, schedule)` for the algorithm `feedback` over `epochs` epochs of
+        `steps_per_epoch` optimizer steps (`sgd`)."""
+        schedule = self.learning_rate_schedule(steps_per_epoch, epochs)
+        decay = self.decoupled_decay_for(feedback, schedule, epochs * steps_per_epoch)
+        optimizer = sgd(feedback, schedule, momentum=self.momentum, decoupled_decay=decay,
+                        nesterov=self.nesterov)
+        return optimizer, schedule

@@ -9,6 +9,7 @@ all-reduce keeps the replicas equal). Writes `<out_dir>/<algo>-<task>.npz` with 
 Usage: TF_CONFIG=... python tests/multiworker_worker.py OUT_DIR
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from keras_wt import models  # noqa: E402
 from keras_wt import schedules  # noqa: E402
 from keras_wt.app import strategies  # noqa: E402
 from keras_wt.app import callbacks as run_callbacks  # noqa: E402
-from keras_wt.app.config import TrainConfig  # noqa: E402
+from keras_wt.app.config import RECIPE_MIRROR, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from keras_wt._compat import multi_worker_fit  # noqa: E402
 
 BATCH_SIZE = 8  # global: 4 per worker
@@ -57,15 +58,13 @@ def main(out_dir):
     for algo in ("kp", "wm"):
         keras.utils.set_random_seed(0)
         config = TrainConfig(
-            model="mlp",
+            data=DataConfig(use_synthetic_data=True, batch_size=BATCH_SIZE),
+            model=ModelConfig(name="mlp"),
             algo=algo,
             model_dir=os.path.join(out_dir, f"run-{algo}"),
             strategy="multiworker",
-            use_synthetic_data=True,
-            batch_size=BATCH_SIZE,
-            mirror_learning_rate=0.2,
-            mirror_batch_size=8,
-            mirror_warmup_steps=1,
+            mirror=dataclasses.replace(RECIPE_MIRROR, learning_rate=0.2, batch_size=8,
+                                       warmup_steps=1),
         )
         with strategy.scope():
             model = models.mlp(

@@ -444,10 +444,10 @@ def test_imagenet_labels_outside_1_to_num_classes_stop_the_pipeline(tmp_path, la
 
 def test_fewer_examples_than_one_batch_is_an_error(tmp_path, offline):
     from keras_wt.app import training
-    from keras_wt.app.config import TrainConfig
+    from keras_wt.app.config import DataConfig, ModelConfig, TrainConfig
 
     make_idx_dataset(tmp_path)  # 3 training examples
-    config = TrainConfig(model="mlp", dataset="mnist", data_dir=str(tmp_path),
-                                  batch_size=4, model_options={"hidden": [2]})
+    config = TrainConfig(data=DataConfig(dataset="mnist", data_dir=str(tmp_path), batch_size=4),
+                         model=ModelConfig(name="mlp", options={"hidden": [2]}))
     with pytest.raises(ValueError, match="fewer than one batch of 4"):
         training.train(config)

@@ -1,12 +1,12 @@
 """The `keras-wt-train` command line: flags, wiring of the reference configuration, outputs and
 exact resumption. Runs on a tiny MNIST-format dataset written into a temporary folder."""
 
-import subprocess
-import sys
-
+import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -16,20 +16,24 @@ import tensorflow as tf
 import keras_wt
 from conftest import BATCH, N_TRAIN, assert_allclose, tiny_flags
 from keras_wt import models
+from keras_wt import schedules
 from keras_wt import optimizers as wt_optimizers
 from keras_wt.algorithms import ALGORITHMS
 from keras_wt.app import cli
 from keras_wt.app import experiment
+from keras_wt.app import published
 from keras_wt.app import runs
 from keras_wt.app import training
-from keras_wt.app.config import TrainConfig
+from keras_wt.app.config import RECIPE_MIRROR, DataConfig, TrainConfig
 from keras_wt.app.data import datasets
 from keras_wt.app.data import pipelines
 from keras_wt.callbacks import MirrorCallback
+from keras_wt.mirror import MirrorConfig
+from keras_wt.schedules import OptimizerConfig
 
 def build_model(config, image_shape):
     """The compiled model `keras-wt-train` trains for the flag dict `config`."""
-    train_config = experiment.train_config(config)
+    train_config = published.train_config(config)
     flatten = config["model"] == "mlp"
     model = training.build_model(
         train_config, (int(np.prod(image_shape)),) if flatten else image_shape)
@@ -56,13 +60,13 @@ def test_reference_defaults():
     assert config["save_dir"] == "./experiments"
     assert config["seed"] == 1111
     assert config["model"] == "mlp"
-    published = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3, "frsf": 0.2,
+    rates = {"bp": 0.2, "fa": 0.2, "ss": 0.2, "wm": 0.05, "kp": 0.3, "frsf": 0.2,
                  "brsf": 0.2, "dfa": 0.2, "sa": 0.2, "ia": 0.2}
     for algo in ALGORITHMS:
         config, _ = cli.parse_args(["--algo", algo])
-        assert experiment.learning_rate(config) == published[algo]
+        assert published.learning_rate(config) == rates[algo]
         config, _ = cli.parse_args(["--algo", algo, "--learning_rate", "0.7"])
-        assert experiment.learning_rate(config) == 0.7
+        assert published.learning_rate(config) == 0.7
 
 
 def test_help_and_flags_need_no_tensorflow():
@@ -85,7 +89,7 @@ def test_cli_names_agree_with_the_library():
 def test_keras_prints_nothing_per_epoch_unless_asked():
     """The console's line per epoch is keras_wt's summary; Keras's own (with the same numbers)
     only at --verbose 2 and 3, and never its progress bar."""
-    assert [experiment.keras_verbose(v) for v in (0, 1, 2, 3)] == [0, 0, 2, 2]
+    assert [published.keras_verbose(v) for v in (0, 1, 2, 3)] == [0, 0, 2, 2]
 
 
 def test_bad_flags():
@@ -168,7 +172,7 @@ def test_local_loss_decay_sets_the_decay_coefficient_of_sa_and_ia_only():
             assert model.get_layer(name).local_loss_coefficients == expected
     config, explicit = cli.parse_args(["--algo", "wm", "--local_loss_decay", "0.25"])
     assert experiment.ignored_flags(config, explicit) == ["local_loss_decay"]
-    assert "feedback_loss" not in experiment.train_config(config).model_options
+    assert "feedback_loss" not in published.train_config(config).model.options
     for bad in ("0", "-1", "nan"):
         with pytest.raises(ValueError, match=r"--local_loss_decay=.* positive"):
             cli.parse_args(["--algo", "sa", "--local_loss_decay", bad])
@@ -198,7 +202,7 @@ def test_convnet_recipe():
     config, _ = cli.parse_args(["--model", "cnn", "--algo", "kp", "--n_epochs", "4"])
     optimizer = build_model(config, (28, 28, 1)).optimizer
     rates = [0.025 * (1 + math.cos(math.pi * t / 40)) for t in range(40)]
-    assert optimizer.kp_weight_decay == pytest.approx(experiment.KP_DECAY_BUDGET / sum(rates),
+    assert optimizer.kp_weight_decay == pytest.approx(published.KP_DECAY_BUDGET / sum(rates),
                                                       rel=1e-5)
     config, _ = cli.parse_args(["--model", "resnet20", "--algo", "kp", "--kp_weight_decay", "0.1"])
     model = build_model(config, (28, 28, 1))
@@ -211,15 +215,17 @@ def test_mirror_step_reproduces_the_published_step():
     sigmoid(z) ≈ 1/2 + z/4 its W-dependent part is (η/4)·xᵀ(xW). The CLI's MirrorCallback must
     take exactly that step, and the published uniform noise in [−0.05, 0.05)."""
     config, _ = cli.parse_args(["--algo", "wm", "--size_hidden_layers", "7"])
-    settings = experiment.mirror_settings(config)
-    assert settings["learning_rate"] == pytest.approx(0.01 * 128 / 4)
-    assert settings["noise_std"] == pytest.approx(0.05 / math.sqrt(3))
-    assert settings["noise_distribution"] == "uniform"
-    assert settings["warmup_steps"] is None  # one pass over the data:
-    assert experiment.train_config(config).resolved_mirror_warmup_steps(60000) == 60000 // 128
-    assert settings["decay"] == 0 and settings["every"] == 1 and settings["batch_size"] == 128
+    train = published.train_config(config)
+    settings = train.mirror
+    assert settings.learning_rate == pytest.approx(0.01 * 128 / 4)
+    assert settings.noise_std == pytest.approx(0.05 / math.sqrt(3))
+    assert settings.noise_distribution == "uniform"
+    assert train.mirror_warmup_one_pass  # one pass over the data:
+    assert train.resolved_mirror(60000).warmup_steps == 60000 // 128
+    assert settings.decay == 0 and settings.every == 1 and settings.batch_size == 128
+    assert settings.seed == 1111  # the run's
     model = build_model(config, (28, 28, 1))
-    callback = MirrorCallback(**dict(settings, warmup_steps=0))
+    callback = MirrorCallback(config=settings, warmup_steps=0)
     callback.set_model(model)
     callback._build()
     mirror = callback.mirror
@@ -237,9 +243,9 @@ def test_mirror_step_reproduces_the_published_step():
     # The conversion follows the noise batch size, and Gaussian noise is available.
     config, _ = cli.parse_args(["--algo", "wm", "--mirror_batch_size", "32",
                                        "--mirror_noise_std", "0.1"])
-    settings = experiment.mirror_settings(config)
-    assert settings["learning_rate"] == pytest.approx(0.01 * 32 / 4)
-    assert (settings["noise_std"], settings["noise_distribution"]) == (0.1, "normal")
+    settings = published.train_config(config).mirror
+    assert settings.learning_rate == pytest.approx(0.01 * 32 / 4)
+    assert (settings.noise_std, settings.noise_distribution) == (0.1, "normal")
 
 
 def test_mirror_noise_distribution_flag():
@@ -247,8 +253,8 @@ def test_mirror_noise_distribution_flag():
     (the mlp's published a/√3, the convnets' recipe σ); left out, the defaults are unchanged."""
     def settings(*argv):
         config, _ = cli.parse_args(["--algo", "wm", *argv])
-        s = experiment.mirror_settings(config)
-        return s["noise_std"], s["noise_distribution"]
+        s = published.train_config(config).mirror
+        return s.noise_std, s.noise_distribution
 
     assert settings() == (pytest.approx(0.05 / math.sqrt(3)), "uniform")
     assert settings("--mirror_noise_distribution", "rademacher") == (
@@ -304,7 +310,7 @@ def test_cli_one_epoch_every_algorithm(data_dir, tmp_path, algo):
     config = read(run_dir, "experiment_config.json")
     flags = set(vars(cli.build_parser().parse_args([])))
     assert flags <= set(config) and config["algo"] == algo and config["n_epochs"] == 1
-    assert config["derived"]["learning_rate"] == experiment.PUBLISHED_LEARNING_RATES[algo]
+    assert config["derived"]["learning_rate"] == cli.PUBLISHED_LEARNING_RATES[algo]
     if algo == "wm":
         assert config["derived"]["mirror_learning_rate_keras_wt"] == pytest.approx(
             0.01 * BATCH / 4)
@@ -382,9 +388,8 @@ def test_convnet_weight_mirror_end_to_end(data_dir, tmp_path):
         data_dir, tmp_path, "wm", "--model", "cnn", "--cnn_filters", "2", "3", "--n_epochs", "1",
         "--mirror_warmup_steps", "2"))
     config = read(run_dir, "experiment_config.json")
-    assert config["train_config"]["mirror_batch_size"] == "auto"
-    assert config["train_config"]["mirror_learning_rate"] == experiment.CONVNET_MIRROR[
-        "learning_rate"]
+    assert config["train_config"]["mirror.batch_size"] == "auto"
+    assert config["train_config"]["mirror.learning_rate"] == RECIPE_MIRROR.learning_rate
     assert config["derived"]["loss"] == "softmax" and config["derived"]["schedule"] == "cosine"
     entry = read(run_dir, "results.json")["epoch_1"]
     assert np.isfinite(entry["loss"]) and set(entry["delta_angles"]) == {
@@ -392,8 +397,7 @@ def test_convnet_weight_mirror_end_to_end(data_dir, tmp_path):
     # The mirror law (tan θ ≈ √(d_in·η·λ/(2n))) sizes the 147-input hidden layer's batch above
     # the 2·5·5-input conv_2's.
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
-    mirror = keras_wt.mirror.WeightMirror(
-        model, **{k: v for k, v in experiment.CONVNET_MIRROR.items() if k != "warmup_steps"})
+    mirror = keras_wt.mirror.WeightMirror(model, config=RECIPE_MIRROR)
     sizes = dict(zip([layer.name for layer in mirror.layers], mirror.batch_sizes))
     assert sizes["hidden"] > sizes["conv_2"]
 
@@ -448,7 +452,7 @@ def test_smoke_run_on_a_subset_prints_one_line_per_epoch(data_dir, tmp_path, cap
     out = capsys.readouterr().out
     config = read(run_dir, "experiment_config.json")
     assert config["derived"]["steps_per_epoch"] == math.ceil(40 / BATCH)
-    assert config["train_config"]["train_subset"] == 40
+    assert config["train_config"]["data.train_subset"] == 40
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
     assert int(model.optimizer.iterations) == 3 * math.ceil(40 / BATCH)
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
@@ -480,10 +484,13 @@ def test_steps_per_epoch_takes_the_first_batches_of_each_epochs_order():
 
 def _cli_train(data_dir, tmp_path, algo, *extra, **overrides):
     flags, _ = cli.parse_args(tiny_flags(data_dir, tmp_path, algo, "--n_epochs", "2", *extra))
-    config = experiment.train_config(flags)
+    config = published.train_config(flags)
     config.model_dir = None
     for key, value in overrides.items():
-        setattr(config, key, value)
+        if key.startswith("mirror_"):
+            config.mirror = dataclasses.replace(config.mirror, **{key[len("mirror_"):]: value})
+        else:
+            setattr(config, key, value)
     return training.train(config)[0]
 
 
@@ -504,10 +511,103 @@ def test_several_steps_per_call_train_exactly_as_one_and_the_reference_mlp_keeps
     for a, b in zip(grouped.weights, between.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     for algo, every, expected in (("wm", 1, 7), ("wm", 2, 7), ("fa", 1, 7)):
-        config = TrainConfig(algo=algo, dataset="mnist", steps_per_execution="auto",
-                                      mirror_every=every)
+        config = TrainConfig(algo=algo, data=DataConfig(dataset="mnist"),
+                             steps_per_execution="auto",
+                             mirror=dataclasses.replace(RECIPE_MIRROR, every=every))
         assert config.resolved_steps_per_execution(469) == expected
     # The published MLP keeps (and trains) the first layer's B, which no gradient uses.
     assert grouped.get_layer("hidden_1").feedback_kernel is not None
     flags, _ = cli.parse_args(tiny_flags(data_dir, tmp_path, "kp", "--model", "cnn"))
-    assert not experiment.train_config(flags).keep_unused_feedback
+    assert not published.train_config(flags).model.keep_unused_feedback
+
+
+# --- the component configs and the one translation of the published units --------------------
+
+
+def test_published_units_translate_as_computed_by_hand():
+    """mlp: keras_wt's η_m = η_pub·n/4 and uniform noise of amplitude a has σ = a/√3;
+    convnets: the flags are keras_wt's units over the recipe's mirror."""
+    flags, _ = cli.parse_args(["--algo", "wm", "--mirror_learning_rate", "0.02",
+                               "--mirror_batch_size", "64", "--mirror_noise_amplitude", "0.3",
+                               "--mirror_decay", "0.5", "--mirror_warmup_steps", "7"])
+    config = published.train_config(flags)
+    assert config.mirror == MirrorConfig(
+        learning_rate=0.02 * 64 / 4, noise_std=0.3 / math.sqrt(3), decay=0.5, batch_size=64,
+        warmup_steps=7, noise_distribution="uniform", seed=1111)
+    assert not config.mirror_warmup_one_pass
+    assert published.derived(config)["mirror_learning_rate_keras_wt"] == 0.32
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_learning_rate", "0.02",
+                               "--mirror_batch_size", "64"])
+    config = published.train_config(flags)
+    assert config.mirror == dataclasses.replace(RECIPE_MIRROR, learning_rate=0.02, batch_size=64,
+                                                seed=1111)
+    assert not config.mirror_warmup_one_pass
+
+
+def test_kp_decay_passes_through_as_the_decoupled_decay():
+    """--kp_weight_decay λ is `OptimizerConfig.decoupled_decay`, applied as is: the optimizer is
+    the one the former round trip λ·(1 − m) / (1 − m) built, to float32 (what the step uses)."""
+    for model, momentum in (("mlp", 0.0), ("cnn", 0.9), ("resnet20", 0.9)):
+        for decay in (1e-3, 0.1, 0.0123, 5e-4):
+            flags, _ = cli.parse_args(["--algo", "kp", "--model", model,
+                                       "--kp_weight_decay", str(decay)])
+            optimizer = published.train_config(flags).optimizer
+            assert (optimizer.l2, optimizer.decoupled_decay, optimizer.kp_decay_budget) == (
+                0.0, decay, None)
+            assert optimizer.momentum == momentum
+            new, _ = optimizer.create("kp", steps_per_epoch=10, epochs=2)
+            old = schedules.create_optimizer("kp", optimizer.learning_rate, momentum=momentum,
+                                             weight_decay=decay * (1.0 - momentum))
+            assert np.float32(new.kp_weight_decay) == np.float32(old.kp_weight_decay)
+            assert new.kp_weight_decay == decay
+    flags, _ = cli.parse_args(["--algo", "kp", "--model", "cnn"])
+    optimizer = published.train_config(flags).optimizer
+    assert (optimizer.l2, optimizer.decoupled_decay, optimizer.kp_decay_budget) == (
+        0.0, None, published.KP_DECAY_BUDGET)
+    flags, _ = cli.parse_args(["--algo", "fa", "--model", "cnn"])
+    optimizer = published.train_config(flags).optimizer  # the L2 coefficient of the recipe
+    assert (optimizer.l2, optimizer.decoupled_decay) == (5e-4, None)
+    assert optimizer.decoupled_decay_for("fa", 0.05, 10) == 5e-4 / (1 - 0.9)
+
+
+def test_each_setting_is_defaulted_and_checked_by_its_config():
+    config = TrainConfig(data=DataConfig(use_synthetic_data=True))
+    assert config.mirror == RECIPE_MIRROR  # seed 0, the run's
+    assert config.optimizer == OptimizerConfig(learning_rate=0.4)  # ImageNet's recipe
+    assert TrainConfig(data=DataConfig(use_synthetic_data=True), seed=5).mirror.seed == 5
+    with pytest.raises(ValueError, match="data_dir is required"):
+        DataConfig()
+    with pytest.raises(ValueError, match=r"batch_size=0 is not allowed: it must be an integer >= 1"):
+        DataConfig(dataset="mnist", batch_size=0)
+    with pytest.raises(ValueError, match=r"name='vgg' is not one of"):
+        keras_wt.app.config.ModelConfig(name="vgg")
+    with pytest.raises(ValueError, match=r"momentum=1.0 is not allowed: it must be a number in"):
+        OptimizerConfig(learning_rate=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match=r"l2=0.0001 and decoupled_decay=0.1: .* give one"):
+        OptimizerConfig(learning_rate=0.1, decoupled_decay=0.1)
+    with pytest.raises(ValueError, match=r"schedule='linear' is not one of"):
+        OptimizerConfig(learning_rate=0.1, schedule="linear")
+    with pytest.raises(ValueError, match=r"mirror=\{.*\} is not a MirrorConfig"):
+        TrainConfig(data=DataConfig(dataset="mnist"), mirror={"decay": 1.0})
+    with pytest.raises(ValueError, match=r"warmup_steps=-1 must be an integer >= 0"):
+        published.train_config(dict(cli.parse_args([])[0], mirror_warmup_steps=-1))
+
+
+def test_a_run_saved_with_the_flat_train_config_is_compared_when_resumed(tmp_path):
+    """`experiment_config.json` of runs saved before the component configs holds a flat
+    `train_config` (`mirror_decay`, `batch_size`): its settings compare with today's."""
+    from keras_wt.app import records
+
+    config = TrainConfig(data=DataConfig(dataset="mnist", batch_size=8), model_dir=str(tmp_path),
+                         mirror=dataclasses.replace(RECIPE_MIRROR, decay=0.5))
+    old = {"model": "resnet18", "algo": "bp", "dataset": "mnist", "data_dir": "elsewhere",
+           "batch_size": 8, "mirror_decay": 0.5, "mirror_warmup_steps": None,
+           "weight_decay": 1e-4, "learning_rate": 0.4, "epochs": 3}
+    runs.write_json(str(tmp_path / "experiment_config.json"), {"train_config": old})
+    assert records.record_config(config, {}, {})  # data_dir and epochs may change
+    for key, value, new_key in (("batch_size", 16, "data.batch_size"),
+                                ("mirror_decay", 1.0, "mirror.decay")):
+        runs.write_json(str(tmp_path / "experiment_config.json"),
+                        {"train_config": dict(old, **{key: value})})
+        with pytest.raises(ValueError, match=rf"{new_key}=.* \(saved: {value}\)"):
+            records.record_config(config, {}, {})

@@ -1,6 +1,7 @@
 """Weight mirror: ΔB = η·∇_W(½‖f_W(x)‖²)⊘(n·C) − η·λ·B, driven by noise of the layer's input shape
 (C: the real-input positions of each kernel entry, 1 for Dense)."""
 
+import dataclasses
 import json
 
 import keras
@@ -12,7 +13,7 @@ import keras_wt
 from keras_wt import layers as wt
 from keras_wt.alignment import weight_angles
 from keras_wt.callbacks import MirrorCallback
-from keras_wt.mirror import WeightMirror
+from keras_wt.mirror import MirrorConfig, WeightMirror
 
 
 def _dense_model():
@@ -963,3 +964,57 @@ def test_the_mirroring_training_step_graph_grows_linearly_with_depth():
     for which in (0, 1):
         growth = [(sizes[1][which] - sizes[0][which]) / 4, (sizes[2][which] - sizes[1][which]) / 8]
         assert growth[1] <= 1.05 * growth[0], sizes
+
+
+# --- MirrorConfig: every setting of the mirror defined, defaulted and checked once ------------
+
+
+def test_mirror_config_defaults_validation_and_keyword_form():
+    config = MirrorConfig(learning_rate=0.1, noise_std=1.0)
+    assert (config.decay, config.every, config.steps, config.batch_size, config.warmup_steps,
+            config.noise_distribution, config.seed, config.target_angle, config.max_batch_size,
+            config.in_train_step) == (0.0, 1, 1, 128, 0, "normal", 0, 5.0, 4096, True)
+    # The keyword form makes the same config; keywords replace the fields of a config given.
+    callback = MirrorCallback(0.1, 1.0, decay=0.5, every=2)
+    assert callback.config == MirrorConfig(0.1, 1.0, decay=0.5, every=2)
+    assert callback.every == 2 and callback.decay == 0.5  # read through the config
+    assert MirrorCallback(config=config, decay=0.5).config == dataclasses.replace(config, decay=0.5)
+    with pytest.raises(AttributeError, match="frozen MirrorConfig"):
+        callback.every = 3
+    for bad, match in (
+        (dict(noise_std=0.0), r"noise_std=0.0 must be a finite number > 0"),
+        (dict(learning_rate=-1.0), r"learning_rate=-1.0 must be a finite number >= 0"),
+        (dict(decay=float("nan")), r"decay=nan must be"),
+        (dict(every=0), r"every=0 must be an integer >= 1"),
+        (dict(steps=1.5), r"steps=1.5 must be an integer >= 1"),
+        (dict(warmup_steps=-1), r"warmup_steps=-1 must be an integer >= 0"),
+        (dict(max_batch_size=0), r"max_batch_size=0 must be an integer >= 1"),
+        (dict(target_angle=90), r"target_angle=90 must be in \(0, 90\)"),
+        (dict(batch_size=0), r"batch_size=0 must be a positive int"),
+        (dict(batch_size="auto"), r"decay=0"),  # "auto" needs a fixed point
+        (dict(noise_distribution="cauchy"), r"noise_distribution='cauchy' is not one of"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(config, **bad)
+        with pytest.raises(ValueError, match=match):
+            MirrorCallback(**dict(dict(learning_rate=0.1, noise_std=1.0), **bad))
+    with pytest.raises(ValueError, match=r"\['rate'\] are not mirror settings"):
+        MirrorCallback(0.1, 1.0, rate=2)
+    with pytest.raises(ValueError, match="needs noise_std"):
+        MirrorCallback(learning_rate=0.1)
+
+
+def test_mirror_callback_loads_the_keyword_config_saved_before_mirror_config():
+    """`MirrorCallback.get_config` as the code before `MirrorConfig` wrote it (keyword keys)."""
+    saved = {"learning_rate": 0.05, "noise_std": 0.5, "decay": 0.1, "every": 2, "steps": 3,
+             "batch_size": {"wide": 8, "narrow": 4}, "warmup_steps": 2,
+             "noise_distribution": "uniform", "seed": 7, "jit_compile": True,
+             "target_angle": 5.0, "max_batch_size": 4096, "in_train_step": False}
+    callback = MirrorCallback.from_config(saved)
+    assert callback.jit_compile is True
+    assert callback.config == MirrorConfig(
+        0.05, 0.5, decay=0.1, every=2, steps=3, batch_size={"wide": 8, "narrow": 4},
+        warmup_steps=2, noise_distribution="uniform", seed=7, in_train_step=False)
+    assert callback.get_config() == saved
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(callback))
+    assert restored.config == callback.config and restored.jit_compile is True

@@ -31,12 +31,26 @@ from keras_wt import schedules
 from keras_wt.app import strategies
 from keras_wt.app import callbacks as run_callbacks
 from keras_wt.app import training
-from keras_wt.app.config import TrainConfig
+from keras_wt.app.config import (
+    IMAGENET_OPTIMIZER,
+    RECIPE_MIRROR,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from keras_wt.schedules import OptimizerConfig
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 BATCH = 8  # global: 4 per replica on two CPUs
 N_TRAIN, N_VALIDATION = 32, 20  # the examples of `imagenet_dir`
+
+
+def _imagenet_data(imagenet_dir, steps_per_epoch):
+    """The `DataConfig` of the small TFRecords of `imagenet_dir`."""
+    return DataConfig(data_dir=imagenet_dir, image_size=IMAGE_SIZE, train_examples=N_TRAIN,
+                      eval_examples=N_VALIDATION, num_classes=NUM_CLASSES, batch_size=BATCH,
+                      steps_per_epoch=steps_per_epoch)
 
 
 def _load_cli():
@@ -168,9 +182,8 @@ def test_default_mirror_brings_every_b_to_w_scale():
     )
     # The trainer's defaults σ = λ = 1, with a faster rate and a bigger batch to converge in
     # 40 steps.
-    callback = run_callbacks.create_mirror_callback(
-        model, learning_rate=0.2, batch_size=256, warmup_steps=0
-    )
+    callback = run_callbacks.create_mirror_callback(model, dataclasses.replace(
+        RECIPE_MIRROR, learning_rate=0.2, batch_size=256, warmup_steps=0))
     assert (callback.noise_std, callback.decay) == (1.0, 1.0)
     callback.set_model(model)
     callback.on_train_begin()
@@ -185,7 +198,7 @@ def test_default_mirror_brings_every_b_to_w_scale():
         assert 0.9 < ratio < 1.1, (name, ratio)
     for name, degrees in keras_wt.alignment.weight_angles(model).items():
         assert degrees < 15, (name, degrees)
-    assert run_callbacks.create_mirror_callback(models.cnn(feedback="kp")) is None
+    assert run_callbacks.create_mirror_callback(models.cnn(feedback="kp"), RECIPE_MIRROR) is None
 
 
 def test_weight_alignment_writes_angles_for_every_layer():
@@ -229,21 +242,25 @@ def test_flags_map_to_the_config():
          "--steps_per_execution=200", "--no-zero_init_residual"]
     )
     assert config.strategy == "tpu" and config.tpu == "local"
-    assert config.model == "resnet50" and config.algo == "kp"
-    assert config.decay_epochs == (30, 60, 80) and config.schedule == "cosine"
+    assert config.model.name == "resnet50" and config.algo == "kp"
+    assert config.optimizer.decay_epochs == (30, 60, 80) and config.optimizer.schedule == "cosine"
     assert config.resolved_dtype == "mixed_bfloat16"
-    assert config.resolved_steps_per_epoch(1281167) == 1281167 // 1024
-    assert config.model_options == {"zero_init_residual": False}
-    assert config.steps_per_execution == 200 and config.learning_rate == pytest.approx(0.4)
-    assert config.epochs == 90 and config.weight_decay == 1e-4 and config.momentum == 0.9
+    assert config.data.resolved_steps_per_epoch(1281167) == 1281167 // 1024
+    assert config.model.options == {"zero_init_residual": False}
+    assert config.steps_per_execution == 200
+    assert config.optimizer.learning_rate == pytest.approx(0.4)
+    assert config.epochs == 90 and config.optimizer.l2 == 1e-4 and config.optimizer.momentum == 0.9
+    # The defaults are the configs' own: the recipe's mirror, ImageNet's optimizer.
+    assert config.mirror == dataclasses.replace(RECIPE_MIRROR, seed=config.seed)
+    assert config.optimizer == dataclasses.replace(IMAGENET_OPTIMIZER, schedule="cosine")
     with pytest.raises(SystemExit):
         cli.parse_flags(["--strategy=default"])  # neither --data_dir nor --use_synthetic_data
 
 
 def test_callbacks_measure_before_logging_and_back_up_last(tmp_path):
     config = TrainConfig(
-        model="cnn", algo="wm", use_synthetic_data=True, model_dir=str(tmp_path),
-        mirror_warmup_steps=0,
+        data=DataConfig(use_synthetic_data=True), model=ModelConfig(name="cnn"), algo="wm",
+        model_dir=str(tmp_path), mirror=dataclasses.replace(RECIPE_MIRROR, warmup_steps=0),
     )
     model = models.cnn(input_shape=(8, 8, 3), num_classes=4, feedback="wm")
     extra = keras.callbacks.Callback()
@@ -304,10 +321,9 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
     steps = 3
     # Warm-up over the first 2 steps, then x0.1: the three steps use three learning rates.
     config = TrainConfig(
-        model="resnet18", algo="kp", data_dir=imagenet_dir, image_size=IMAGE_SIZE,
-        train_examples=N_TRAIN, eval_examples=N_VALIDATION,
-        num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=2,
-        warmup_epochs=1, decay_epochs=(1,), learning_rate=0.1, weight_decay=0.01,
+        data=_imagenet_data(imagenet_dir, steps_per_epoch=2), model=ModelConfig(name="resnet18"),
+        algo="kp", epochs=2, optimizer=OptimizerConfig(
+            learning_rate=0.1, warmup_epochs=1, decay_epochs=(1,), l2=0.01),
     )
     with strategy.scope():
         model = _mixed_resnet18()
@@ -339,8 +355,8 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
         return strategy.run(replica_step, args=(images, labels))
 
     # The mirror's own XLA compilation is checked with convolutions in the resume test below.
-    mirror = run_callbacks.create_mirror_callback(model, learning_rate=0.5, batch_size=8,
-                                             warmup_steps=0)
+    mirror = run_callbacks.create_mirror_callback(model, dataclasses.replace(
+        RECIPE_MIRROR, learning_rate=0.5, batch_size=8, warmup_steps=0))
     mirror.set_model(model)
     mirror.on_train_begin()
     assert mirror.mirror.layers == layers["wm"]
@@ -351,7 +367,7 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
     iterator = iter(strategy.experimental_distribute_dataset(train_data))
     stored = layers["fa"] + layers["wm"] + layers["kp"]
     initial_b = {layer.name: layer.feedback_kernel.numpy() for layer in stored}
-    decay = schedules.decoupled_weight_decay(config.weight_decay, config.momentum)
+    decay = schedules.decoupled_weight_decay(config.optimizer.l2, config.optimizer.momentum)
     for step in range(steps):
         images, labels = next(iterator)
         if step == 0:  # the replica's XLA gradients equal TensorFlow's, for every algorithm
@@ -400,7 +416,7 @@ def test_resnet18_trains_every_algorithm_with_xla_on_every_replica(imagenet_dir,
 def test_steps_per_execution_under_strategies(two_cpu_strategy):
     """Keras 3 cannot run several steps per call under a MirroredStrategy of several replicas
     (keras-team/keras#19246): "auto" is 1 there and an explicit value above 1 is refused."""
-    auto = TrainConfig(algo="kp", dataset="mnist", steps_per_execution="auto")
+    auto = TrainConfig(algo="kp", data=DataConfig(dataset="mnist"), steps_per_execution="auto")
     assert auto.resolved_steps_per_execution(469) == 7
     assert auto.resolved_steps_per_execution(469, two_cpu_strategy) == 1
     one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -422,7 +438,7 @@ def test_trainer_runs_on_tfrecords_under_mirrored_strategy(
          "--mirror_warmup_steps=2", "--mirror_batch_size=8", "--verbose=0"]
     )
     # A small network keeps this fast; a ResNet-18 trains on these files in the test above.
-    config = dataclasses.replace(config, model="cnn", model_options={})
+    config = dataclasses.replace(config, model=ModelConfig(name="cnn"))
     model, history = training.train(config, strategy=two_cpu_strategy)
     logs = {k: v[-1] for k, v in history.history.items()}
     for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy",
@@ -496,7 +512,7 @@ def test_resumed_run_continues_exactly(algo, tmp_path):
          # 2 × ln 4), which does not matter to resuming exactly.
          "--no-divergence_check"]
     )
-    config = dataclasses.replace(config, model="cnn", model_options={})
+    config = dataclasses.replace(config, model=ModelConfig(name="cnn"))
     assert strategies.jit_compile_for(config.strategy)  # the whole step under XLA
     uninterrupted, _ = training.train(config, callbacks=[_Preempt(run, preempted, epoch=1)])
     resumed, history = training.train(dataclasses.replace(config, model_dir=preempted))
@@ -544,11 +560,11 @@ def test_two_runs_on_tfrecords_are_bit_identical(imagenet_dir, tmp_path, algo):
     """A fixed --seed makes the ImageNet trainer reproducible on CPU (XLA): file and example
     order, augmentation, weights, B and the mirror noise."""
     config = TrainConfig(
-        model="cnn", algo=algo, data_dir=imagenet_dir, image_size=IMAGE_SIZE,
-        train_examples=N_TRAIN, eval_examples=N_VALIDATION,
-        num_classes=NUM_CLASSES, batch_size=BATCH, epochs=1, steps_per_epoch=4, eval_steps=0,
-        learning_rate=0.1, warmup_epochs=0, weight_decay=0.01, mirror_warmup_steps=2,
-        mirror_batch_size=8, alignment="none", verbose=0, seed=3,
+        data=_imagenet_data(imagenet_dir, steps_per_epoch=4), model=ModelConfig(name="cnn"),
+        algo=algo, epochs=1, eval_steps=0,
+        optimizer=OptimizerConfig(learning_rate=0.1, warmup_epochs=0, l2=0.01),
+        mirror=dataclasses.replace(RECIPE_MIRROR, warmup_steps=2, batch_size=8),
+        alignment="none", verbose=0, seed=3,
     )
     first, _ = training.train(config)
     second, _ = training.train(config)
@@ -572,11 +588,11 @@ def test_resumed_run_on_tfrecords_continues_exactly(imagenet_dir, tmp_path, algo
     resumed on real TFRecords ends bit for bit where the uninterrupted run ends."""
     run, preempted = str(tmp_path / "run"), str(tmp_path / "preempted")
     config = TrainConfig(
-        model="cnn", algo=algo, data_dir=imagenet_dir, model_dir=run, image_size=IMAGE_SIZE,
-        train_examples=N_TRAIN, eval_examples=N_VALIDATION,
-        num_classes=NUM_CLASSES, batch_size=BATCH, epochs=2, steps_per_epoch=3, eval_steps=0,
-        learning_rate=0.1, warmup_epochs=0.5, weight_decay=0.01, mirror_warmup_steps=2,
-        mirror_batch_size=8, alignment="none", verbose=0, seed=0,  # 0: the global seed too
+        data=_imagenet_data(imagenet_dir, steps_per_epoch=3), model=ModelConfig(name="cnn"),
+        algo=algo, model_dir=run, epochs=2, eval_steps=0,
+        optimizer=OptimizerConfig(learning_rate=0.1, warmup_epochs=0.5, l2=0.01),
+        mirror=dataclasses.replace(RECIPE_MIRROR, warmup_steps=2, batch_size=8),
+        alignment="none", verbose=0, seed=0,  # 0: the global seed too
         divergence_check=False,  # the loss explodes in epoch 2 (to ~1e13): not what is tested
     )
     uninterrupted, _ = training.train(config, callbacks=[_Preempt(run, preempted, epoch=1)])

@@ -13,7 +13,9 @@ A smoke run on any machine:
 
 Restarting the same command with the same --model_dir resumes from the last completed epoch
 (weights, feedback kernels, optimizer and weight-mirror state). The logic lives in
-`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.config.TrainConfig`. Errors end
+`keras_wt.app.training`; this file only maps flags to a `keras_wt.app.config.TrainConfig` (each to
+the field of the same name of its component config: `--mirror_decay` to `mirror.decay`; the
+defaults are the configs' own: `keras_wt.app.config.RECIPE_MIRROR`, `IMAGENET_OPTIMIZER`). Errors end
 in one line: exit status 2 for bad flags or settings, 1 for a failure while running (see
 `keras_wt.app.training.describe_failure`).
 """
@@ -28,22 +30,52 @@ from keras_wt import schedules
 from keras_wt.app import config as config_lib
 from keras_wt.app import strategies
 from keras_wt.app import training
-from keras_wt.app.config import TrainConfig
+from keras_wt.app.config import (
+    IMAGENET_OPTIMIZER,
+    RECIPE_MIRROR,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from keras_wt.mirror import MirrorConfig
+
+# The flags of each component config: `--<prefix><field>` sets the config's `<field>`.
+DATA_FLAGS = ("data_dir", "train_examples", "eval_examples", "use_synthetic_data", "image_size",
+              "num_classes", "batch_size", "steps_per_epoch")
+MODEL_FLAGS = {"model": "name", "dtype": "dtype"}
+OPTIMIZER_FLAGS = {"schedule": "schedule", "warmup_epochs": "warmup_epochs",
+                   "decay_epochs": "decay_epochs", "momentum": "momentum", "weight_decay": "l2"}
+# `--mirror_<field>`: the type and help of each flag of `MirrorConfig`'s fields.
+MIRROR_FLAGS = {
+    "learning_rate": (float, "fraction of the way to B's target covered per mirror step."),
+    "noise_std": (float, "standard deviation of the mirror noise."),
+    "decay": (float, "B tends to (noise_std**2 / mirror_decay) * W."),
+    "every": (int, "mirror after every N training steps."),
+    "steps": (int, "mirror steps each time."),
+    "batch_size": (
+        lambda text: text if text == "auto" else int(text),
+        "noise examples per layer and mirror step (all replicas together), or 'auto': per "
+        "layer, the smallest batch whose residual angle is --mirror_target_angle (tan θ ≈ "
+        "√(fan_in·η·λ/(2n)), capped at --mirror_max_batch_size)."),
+    "target_angle": (float, "degrees, for --mirror_batch_size=auto."),
+    "max_batch_size": (int, "cap of --mirror_batch_size=auto."),
+    "warmup_steps": (int, "mirror steps before the first training step."),
+    "in_train_step": (bool, "run the mirror steps inside the compiled training step, after "
+                      "each batch (the default), or between host calls "
+                      "(--no-mirror_in_train_step)."),
+}
 
 
 def _ints_or_floats(text):
     return tuple(float(x) if "." in x else int(x) for x in text.split(",") if x)
 
 
-def _int_or_auto(text):
-    return text if text == "auto" else int(text)
-
-
 def flag_parser():
-    """The command-line flags; each maps to the `TrainConfig` field of the same name, except
+    """The command-line flags; each maps to a field of `TrainConfig` or of one of its component
+    configs (`DATA_FLAGS`, `MODEL_FLAGS`, `OPTIMIZER_FLAGS`, `--mirror_<field>`), except
     `--lr_per_256` (the peak `learning_rate` is `lr_per_256 · batch_size / 256`) and
     `--zero_init_residual` (an option of the ResNet builders)."""
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    o = IMAGENET_OPTIMIZER
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -102,46 +134,28 @@ def flag_parser():
                    "no evaluation).")
     g.add_argument("--lr_per_256", type=float, default=0.1,
                    help="peak learning rate per 256 images, scaled linearly with batch_size.")
-    g.add_argument("--schedule", choices=schedules.SCHEDULES, default="step",
+    g.add_argument("--schedule", choices=schedules.SCHEDULES, default=o.schedule,
                    help="after the warm-up: x0.1 at --decay_epochs, or a cosine to 0.")
-    g.add_argument("--warmup_epochs", type=float, default=5.0,
+    g.add_argument("--warmup_epochs", type=float, default=o.warmup_epochs,
                    help="epochs of linear learning-rate warm-up.")
-    g.add_argument("--decay_epochs", type=_ints_or_floats, default=(30, 60, 80),
+    g.add_argument("--decay_epochs", type=_ints_or_floats, default=o.decay_epochs,
                    help="epochs of the x0.1 steps of --schedule=step, comma-separated.")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
-    g.add_argument("--weight_decay", type=float, default=1e-4,
+    g.add_argument("--momentum", type=float, default=o.momentum, help="SGD momentum.")
+    g.add_argument("--weight_decay", type=float, default=o.l2,
                    help="L2 coefficient of the kernels (W and, for kp, B), applied as the "
                    "equivalent decoupled decay weight_decay / (1 - momentum) per unit learning "
                    "rate; biases and batch norm are not decayed.")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="label smoothing of the cross-entropy.")
 
-    g = p.add_argument_group("weight mirror (--algo=wm)")
-    g.add_argument("--mirror_learning_rate", type=float, default=d["mirror_learning_rate"],
-                   help="fraction of the way to B's target covered per mirror step.")
-    g.add_argument("--mirror_noise_std", type=float, default=d["mirror_noise_std"],
-                   help="standard deviation of the mirror noise.")
-    g.add_argument("--mirror_decay", type=float, default=d["mirror_decay"],
-                   help="B tends to (noise_std**2 / mirror_decay) * W.")
-    g.add_argument("--mirror_every", type=int, default=d["mirror_every"],
-                   help="mirror after every N training steps.")
-    g.add_argument("--mirror_steps", type=int, default=d["mirror_steps"],
-                   help="mirror steps each time.")
-    g.add_argument("--mirror_batch_size", type=_int_or_auto, default=d["mirror_batch_size"],
-                   help="noise examples per layer and mirror step (all replicas together), or "
-                   "'auto': per layer, the smallest batch whose residual angle is "
-                   "--mirror_target_angle (tan θ ≈ √(fan_in·η·λ/(2n)), capped at "
-                   "--mirror_max_batch_size).")
-    g.add_argument("--mirror_target_angle", type=float, default=d["mirror_target_angle"],
-                   help="degrees, for --mirror_batch_size=auto.")
-    g.add_argument("--mirror_max_batch_size", type=int, default=d["mirror_max_batch_size"],
-                   help="cap of --mirror_batch_size=auto.")
-    g.add_argument("--mirror_warmup_steps", type=int, default=d["mirror_warmup_steps"],
-                   help="mirror steps before the first training step.")
-    g.add_argument("--mirror_in_train_step", action=argparse.BooleanOptionalAction,
-                   default=d["mirror_in_train_step"],
-                   help="run the mirror steps inside the compiled training step, after each "
-                   "batch (the default), or between host calls (--no-mirror_in_train_step).")
+    g = p.add_argument_group("weight mirror (--algo=wm): keras_wt.mirror.MirrorConfig")
+    for name, (kind, text) in MIRROR_FLAGS.items():
+        if kind is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": kind}
+        g.add_argument(f"--mirror_{name}", default=getattr(RECIPE_MIRROR, name), help=text,
+                       **kind)
 
     g = p.add_argument_group("logging")
     g.add_argument("--alignment", choices=("none", "weights", "full"), default="weights",
@@ -163,14 +177,22 @@ def parse_flags(argv=None):
     kwargs = vars(flag_parser().parse_args(argv))
     if kwargs["mirrored_devices"]:
         kwargs["mirrored_devices"] = tuple(kwargs["mirrored_devices"].split(","))
-    kwargs["learning_rate"] = schedules.peak_learning_rate(
-        kwargs["batch_size"], kwargs.pop("lr_per_256")
-    )
+    learning_rate = schedules.peak_learning_rate(kwargs["batch_size"], kwargs.pop("lr_per_256"))
     zero_init_residual = kwargs.pop("zero_init_residual")
-    if kwargs["model"].startswith("resnet"):
-        kwargs["model_options"] = {"zero_init_residual": zero_init_residual}
+    options = {"zero_init_residual": zero_init_residual} if kwargs["model"].startswith(
+        "resnet") else {}
     try:
-        config = TrainConfig(dataset="imagenet", **kwargs)
+        config = TrainConfig(
+            data=DataConfig(dataset="imagenet", **{k: kwargs.pop(k) for k in DATA_FLAGS}),
+            model=ModelConfig(options=options,
+                              **{field: kwargs.pop(flag) for flag, field in MODEL_FLAGS.items()}),
+            optimizer=dataclasses.replace(
+                IMAGENET_OPTIMIZER, learning_rate=learning_rate,
+                **{field: kwargs.pop(flag) for flag, field in OPTIMIZER_FLAGS.items()}),
+            mirror=MirrorConfig.of(RECIPE_MIRROR, **{
+                name: kwargs.pop(f"mirror_{name}") for name in MIRROR_FLAGS}),
+            **kwargs,
+        )
     except ValueError as e:
         flag_parser().error(str(e))
     ignored = ignored_flags(config)
@@ -185,9 +207,8 @@ def ignored_flags(config):
     mirroring (the flags the algorithm does not use)."""
     if algorithms.get(config.algo).learns_feedback == "mirror":
         return []
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return sorted(name for name in defaults if name.startswith("mirror_")
-                  and getattr(config, name) != defaults[name])
+    return sorted(f"mirror_{name}" for name in MIRROR_FLAGS
+                  if getattr(config.mirror, name) != getattr(RECIPE_MIRROR, name))
 
 
 def main(argv=None):

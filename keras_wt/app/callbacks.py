@@ -37,25 +37,25 @@ EXPLOSION_FACTOR = 2.0
 EXPLOSION_STEPS = 100
 
 
-def create_mirror_callback(model, learning_rate=0.05, noise_std=1.0, decay=1.0, **kwargs):
-    """The `MirrorCallback` that trains the feedback kernels of the layers of `model` that learn
-    `B` by mirroring, or `None` when it has none.
+def create_mirror_callback(model, config, jit_compile=False):
+    """The `MirrorCallback` of `config` (a `keras_wt.mirror.MirrorConfig`) that trains the
+    feedback kernels of the layers of `model` that learn `B` by mirroring, or `None` when it has
+    none.
 
     The mirror step is `ΔB = η·∇_W(½‖f_W(x)‖²) ⊘ (n·C) − η·λ·B` (`keras_wt.mirror`), averaged
     over the `n` noise samples and, per kernel entry, over the `C` positions at which it reads
-    real input, so every layer's `B` tends to `(σ²/λ)·W`: with the trainer's defaults
-    `σ = λ = 1`, `W` itself, whose scale the error signal then keeps; `η = 0.05` covers 5% of the
-    way per mirror step (about 20 steps to follow `W`). Each layer's noise batch (an int, a
-    `{layer: n}` dict, a callable or `"auto"`) is rounded up to a multiple of the replicas.
+    real input, so every layer's `B` tends to `(σ²/λ)·W`: with the trainer's recipe
+    (`keras_wt.app.config.RECIPE_MIRROR`) `σ = λ = 1`, `W` itself, whose scale the error signal
+    then keeps; `η = 0.05` covers 5% of the way per mirror step (about 20 steps to follow `W`).
 
     Args:
         model: a built model (fixed input size: the noise has each layer's input shape).
-        learning_rate, noise_std, decay, **kwargs: the arguments of
-            `keras_wt.callbacks.MirrorCallback`.
+        config: the `MirrorConfig`.
+        jit_compile: `MirrorCallback(jit_compile=...)`.
     """
     if not mirror_lib.wm_layers(model):
         return None
-    return callbacks_lib.MirrorCallback(learning_rate, noise_std, decay=decay, **kwargs)
+    return callbacks_lib.MirrorCallback(config=config, jit_compile=jit_compile)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -236,8 +236,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
 
 
 def create_callbacks(
-    model, config, strategy, probe=None, results=None, extra=(), mirror_warmup_steps=None,
-    steps_per_epoch=None,
+    model, config, strategy, probe=None, results=None, extra=(), mirror=None, steps_per_epoch=None,
 ):
     """The trainer's callbacks, in this order:
 
@@ -257,29 +256,16 @@ def create_callbacks(
        it redoes the whole epoch.
 
     Non-chief workers of a multi-worker job back up to `<model_dir>/backup-<task>` and write
-    nothing else. `mirror_warmup_steps` replaces `config.mirror_warmup_steps` (resolved);
-    `steps_per_epoch` is the optimizer steps of an epoch, which the backup checks.
+    nothing else. `mirror` is the run's `MirrorConfig` (`config.resolved_mirror`, its warm-up
+    resolved; default `config.mirror`); `steps_per_epoch` is the optimizer steps of an epoch,
+    which the backup checks.
     """
     result = []
     mirror = create_mirror_callback(
-        model,
-        learning_rate=config.mirror_learning_rate,
-        noise_std=config.mirror_noise_std,
-        decay=config.mirror_decay,
-        every=config.mirror_every,
-        steps=config.mirror_steps,
-        batch_size=config.mirror_batch_size,
-        target_angle=config.mirror_target_angle,
-        max_batch_size=config.mirror_max_batch_size,
-        warmup_steps=(
-            config.mirror_warmup_steps if mirror_warmup_steps is None else mirror_warmup_steps
-        ),
-        noise_distribution=config.mirror_noise_distribution,
-        seed=config.seed,
+        model, config.mirror if mirror is None else mirror,
         # On TPUs the whole mirror step is compiled by TPUStrategy; elsewhere the per-replica
         # part is XLA-compiled when the training step is.
         jit_compile=config.strategy != "tpu" and bool(model.jit_compile),
-        in_train_step=config.mirror_in_train_step,
     )
     if mirror is not None:
         result.append(mirror)
@@ -292,7 +278,7 @@ def create_callbacks(
     diverged = config.model_dir and os.path.join(config.model_dir, runs.DIVERGED_FILE)
     reference = None
     if config.divergence_check:
-        reference = zero_logit_loss(config.loss, config.resolved_num_classes)
+        reference = zero_logit_loss(config.loss, config.data.resolved_num_classes)
     result.append(StopOnDivergence(
         diverged if strategies.is_chief(strategy) else None, reference=reference))
     if not config.model_dir:

@@ -3,8 +3,6 @@ the flags and values derived from them, and the versions it ran with) and `log.t
 the `keras_wt` log while the run lasts); see `keras_wt.app.runs` for the folder's contract.
 """
 
-import dataclasses
-import json
 import logging
 import os
 import platform
@@ -18,6 +16,24 @@ from keras_wt.app.callbacks import TrainingDiverged
 from keras_wt.app.config import RESUMABLE
 
 logger = logging.getLogger("keras_wt")
+
+# The keys of the flat `train_config` written before `TrainConfig` was composed of component
+# configs, and the same settings' keys now (`TrainConfig.record`), so that a run saved then is
+# compared when resumed. `weight_decay` and `mirror_warmup_steps` changed meaning (now
+# `optimizer.l2`/`optimizer.decoupled_decay` and `mirror_warmup_one_pass`): not compared.
+LEGACY_KEYS = {
+    **{key: f"data.{key}" for key in (
+        "dataset", "data_dir", "batch_size", "image_size", "num_classes", "use_synthetic_data",
+        "train_examples", "eval_examples", "train_subset", "steps_per_epoch")},
+    "model": "model.name", "model_options": "model.options", "dtype": "model.dtype",
+    "keep_unused_feedback": "model.keep_unused_feedback",
+    **{key: f"optimizer.{key}" for key in (
+        "learning_rate", "schedule", "warmup_epochs", "decay_epochs", "momentum",
+        "kp_decay_budget")},
+    **{f"mirror_{key}": f"mirror.{key}" for key in (
+        "learning_rate", "noise_std", "noise_distribution", "decay", "every", "steps",
+        "batch_size", "target_angle", "max_batch_size", "in_train_step")},
+}
 
 
 def versions():
@@ -36,7 +52,7 @@ def record_config(config, flags, derived):
     `RESUMABLE` settings (else a `ValueError` names the differences), and must not have
     diverged (`TrainingDiverged`); a damaged configuration is a `keras_wt.app.runs.RunError`."""
     path = os.path.join(config.model_dir, runs.CONFIG_FILE)
-    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    current = config.record()
     diverged = os.path.join(config.model_dir, runs.DIVERGED_FILE)
     if runs.exists(diverged):
         try:
@@ -51,7 +67,7 @@ def record_config(config, flags, derived):
         )
     saved = runs.read_config(config.model_dir)
     if saved is not None:
-        saved = saved.get("train_config", {})
+        saved = {LEGACY_KEYS.get(k, k): v for k, v in saved.get("train_config", {}).items()}
         # A setting added after the run was saved is not compared (the run predates it).
         changed = sorted(
             k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]

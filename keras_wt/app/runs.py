@@ -4,8 +4,9 @@
 `<save_dir>/<dataset>/<algo>-V<i>/` (`i` = 0, 1, ...; nothing is overwritten), the TPU trainer at
 its `--model_dir`. `keras-wt-plot` reads these folders. Epochs are numbered from 1 everywhere.
 
-    experiment_config.json  the command-line flags, the `TrainConfig` (`"train_config"`) and what
-                            was derived from them (`"derived"`: versions, machine, converted units)
+    experiment_config.json  the command-line flags, the `TrainConfig` (`"train_config"`, flat:
+                            `TrainConfig.record`) and what was derived from them (`"derived"`:
+                            versions, machine, converted units)
     log.txt                 the run's log, one summary line per evaluated epoch
     results.json            {"epoch_<e>": {...}} for every evaluated epoch e (1-based): `loss`,
                             `accuracy`, `test_loss`, `test_accuracy` (accuracies in percent),

@@ -7,7 +7,7 @@ compile → callbacks → `fit` and writes the run folder of `keras_wt.app.runs`
 * data: a small dataset held in memory (`keras_wt.app.data.pipelines.train_dataset`, an order that depends
   on `(seed, epoch)` only), or ImageNet TFRecords / synthetic ImageNet batches;
 * the model of `keras_wt.models` with `feedback=config.algo`;
-* SGD with momentum and weight decay of the kernels (`keras_wt.schedules.create_optimizer`: for an
+* SGD with momentum and weight decay of the kernels (`keras_wt.schedules.OptimizerConfig`: for an
   algorithm whose `B` learns through the optimizer, `KolenPollack`), a learning-rate schedule,
   the softmax or the reference summed-sigmoid cross-entropy, accuracy in percent;
 * evaluation by `fit(validation_data=...)` on the evaluated epochs (`evaluated_epochs`);
@@ -39,10 +39,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_wt import algorithms
 from keras_wt import metrics
 from keras_wt import models
-from keras_wt import schedules
 from keras_wt import unused_feedback
 from keras_wt._compat import multi_worker_fit
 from keras_wt.app import callbacks as run_callbacks
@@ -74,51 +72,52 @@ def _data(config):
         DataError: a damaged file, too few examples, or test images of another shape than the
             training images (checked here, before a model is built for them).
     """
-    if config.dataset == "imagenet":
-        num_train = config.resolved_train_examples
+    data = config.data
+    if data.dataset == "imagenet":
+        num_train = data.resolved_train_examples
 
         def make_imagenet(first_epoch=0):
             return pipelines.imagenet_datasets(
-                config.data_dir, config.batch_size, image_size=config.image_size,
-                num_classes=config.resolved_num_classes,
-                use_synthetic_data=config.use_synthetic_data, seed=config.seed,
+                data.data_dir, data.batch_size, image_size=data.image_size,
+                num_classes=data.resolved_num_classes,
+                use_synthetic_data=data.use_synthetic_data, seed=config.seed,
                 first_epoch=first_epoch, epochs=config.epochs,
-                steps_per_epoch=config.resolved_steps_per_epoch(num_train),
-                train_examples=num_train, eval_examples=config.resolved_eval_examples,
+                steps_per_epoch=data.resolved_steps_per_epoch(num_train),
+                train_examples=num_train, eval_examples=data.resolved_eval_examples,
             )
 
-        shape = (config.image_size, config.image_size, 3)
+        shape = (data.image_size, data.image_size, 3)
         return (lambda first_epoch: make_imagenet(first_epoch)[0]), make_imagenet()[1], shape, \
             num_train
     try:
-        (x_train, y_train), (x_test, y_test) = datasets.load_numpy(config.dataset, config.data_dir)
+        (x_train, y_train), (x_test, y_test) = datasets.load_numpy(data.dataset, data.data_dir)
     except ValueError as e:  # a damaged or inconsistent file, named by keras_wt.app.data.datasets
         raise DataError(str(e)) from e
-    if config.train_subset is not None:
-        x_train, y_train = x_train[:config.train_subset], y_train[:config.train_subset]
-    if len(x_train) < config.batch_size or not len(x_test):
+    if data.train_subset is not None:
+        x_train, y_train = x_train[:data.train_subset], y_train[:data.train_subset]
+    if len(x_train) < data.batch_size or not len(x_test):
         raise DataError(
-            f"{config.dataset} has {len(x_train)} training and {len(x_test)} test examples: "
-            f"fewer than one batch of {config.batch_size} to train on, or none to test on."
+            f"{data.dataset} has {len(x_train)} training and {len(x_test)} test examples: "
+            f"fewer than one batch of {data.batch_size} to train on, or none to test on."
         )
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
-            f"{config.dataset} ({config.data_dir or 'the standard places'}): the training images "
+            f"{data.dataset} ({data.data_dir or 'the standard places'}): the training images "
             f"are {x_train.shape[1:]} but the test images {x_test.shape[1:]}; both splits must "
             "have one image shape. Check that the files belong to one dataset."
         )
-    flatten = config.model == "mlp"
-    one_pass = math.ceil(len(x_train) / config.batch_size)
-    if config.steps_per_epoch is not None and config.steps_per_epoch > one_pass:
+    flatten = config.model.name == "mlp"
+    one_pass = math.ceil(len(x_train) / data.batch_size)
+    if data.steps_per_epoch is not None and data.steps_per_epoch > one_pass:
         raise ValueError(
-            f"steps_per_epoch={config.steps_per_epoch} is more than the {one_pass} batches of "
+            f"steps_per_epoch={data.steps_per_epoch} is more than the {one_pass} batches of "
             f"one pass over the {len(x_train)} training examples; give at most {one_pass}."
         )
 
     def make_train(first_epoch):
         return pipelines.train_dataset(
-            x_train, y_train, config.batch_size, config.seed, first_epoch, config.epochs, flatten,
-            steps_per_epoch=config.steps_per_epoch,
+            x_train, y_train, data.batch_size, config.seed, first_epoch, config.epochs, flatten,
+            steps_per_epoch=data.steps_per_epoch,
         )
 
     evaluation = pipelines.test_dataset(x_test, y_test, flatten)
@@ -127,22 +126,22 @@ def _data(config):
 
 
 def build_model(config, input_shape=None):
-    """The network `config.model` for `config.algo` with `config.model_options`, at
-    `input_shape` (default: ImageNet crops of `config.image_size`; fixed, since the weight mirror
-    draws noise of each layer's input shape). Unless `config.keep_unused_feedback`, the layers
-    whose `B` no gradient uses are built without one (`keras_wt.unused_feedback`)."""
+    """The network `config.model.name` for `config.algo` with `config.model.options`, at
+    `input_shape` (default: ImageNet crops of `config.data.image_size`; fixed, since the weight
+    mirror draws noise of each layer's input shape). Unless `config.model.keep_unused_feedback`,
+    the layers whose `B` no gradient uses are built without one (`keras_wt.unused_feedback`)."""
     if input_shape is None:
-        input_shape = (config.image_size, config.image_size, 3)
+        input_shape = (config.data.image_size, config.data.image_size, 3)
     model = models.get(
-        config.model,
+        config.model.name,
         input_shape=tuple(input_shape),
-        num_classes=config.resolved_num_classes,
+        num_classes=config.data.resolved_num_classes,
         feedback=config.algo,
         seed=config.seed,
         dtype=config.resolved_dtype,
-        **config.model_options,
+        **config.model.options,
     )
-    if not config.keep_unused_feedback:
+    if not config.model.keep_unused_feedback:
         # After the build, so the weights are those drawn with every B (same seed, same W).
         unused_feedback.drop_unused_feedback(model)
     return model
@@ -153,40 +152,25 @@ def _outputs_logits(model):
     return activation is None or activation is keras.activations.linear
 
 
-def compile_model(model, config, steps_per_epoch, strategy_name=None):
-    """Compiles `model` with the schedule, optimizer, loss and accuracy (percent; ImageNet: also
-    top-5) of `config`; returns the learning-rate schedule. ImageNet labels are one-hot, the small
-    datasets' integer classes."""
-    schedule = schedules.learning_rate_schedule(
-        config.learning_rate,
-        steps_per_epoch,
-        config.epochs,
-        schedule=config.schedule,
-        warmup_epochs=config.warmup_epochs,
-        decay_epochs=config.decay_epochs,
-    )
-    weight_decay = config.weight_decay
-    if config.kp_decay_budget and algorithms.get(config.algo).learns_feedback == "optimizer":
-        decay = schedules.decay_for_budget(
-            schedule, config.epochs * steps_per_epoch, config.kp_decay_budget
-        )
-        logger.info("Kolen-Pollack decay λ = %.4g (Σ lr·λ = %g over the run)", decay,
-                    config.kp_decay_budget)
-        weight_decay = decay * (1.0 - config.momentum)  # create_optimizer divides it back
-    optimizer = schedules.create_optimizer(
-        config.algo, schedule, momentum=config.momentum, weight_decay=weight_decay
-    )
+def compile_model(model, config, steps_per_epoch, strategy_name=None, steps_per_execution=None):
+    """Compiles `model` with the schedule and optimizer of `config.optimizer`
+    (`keras_wt.schedules.OptimizerConfig.create`), the loss and accuracy (percent; ImageNet: also
+    top-5) of `config`, `steps_per_execution` steps per call (default:
+    `config.resolved_steps_per_execution`); returns the learning-rate schedule. ImageNet labels
+    are one-hot, the small datasets' integer classes."""
+    optimizer, schedule = config.optimizer.create(config.algo, steps_per_epoch, config.epochs)
+    imagenet = config.data.dataset == "imagenet"
     from_logits = _outputs_logits(model)
     if config.loss == "summed_sigmoid":
         loss = models.SummedSigmoidCrossEntropy(from_logits=from_logits)
-    elif config.dataset == "imagenet":
+    elif imagenet:
         loss = keras.losses.CategoricalCrossentropy(
             from_logits=from_logits, label_smoothing=config.label_smoothing
         )
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     accuracies = [metrics.accuracy]
-    if config.dataset == "imagenet":
+    if imagenet:
         accuracies.append(metrics.top5_accuracy)
     jit_compile = config.jit_compile
     if jit_compile is None:
@@ -198,7 +182,8 @@ def compile_model(model, config, steps_per_epoch, strategy_name=None):
         weighted_metrics=accuracies,
         jit_compile=jit_compile,
         # Under the strategy's scope: the current strategy is the model's.
-        steps_per_execution=config.resolved_steps_per_execution(steps_per_epoch),
+        steps_per_execution=steps_per_execution or config.resolved_steps_per_execution(
+            steps_per_epoch),
     )
     return schedule
 
@@ -216,7 +201,7 @@ def _probe_batch(evaluation, size):
 
 
 def train(config, strategy=None, callbacks=(), flags=None, derived=None):
-    """Trains `config.model` with `config.algo` on `config.dataset`, evaluating on the
+    """Trains `config.model` with `config.algo` on `config.data`, evaluating on the
     evaluated epochs (`evaluated_epochs`); continues the run in `config.model_dir` if it has a
     backup.
 
@@ -242,9 +227,9 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
             config.strategy, tpu=config.tpu, devices=config.mirrored_devices
         )
     replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
+    if config.data.batch_size % replicas:
         raise ValueError(
-            f"batch_size={config.batch_size} must be divisible by the {_replicas(replicas)}."
+            f"batch_size={config.data.batch_size} must be divisible by the {_replicas(replicas)}."
         )
     chief = strategies.is_chief(strategy)
     writes = bool(config.model_dir) and chief
@@ -305,7 +290,7 @@ def _train(config, strategy, callbacks, flags, derived, writes):
     if writes:  # before the data (slow): a run killed while it loads them can be resumed
         continued = records.record_config(config, flags, derived)
     make_train, evaluation, input_shape, num_train = _data(config)
-    steps_per_epoch = config.resolved_steps_per_epoch(num_train)
+    steps_per_epoch = config.data.resolved_steps_per_epoch(num_train)
     steps_per_execution = config.resolved_steps_per_execution(steps_per_epoch, strategy)
     if steps_per_epoch % steps_per_execution:
         # Keras runs whole executions: the last one of every epoch would take batches of the
@@ -315,22 +300,22 @@ def _train(config, strategy, callbacks, flags, derived, writes):
             "take %d batches of the next one, and a resumed run will not continue exactly.",
             steps_per_execution, steps_per_epoch, -steps_per_epoch % steps_per_execution,
         )
-    warmup = config.resolved_mirror_warmup_steps(num_train)
+    mirror = config.resolved_mirror(num_train)
     if writes:
         records.record_config(config, flags, dict(
-            derived or {}, steps_per_epoch=steps_per_epoch, mirror_warmup_steps=warmup
+            derived or {}, steps_per_epoch=steps_per_epoch, mirror_warmup_steps=mirror.warmup_steps
         ))
     logger.info(
         "Training %s with feedback=%r on %s on %s (%s, dtype %s): global batch %d, "
         "%d steps per epoch, %d epochs, peak learning rate %.4g.",
-        config.model, config.algo, config.dataset, _replicas(strategy.num_replicas_in_sync),
-        config.strategy,
-        config.resolved_dtype, config.batch_size, steps_per_epoch, config.epochs,
-        config.learning_rate,
+        config.model.name, config.algo, config.data.dataset,
+        _replicas(strategy.num_replicas_in_sync), config.strategy,
+        config.resolved_dtype, config.data.batch_size, steps_per_epoch, config.epochs,
+        config.optimizer.learning_rate,
     )
     with strategy.scope():
         model = build_model(config, input_shape)
-        compile_model(model, config, steps_per_epoch)
+        compile_model(model, config, steps_per_epoch, steps_per_execution=steps_per_execution)
     optimizer_steps = config.optimizer_steps_per_epoch(steps_per_epoch, steps_per_execution)
     first_epoch, results = 0, {}
     if config.model_dir:
@@ -351,7 +336,7 @@ def _train(config, strategy, callbacks, flags, derived, writes):
         probe = _probe_batch(evaluation, config.alignment_probe_size)
     all_callbacks = run_callbacks.create_callbacks(
         model, config, strategy, probe=probe, results=results, extra=callbacks,
-        mirror_warmup_steps=warmup, steps_per_epoch=optimizer_steps,
+        mirror=mirror, steps_per_epoch=optimizer_steps,
     )
     eval_steps = config.resolved_eval_steps
     with multi_worker_fit(model):
