@@ -10,8 +10,8 @@
 * `OptimizerConfig`: every setting of the schedule and the optimizer, defined, defaulted and
   checked in one place; it builds both.
 
-Weight decay has two strengths in keras_wt, each under its own name: `l2` (and `weight_decay` of
-`create_optimizer` and of the `keras_wt.models` builders) is the conventional coupled L2
+Weight decay has two strengths in keras_wt, each under its own name: `l2` (also of the
+`keras_wt.models` ResNets; and `create_optimizer`'s `weight_decay`) is the conventional coupled L2
 coefficient, added to the gradient as `l2·W`; `decoupled_decay` `λ` (Keras's optimizers' and
 `KolenPollack`'s `weight_decay`) shrinks `W` by `lr·λ·W` per step, outside the momentum.
 """
