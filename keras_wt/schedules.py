@@ -10,8 +10,8 @@
 * `OptimizerConfig`: every setting of the schedule and the optimizer, defined, defaulted and
   checked in one place; it builds both.
 
-Weight decay has two strengths in keras_wt, each under its own name: `l2` (and `weight_decay` of
-`create_optimizer` and of the `keras_wt.models` builders) is the conventional coupled L2
+Weight decay has two strengths in keras_wt, each under its own name: `l2` (also of the
+`keras_wt.models` ResNets; and `create_optimizer`'s `weight_decay`) is the conventional coupled L2
 coefficient, added to the gradient as `l2·W`; `decoupled_decay` `λ` (Keras's optimizers' and
 `KolenPollack`'s `weight_decay`) shrinks `W` by `lr·λ·W` per step, outside the momentum.
 """
@@ -22,7 +22,6 @@ import math
 import numbers
 
 import keras
-import tensorflow as tf
 
 from keras_wt import algorithms
 from keras_wt import optimizers as optimizers_lib
@@ -86,23 +85,24 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.total_steps = None if total_steps is None else int(total_steps)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        peak = tf.constant(self.peak_learning_rate, tf.float32)
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        peak = ops.convert_to_tensor(self.peak_learning_rate, "float32")
         if self.decay == "constant":
             decayed = peak
         elif self.decay == "step":
-            k = tf.zeros([], tf.float32)
+            k = ops.zeros((), "float32")
             for boundary in self.boundaries:
-                k += tf.cast(step >= boundary, tf.float32)
-            decayed = peak * tf.pow(tf.constant(self.decay_rate, tf.float32), k)
+                k += ops.cast(step >= boundary, "float32")
+            decayed = peak * ops.power(ops.convert_to_tensor(self.decay_rate, "float32"), k)
         else:
             span = float(self.total_steps - self.warmup_steps)
-            progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
-            decayed = 0.5 * peak * (1.0 + tf.cos(math.pi * progress))
+            progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            decayed = 0.5 * peak * (1.0 + ops.cos(math.pi * progress))
         if not self.warmup_steps:
             return decayed
         warmup = peak * (step + 1.0) / float(self.warmup_steps)
-        return tf.where(step < self.warmup_steps, warmup, decayed)
+        return ops.where(step < self.warmup_steps, warmup, decayed)
 
     def get_config(self):
         return {
@@ -150,8 +150,8 @@ def decay_for_budget(schedule, total_steps, budget):
     initial difference), whatever the length of the run and the schedule.
     """
     if callable(schedule):
-        rates = schedule(tf.range(total_steps))
-        total, peak = float(tf.reduce_sum(rates)), float(tf.reduce_max(rates))
+        rates = schedule(keras.ops.arange(total_steps, dtype="int32"))
+        total, peak = float(keras.ops.sum(rates)), float(keras.ops.max(rates))
     else:
         total, peak = float(schedule) * total_steps, float(schedule)
     decay = budget / total

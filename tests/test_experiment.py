@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,9 @@ from keras_wt import schedules
 from keras_wt import optimizers as wt_optimizers
 from keras_wt.algorithms import ALGORITHMS
 from keras_wt.app import cli
+from keras_wt.app import config as config_lib
 from keras_wt.app import experiment
+from keras_wt.app import flags
 from keras_wt.app import published
 from keras_wt.app import runs
 from keras_wt.app import training
@@ -112,6 +115,39 @@ def test_bad_flags():
         cli.main(["--n_epochs", "0"])
     with pytest.raises(SystemExit):
         cli.main(["--mirror_noise_std", "0.1", "--mirror_noise_amplitude", "0.1"])
+
+
+def test_every_range_is_its_configs_and_names_the_flag():
+    """The flags' own rules answer before TensorFlow; every range is checked by the config the
+    flag becomes (once, there), and the error names the flag and the value given."""
+    cases = [
+        (["--n_epochs", "0"], "--n_epochs=0 ", ">= 1"),
+        (["--test_frequency", "0"], "--test_frequency=0 ", ">= 1"),
+        (["--seed", str(2**32)], f"--seed={2**32} ", "an integer in"),
+        (["--learning_rate", "nan"], "--learning_rate=nan ", "finite number > 0"),
+        (["--momentum", "1"], "--momentum=1.0 ", r"a number in \[0, 1\)"),
+        (["--weight_decay", "-1"], "--weight_decay=-1.0 ", ">= 0"),
+        (["--algo", "kp", "--weight_decay", "-1"], "--weight_decay=-1.0 ", ">= 0"),
+        (["--algo", "kp", "--kp_weight_decay", "-1"], "--kp_weight_decay=-1.0 ", ">= 0"),
+        (["--algo", "bp", "--kp_weight_decay", "-1"], "--kp_weight_decay=-1.0 ", ">= 0"),
+        (["--mirror_learning_rate", "-1"], "--mirror_learning_rate=-1.0 ",
+         r">= 0 \(MirrorConfig.learning_rate=-32.0\)"),
+        (["--mirror_decay", "-1"], "--mirror_decay=-1.0 ", ">= 0"),
+        (["--mirror_every", "0"], "--mirror_every=0 ", ">= 1"),
+        (["--mirror_steps", "0"], "--mirror_steps=0 ", ">= 1"),
+        (["--mirror_noise_amplitude", "0"], "--mirror_noise_amplitude=0.0 ", "> 0"),
+        (["--mirror_noise_std", "-1"], "--mirror_noise_std=-1.0 ", "> 0"),
+        (["--mirror_batch_size", "0"], "--mirror_batch_size=0 ", ""),
+        (["--model", "cnn", "--mirror_max_batch_size", "0"], "--mirror_max_batch_size=0 ",
+         ">= 1"),
+        (["--mirror_target_angle", "90"], "--mirror_target_angle=90.0 ", r"\(0, 90\)"),
+        (["--mirror_warmup_steps", "-1"], "--mirror_warmup_steps=-1 ", ">= 0"),
+    ]
+    for argv, flag, allowed in cases:
+        flags.parse_flags(argv)  # no rule of the flags themselves refuses it
+        with pytest.raises(ValueError, match=rf"^{re.escape(flag)}is not allowed: .*{allowed}"):
+            cli.parse_args(argv)
+    assert flags.MAX_SEED == config_lib.MAX_SEED
 
 
 # --- the reference configuration, as the CLI builds it ---------------------------------------
@@ -589,7 +625,9 @@ def test_each_setting_is_defaulted_and_checked_by_its_config():
         OptimizerConfig(learning_rate=0.1, schedule="linear")
     with pytest.raises(ValueError, match=r"mirror=\{.*\} is not a MirrorConfig"):
         TrainConfig(data=DataConfig(dataset="mnist"), mirror={"decay": 1.0})
-    with pytest.raises(ValueError, match=r"warmup_steps=-1 must be an integer >= 0"):
+    # Where the flags become the configs, the config's error names the flag.
+    with pytest.raises(ValueError,
+                       match=r"^--mirror_warmup_steps=-1 is not allowed: it must be an integer >= 0$"):
         published.train_config(dict(cli.parse_args([])[0], mirror_warmup_steps=-1))
 
 

@@ -137,16 +137,25 @@ def test_resnet50_batch_norm_and_bias_free_convs(resnet50_kp):
             np.testing.assert_array_equal(gamma, np.zeros_like(gamma) if last else 1.0)
 
 
-def test_resnet_weight_decay_adds_l2_on_kernels():
-    model = models.resnet20(input_shape=(8, 8, 3), weight_decay=1e-4, feedback="fa")
+def test_resnet_l2_adds_the_coupled_l2_on_kernels():
+    model = models.resnet20(input_shape=(8, 8, 3), l2=1e-4, feedback="fa")
     conv = model.get_layer("stage1_block1_conv1")
     w = conv.kernel.numpy()
-    # keras L2(l) is l·‖W‖²; with l = weight_decay / 2 its gradient is weight_decay·W.
+    # keras L2(l) is l·‖W‖²; with l = l2 / 2 its gradient is l2·W.
     assert_allclose(conv.kernel_regularizer(conv.kernel), 0.5e-4 * np.sum(w**2), rtol=1e-5)
     assert model.get_layer("stem_bn").gamma_regularizer is None
     assert models.resnet20(input_shape=(8, 8, 3)).get_layer(
         "stage1_block1_conv1"
     ).kernel_regularizer is None
+    # weight_decay=, its former name, still works and says it is deprecated; not with l2=.
+    with pytest.warns(DeprecationWarning, match="renamed l2="):
+        old = models.resnet20(input_shape=(8, 8, 3), weight_decay=1e-4, feedback="fa")
+    regularizer = old.get_layer("stage1_block1_conv1").kernel_regularizer
+    assert_allclose(regularizer(conv.kernel), 0.5e-4 * np.sum(w**2), rtol=1e-5)
+    with pytest.raises(ValueError, match="weight_decay is the former name of l2"):
+        models.resnet20(input_shape=(8, 8, 3), l2=1e-4, weight_decay=1e-4)
+    with pytest.raises(ValueError, match="l2=-1 must be a number >= 0"):
+        models.resnet20(input_shape=(8, 8, 3), l2=-1)
 
 
 def test_resnet20_forward_and_parameter_count():

@@ -115,6 +115,37 @@ def test_cosine_schedule_reaches_zero_at_the_last_epoch():
     assert float(restored(123)) == float(schedule(123))
 
 
+def test_schedule_values_are_those_of_the_tensorflow_implementation_bit_for_bit():
+    """The schedule in `keras.ops` gives, at every step, the float32 of the implementation in
+    `tf.*` it replaced (values recorded from it): warm-up, step decay, cosine, and the decay
+    budget's λ summed over the steps."""
+    step = schedules.learning_rate_schedule(0.4, steps_per_epoch=10, epochs=90, warmup_epochs=5)
+    recorded = {0: "0x1.0624dep-7", 24: "0x1.99999ap-3", 49: "0x1.99999ap-2",
+                50: "0x1.99999ap-2", 299: "0x1.99999ap-2", 300: "0x1.47ae16p-5",
+                600: "0x1.0624dep-8", 800: "0x1.a36e30p-12"}
+    for t, value in recorded.items():
+        assert float(step(t)) == float.fromhex(value), t
+    # The warm-up by hand, in float32: peak·(t + 1)/warmup_steps.
+    for t in range(50):
+        hand = np.float32(np.float32(0.4) * np.float32(t + 1)) / np.float32(50)
+        assert np.float32(step(t)) == hand, t
+    cosine = schedules.learning_rate_schedule(0.05, steps_per_epoch=7, epochs=13,
+                                              schedule="cosine", warmup_epochs=1.5)
+    recorded = {0: "0x1.47ae14p-8", 9: "0x1.99999ap-5", 10: "0x1.99999ap-5",
+                11: "0x1.99722ep-5", 50: "0x1.a18aeap-6", 90: "0x1.3b6ccep-16", 91: "0x0p+0",
+                93: "0x0p+0"}
+    for t, value in recorded.items():
+        assert float(cosine(t)) == float.fromhex(value), t
+    halving = schedules.learning_rate_schedule(0.1, steps_per_epoch=3, epochs=10,
+                                               warmup_epochs=0, decay_epochs=(2, 5),
+                                               decay_rate=0.5)
+    assert [float(halving(t)) for t in (5, 6, 14, 15)] == [
+        float.fromhex(v) for v in ("0x1.99999ap-4", "0x1.99999ap-5", "0x1.99999ap-5",
+                                   "0x1.99999ap-6")]
+    assert schedules.decay_for_budget(step, 903, 5.0) == float.fromhex("0x1.4ce589537a0bap-5")
+    assert schedules.decay_for_budget(cosine, 94, 5.0) == float.fromhex("0x1.1344d0d595bdap+1")
+
+
 def _dense_bn_model(feedback):
     inputs = keras.Input((4,))
     x = layers_lib.Dense(3, feedback=feedback)(inputs)

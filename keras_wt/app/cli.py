@@ -1,9 +1,10 @@
 """The console scripts `keras-wt-train`, `keras-wt-sweep`, `keras-wt-plot`: flags parsed before
-TensorFlow is imported (the flags themselves: `keras_wt.app.flags`).
+TensorFlow is imported (the flags themselves: `keras_wt.app.flags`), their values checked
+against the configs they become after.
 
 Importing the keras_wt library imports Keras and TensorFlow (several seconds, and TensorFlow's
 own log lines); this module imports neither (`keras_wt` and `keras_wt.app` load lazily), so
-`keras-wt-train --help` and a bad flag answer at once; `main` then quiets TensorFlow's C++ log
+`keras-wt-train --help` and an unknown flag or value answer at once; `main` then quiets TensorFlow's C++ log
 (unless `--verbose 3` or `TF_CPP_MIN_LOG_LEVEL` says otherwise) and hands the validated flags to
 `keras_wt.app.experiment.run` (what they mean: `keras_wt.app.published.train_config`).
 `python -m keras_wt.app.cli` is `keras-wt-train`.
@@ -24,7 +25,9 @@ from keras_wt.app.flags import (  # noqa: F401
     PUBLISHED_LEARNING_RATES,
     HelpFormatter,
     build_parser,
+    check,
     parse_args,
+    parse_flags,
     validate,
 )
 
@@ -99,13 +102,17 @@ def train_from_flags(argv=None):
     """
     parser = build_parser()
     try:
-        config, explicit = parse_args(argv)
+        config, explicit = parse_flags(argv)  # before TensorFlow: the flags' own rules
     except ValueError as e:
         parser.error(str(e))
     try:
         with _quiet_tensorflow(config["verbose"]):
             from keras_wt.app import experiment
             from keras_wt.app import training
+        try:
+            check(config)  # the settings' ranges, each its config's rule
+        except ValueError as e:
+            parser.error(str(e))
         _console_log(config["verbose"])
         try:
             return experiment.run(config, explicit)

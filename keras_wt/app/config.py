@@ -74,8 +74,8 @@ class DataConfig:
     `train_examples`, `eval_examples`: the examples of one pass over the ImageNet training and
     validation files (default: ImageNet's, `keras_wt.app.data.datasets.info`); a pass that reads
     another number stops the run (a truncated or missing file). `train_subset`: train on the
-    first that many training examples of an in-memory dataset (a quick smoke run; the test set
-    is unchanged). `num_classes`: default the dataset's.
+    first that many training examples (at least `batch_size`) of an in-memory dataset (a quick
+    smoke run; the test set is unchanged). `num_classes`: default the dataset's.
     """
 
     dataset: str = "imagenet"
@@ -106,6 +106,8 @@ class DataConfig:
         for name in ("train_examples", "eval_examples"):
             _check(self, name, lambda v: v >= 1, "an integer >= 1 (or None: ImageNet's)", True)
         _check(self, "train_subset", lambda v: v >= 1, "an integer >= 1 (or None: all)", True)
+        _check(self, "train_subset", lambda v: v >= self.batch_size,
+               f"at least batch_size={self.batch_size} (one batch)", True)
         if self.train_subset is not None and self.dataset == "imagenet":
             raise ValueError("train_subset is for the in-memory datasets; for ImageNet give "
                              "steps_per_epoch (and train_examples for the files' size).")

@@ -1,6 +1,8 @@
-"""The flags of `keras-wt-train` (`build_parser`) and their checks (`validate`), with neither
-TensorFlow nor the library imported: `keras-wt-train --help` and a bad flag answer at once. What
-the flags mean in keras_wt's units is `keras_wt.app.published.train_config`.
+"""The flags of `keras-wt-train` (`build_parser`) and their own rules (`validate`), with neither
+TensorFlow nor the library imported: `keras-wt-train --help`, an unknown flag or value and flags
+that contradict each other answer at once. What the flags mean in keras_wt's units, and the
+ranges of the settings they give (each checked once, by its config), is
+`keras_wt.app.published.train_config`; `parse_args` checks both.
 """
 
 import argparse
@@ -166,7 +168,12 @@ def build_parser(defaults=True):
 
 
 def validate(config):
-    """Checks the values of a flag dict; raises a `ValueError` that names the flag."""
+    """The rules of the flags themselves, without TensorFlow: the command line's choices, flags
+    that exclude each other, what a flag means for `--model` (`--size_hidden_layers`,
+    `--cnn_filters`, `--mirror_batch_size auto`) and `--local_loss_decay`. The ranges of the
+    settings are their configs' (`MirrorConfig`, `OptimizerConfig`, `DataConfig`, `TrainConfig`),
+    checked where the flags become them (`keras_wt.app.published.train_config`, which names the
+    flag); `parse_args` does both. Raises a `ValueError` that names the flag."""
 
     def check(flag, ok, allowed):
         if not ok:
@@ -175,14 +182,6 @@ def validate(config):
     check("dataset", config["dataset"] in DATASETS, f"one of {DATASETS}")
     check("algo", config["algo"] in ALGORITHMS, f"one of {ALGORITHMS}")
     check("model", config["model"] in MODELS, f"one of {MODELS}")
-    for flag in ("n_epochs", "batch_size", "test_frequency", "mirror_every", "mirror_steps"):
-        check(flag, config[flag] >= 1, "an integer >= 1")
-    for flag in ("train_subset", "steps_per_epoch"):
-        check(flag, config[flag] is None or config[flag] >= 1,
-              "an integer >= 1 (or not given: all of them)")
-    check("train_subset", config["train_subset"] is None
-          or config["train_subset"] >= config["batch_size"],
-          f"at least --batch_size={config['batch_size']} (one batch)")
     sizes = config["size_hidden_layers"]
     check("size_hidden_layers", len(sizes) >= 1 and all(s >= 1 for s in sizes),
           "one or more integers >= 1")
@@ -190,46 +189,48 @@ def validate(config):
           "a single integer (the dense width) with --model cnn")
     check("cnn_filters", len(config["cnn_filters"]) >= 1
           and all(f >= 1 for f in config["cnn_filters"]), "one or more integers >= 1")
-    lr = config["learning_rate"]
-    check("learning_rate", lr is None or (math.isfinite(lr) and lr > 0),
-          "a positive number (or not given: the published rate of --algo)")
-    for flag in ("mirror_learning_rate", "mirror_decay", "weight_decay", "kp_weight_decay",
-                 "mirror_target_angle"):
-        check(flag, config[flag] is None or config[flag] >= 0, "a number >= 0")
     decay = config.get("local_loss_decay")
     check("local_loss_decay", decay is None or (math.isfinite(decay) and decay > 0),
           "a positive number")
-    check("momentum", config["momentum"] is None or 0 <= config["momentum"] < 1,
-          "a number in [0, 1)")
-    for flag in ("mirror_noise_amplitude", "mirror_noise_std"):
-        check(flag, config[flag] is None or config[flag] > 0, "a positive number")
     check("mirror_noise_std",
           config["mirror_noise_amplitude"] is None or config["mirror_noise_std"] is None,
           "left out when --mirror_noise_amplitude is given")
-    check("mirror_noise_distribution", config["mirror_noise_distribution"] in
-          (None,) + NOISE_DISTRIBUTIONS, f"one of {', '.join(NOISE_DISTRIBUTIONS)}")
-    batch = config["mirror_batch_size"]
-    check("mirror_batch_size", batch is None or batch == "auto" or batch >= 1,
-          "an integer >= 1 or auto")
-    check("mirror_batch_size", batch != "auto" or config["model"] != "mlp",
+    check("mirror_batch_size", config["mirror_batch_size"] != "auto" or config["model"] != "mlp",
           "an integer with --model mlp (the published units convert with it)")
-    check("mirror_max_batch_size",
-          config["mirror_max_batch_size"] is None or config["mirror_max_batch_size"] >= 1,
-          "an integer >= 1")
-    check("mirror_warmup_steps",
-          config["mirror_warmup_steps"] is None or config["mirror_warmup_steps"] >= 0,
-          "an integer >= 0")
-    check("seed", 0 <= config["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
     return config
 
 
-def parse_args(argv=None):
-    """Parses and validates the command line; returns `(config, explicit_flags)`.
+def parse_flags(argv=None):
+    """Parses the command line and checks the flags' own rules (`validate`), without TensorFlow;
+    returns `(config, explicit_flags)`.
 
     Raises:
-        ValueError: a flag has a value that argparse accepts but the experiment cannot use.
+        ValueError: a flag has a value that argparse accepts but the flags' rules refuse.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config = vars(build_parser().parse_args(argv))
     explicit = set(vars(build_parser(defaults=False).parse_args(argv)))
     return validate(config), explicit
+
+
+def parse_args(argv=None):
+    """`parse_flags`, then every setting checked by its config
+    (`keras_wt.app.published.train_config`; imports TensorFlow); returns `(config,
+    explicit_flags)`.
+
+    Raises:
+        ValueError: a flag has a value that argparse accepts but the experiment cannot use,
+            named as `--flag=value`.
+    """
+    config, explicit = parse_flags(argv)
+    check(config)
+    return config, explicit
+
+
+def check(config):
+    """Checks a flag dict (`validate`'d) against the configs it becomes; raises the
+    `ValueError` of `keras_wt.app.published.train_config`, which names the flag."""
+    from keras_wt.app import published  # TensorFlow: only once the flags are parsed
+
+    published.train_config(config)
+    return config

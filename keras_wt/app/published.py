@@ -33,7 +33,9 @@ Kolen–Pollack. `--kp_weight_decay` is the decoupled `λ` of `W` and `B`
 the convnets the `λ` of the decay budget `KP_DECAY_BUDGET`.
 """
 
+import contextlib
 import math
+import re
 
 from keras_wt import algorithms
 from keras_wt.app.config import RECIPE_MIRROR, DataConfig, ModelConfig, TrainConfig
@@ -61,6 +63,52 @@ CONVNET_RECIPE = {
 # Kolen-Pollack's B − W shrinks by exp(−Σ_t lr_t·λ) over a run: a budget of 5 leaves 0.7 % of it,
 # whatever the length of the run (keras_wt.schedules.decay_for_budget).
 KP_DECAY_BUDGET = 5.0
+
+# The flag that gives each field of the configs `train_config` builds: a config's error about a
+# field is reported as one about its flag (`_named_by_flags`). The mirror's noise_std is
+# --mirror_noise_std or --mirror_noise_amplitude, whichever is given.
+DATA_FLAGS = {"dataset": "dataset", "batch_size": "batch_size", "train_subset": "train_subset",
+              "steps_per_epoch": "steps_per_epoch"}
+OPTIMIZER_FLAGS = {"learning_rate": "learning_rate", "momentum": "momentum",
+                   "schedule": "schedule", "l2": "weight_decay",
+                   "decoupled_decay": "kp_weight_decay"}
+MIRROR_FLAGS = {name: f"mirror_{name}" for name in (
+    "learning_rate", "noise_std", "noise_distribution", "decay", "every", "steps", "batch_size",
+    "target_angle", "max_batch_size", "warmup_steps")}
+RUN_FLAGS = {"algo": "algo", "epochs": "n_epochs", "eval_every": "test_frequency",
+             "seed": "seed", "loss": "loss"}
+
+
+@contextlib.contextmanager
+def _named_by_flags(flags, config, fields, values):
+    """Inside it, a config's `ValueError` about one of its `fields` (`{field: flag}`; the
+    configs' errors begin with `field=value`) is raised again about the flag and the value given
+    on the command line: `--learning_rate=-0.1 is not allowed: it must be a finite number > 0`,
+    with the config's value after it where the flag's units differ (`(MirrorConfig.
+    learning_rate=-32.0)`). The rule itself is the config's, checked there only. `values`: the
+    field values the config was given."""
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        match = re.match(r"(\w+)=", message)
+        field = match and match.group(1)
+        flag = fields.get(field)
+        if flag is None or flags.get(flag) is None:
+            raise
+        value = values.get(field)
+        reason = message.removeprefix(f"{field}={value!r} ")
+        reason = reason.removeprefix("is not allowed: ").replace("is not one of", "must be one of")
+        if reason.startswith("must "):
+            reason = f"it {reason}"
+        for other, other_flag in fields.items():  # another setting the reason names, as given
+            if flags.get(other_flag) is not None and (
+                    repr(values.get(other)) == repr(flags[other_flag])):
+                reason = re.sub(rf"\b{other}=", f"--{other_flag}=", reason)
+        given = f"--{flag}={flags[flag]!r}"
+        if repr(value) != repr(flags[flag]):  # another unit, or a derived value
+            reason += f" ({config}.{field}={value!r})"
+        raise ValueError(f"{given} is not allowed: {reason}") from None
 
 
 def recipe(flags):
@@ -101,6 +149,13 @@ def train_config(flags, run_dir=None):
       noise of `σ = a/√3`, no decay, a noise batch of `--batch_size`, a warm-up of one pass over
       the training data); for the convnets `RECIPE_MIRROR` with the flags given, in keras_wt's
       units (`--mirror_noise_amplitude a`: uniform noise of `σ = a/√3`).
+
+    Every range of a setting is its config's rule, checked there only; this is where the flags'
+    values meet them, so it is the full check of a flag dict (`keras_wt.app.flags.parse_args`).
+
+    Raises:
+        ValueError: a config refuses a setting: named as the flag and the value given
+            (`--momentum=1.0 is not allowed: it must be a number in [0, 1)`).
     """
     mlp = flags["model"] == "mlp"
     learns = algorithms.get(flags["algo"]).learns_feedback
@@ -115,6 +170,11 @@ def train_config(flags, run_dir=None):
     if flags.get("local_loss_decay") is not None and learns == "loss":  # else ignored, warned
         options["feedback_loss"] = dict(algorithms.get(flags["algo"]).local_loss,
                                         decay=flags["local_loss_decay"])
+    values = dict(dataset=flags["dataset"], batch_size=flags["batch_size"],
+                  train_subset=flags.get("train_subset"),
+                  steps_per_epoch=flags.get("steps_per_epoch"))
+    with _named_by_flags(flags, "DataConfig", DATA_FLAGS, values):
+        data = DataConfig(data_dir=flags["data_dir"], **values)
     optimization = recipe(flags)
     decay = {"l2": optimization["weight_decay"]}
     if learns == "optimizer":  # Kolen-Pollack's decay is decoupled: the same λ for W and B
@@ -122,17 +182,29 @@ def train_config(flags, run_dir=None):
             decay = {"l2": 0.0, "decoupled_decay": flags["kp_weight_decay"] or 0.0}
         else:
             decay = {"l2": 0.0, "kp_decay_budget": KP_DECAY_BUDGET}
-    optimizer = OptimizerConfig(
-        learning_rate=float(optimization["learning_rate"]), schedule=optimization["schedule"],
-        warmup_epochs=0, decay_epochs=(), momentum=optimization["momentum"], **decay)
+    values = dict(learning_rate=float(optimization["learning_rate"]),
+                  schedule=optimization["schedule"], momentum=optimization["momentum"], **decay)
+    with _named_by_flags(flags, "OptimizerConfig", OPTIMIZER_FLAGS, values):
+        optimizer = OptimizerConfig(warmup_epochs=0, decay_epochs=(), **values)
+    # A decay flag the algorithm does not use (warned about, ignored) is still held to the rule
+    # of the field it would give.
+    for field in ("l2", "decoupled_decay"):
+        flag = OPTIMIZER_FLAGS[field]
+        if flags.get(flag) is not None and flags[flag] != values.get(field):
+            unused = {"learning_rate": 1.0, "l2": 0.0, field: flags[flag]}
+            with _named_by_flags(flags, "OptimizerConfig", {field: flag}, unused):
+                OptimizerConfig(**unused)
 
     distribution = flags.get("mirror_noise_distribution")
     amplitude, std = flags["mirror_noise_amplitude"], flags["mirror_noise_std"]
     given = {name: flags[f"mirror_{name}"] for name in (
         "every", "steps", "learning_rate", "decay", "batch_size", "target_angle",
         "max_batch_size", "warmup_steps")}
+    mirror_flags = dict(MIRROR_FLAGS)
+    if amplitude is not None:
+        mirror_flags["noise_std"] = "mirror_noise_amplitude"
     if mlp:
-        batch_size = given["batch_size"] or flags["batch_size"]
+        batch_size = flags["batch_size"] if given["batch_size"] is None else given["batch_size"]
         published = given["learning_rate"]
         published = PUBLISHED_MIRROR_LEARNING_RATE if published is None else published
         if std is None:
@@ -140,37 +212,36 @@ def train_config(flags, run_dir=None):
             distribution = distribution or "uniform"
         given.update(learning_rate=mirror_learning_rate(published, batch_size),
                      decay=given["decay"] or 0.0, batch_size=batch_size)
-        mirror = MirrorConfig.of(None, noise_std=std, noise_distribution=distribution or "normal",
-                                 **given)
+        values = dict(given, noise_std=std, noise_distribution=distribution or "normal")
+        with _named_by_flags(flags, "MirrorConfig", mirror_flags, values):
+            mirror = MirrorConfig.of(None, **values)
     else:
         if amplitude is not None:
             std, distribution = amplitude / math.sqrt(3.0), distribution or "uniform"
-        mirror = MirrorConfig.of(RECIPE_MIRROR, noise_std=std, noise_distribution=distribution,
-                                 **given)
-    return TrainConfig(
-        data=DataConfig(dataset=flags["dataset"], data_dir=flags["data_dir"],
-                        batch_size=flags["batch_size"], train_subset=flags.get("train_subset"),
-                        steps_per_epoch=flags.get("steps_per_epoch")),
-        # The published figures show the first layer's weight angle: the reference MLP keeps
-        # (and trains) the B that no gradient uses; the convnets leave it out.
-        model=ModelConfig(name=flags["model"], options=options, dtype="float32",
-                          keep_unused_feedback=mlp),
-        algo=flags["algo"],
-        optimizer=optimizer,
-        mirror=mirror,
-        mirror_warmup_one_pass=mlp and given["warmup_steps"] is None,
-        loss=optimization["loss"],
-        epochs=flags["n_epochs"],
-        eval_every=flags["test_frequency"],
-        alignment="full",
-        alignment_probe_size=PROBE_SIZE,
-        steps_per_execution="auto",  # several steps per host call where nothing changes
-        model_dir=run_dir,
-        keep_checkpoints=False,
-        seed=flags["seed"],
-        verbose=keras_verbose(flags["verbose"]),
-        divergence_check=flags["divergence_check"],
-    )
+        values = dict(given, noise_std=std, noise_distribution=distribution)
+        with _named_by_flags(flags, "MirrorConfig", mirror_flags, values):
+            mirror = MirrorConfig.of(RECIPE_MIRROR, **values)
+    values = dict(algo=flags["algo"], epochs=flags["n_epochs"],
+                  eval_every=flags["test_frequency"], seed=flags["seed"], loss=optimization["loss"])
+    with _named_by_flags(flags, "TrainConfig", RUN_FLAGS, values):
+        return TrainConfig(
+            data=data,
+            # The published figures show the first layer's weight angle: the reference MLP
+            # keeps (and trains) the B that no gradient uses; the convnets leave it out.
+            model=ModelConfig(name=flags["model"], options=options, dtype="float32",
+                              keep_unused_feedback=mlp),
+            optimizer=optimizer,
+            mirror=mirror,
+            mirror_warmup_one_pass=mlp and given["warmup_steps"] is None,
+            alignment="full",
+            alignment_probe_size=PROBE_SIZE,
+            steps_per_execution="auto",  # several steps per host call where nothing changes
+            model_dir=run_dir,
+            keep_checkpoints=False,
+            verbose=keras_verbose(flags["verbose"]),
+            divergence_check=flags["divergence_check"],
+            **values,
+        )
 
 
 def keras_verbose(verbose):

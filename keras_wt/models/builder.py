@@ -33,7 +33,7 @@ class _Builder:
         feedback_initializer=None,
         seed=None,
         dtype=None,
-        weight_decay=None,
+        l2=None,
         feedback_loss=None,
     ):
         self.algorithm = algorithms.get(feedback)
@@ -43,11 +43,11 @@ class _Builder:
             raise ValueError(f"seed={seed!r} must be an integer or None")
         self.seed = seed
         self.dtype = dtype
-        if weight_decay is not None and (
-            not isinstance(weight_decay, (int, float)) or weight_decay < 0
+        if l2 is not None and (
+            isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0
         ):
-            raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0 or None")
-        self.weight_decay = weight_decay
+            raise ValueError(f"l2={l2!r} must be a number >= 0 or None")
+        self.l2 = l2
         self._count = 0
 
     def initializer(self, identifier):
@@ -81,11 +81,11 @@ class _Builder:
         return kwargs
 
     def _regularizer(self):
-        # keras L2(l) adds l·‖W‖², whose gradient is 2l·W: l = weight_decay / 2 gives
-        # weight_decay·W, the usual coupled weight decay.
-        if not self.weight_decay:
+        # keras L2(l) adds l·‖W‖², whose gradient is 2l·W: l = l2 / 2 gives l2·W, the usual
+        # coupled weight decay (OptimizerConfig.l2).
+        if not self.l2:
             return None
-        return keras.regularizers.L2(self.weight_decay / 2)
+        return keras.regularizers.L2(self.l2 / 2)
 
     def dense(self, units, name, kernel_initializer, bias_initializer="zeros", activation=None):
         return wt_layers.Dense(

@@ -1,5 +1,7 @@
 """The ResNets: `resnet18`, `resnet50` (ImageNet, v1.5) and `resnet20` (CIFAR)."""
 
+import warnings
+
 import keras
 
 from keras_wt.models.builder import _Builder
@@ -48,6 +50,21 @@ def _bottleneck_block(builder, x, filters, strides, name, kernel_initializer,
     return builder.relu(x, f"{name}_out")
 
 
+def _l2(l2, weight_decay):
+    """`l2`, or the deprecated `weight_decay` that was its name."""
+    if weight_decay is None:
+        return l2
+    if l2 is not None:
+        raise ValueError(f"l2={l2!r} and weight_decay={weight_decay!r}: weight_decay is the "
+                         "former name of l2 (the coupled L2 coefficient); give l2 only.")
+    warnings.warn(
+        "weight_decay= of the keras_wt.models ResNets is renamed l2= (the coupled L2 "
+        "coefficient, OptimizerConfig.l2); in Keras's optimizers and KolenPollack weight_decay "
+        "is a decoupled decay. weight_decay= will be removed.",
+        DeprecationWarning, stacklevel=3)
+    return weight_decay
+
+
 def _resnet(
     block,
     blocks_per_stage,
@@ -60,7 +77,7 @@ def _resnet(
     zero_init_residual,
     kernel_initializer,
     classifier_initializer,
-    weight_decay,
+    l2,
     output_activation,
     seed,
     dtype,
@@ -68,8 +85,7 @@ def _resnet(
     feedback_loss=None,
 ):
     builder = _Builder(
-        feedback, feedback_initializer, seed=seed, dtype=dtype, weight_decay=weight_decay,
-        feedback_loss=feedback_loss,
+        feedback, feedback_initializer, seed=seed, dtype=dtype, l2=l2, feedback_loss=feedback_loss,
     )
     if kernel_initializer is None:
         kernel_initializer = _he_normal_fan_out()
@@ -121,10 +137,12 @@ _RESNET_ARGS_DOC = """
             mode (`VarianceScaling(2.0, "fan_out", "untruncated_normal")`, as torchvision).
         classifier_initializer: of the final Dense kernel; `None` is `RandomNormal(stddev=0.01)`
             (as the TPU reference ResNet). Its bias starts at zero.
-        weight_decay: `None` (default) adds no regularizer (the trainer applies decoupled
-            decay); a number adds `keras.regularizers.L2(weight_decay / 2)` to every Conv2D and
-            Dense kernel, i.e. a gradient `weight_decay·W` (batch norm and biases are not
-            decayed).
+        l2: the coupled L2 coefficient (`OptimizerConfig.l2`): `None` (default) adds no
+            regularizer (the trainer applies the equivalent decoupled decay in the optimizer); a
+            number adds `keras.regularizers.L2(l2 / 2)` to every Conv2D and Dense kernel, i.e. a
+            gradient `l2·W` (batch norm and biases are not decayed).
+        weight_decay: the former name of `l2`, deprecated (a `DeprecationWarning`): in Keras's
+            optimizers and `KolenPollack`, `weight_decay` is a decoupled decay.
         output_activation: `None` (logits, the default) or e.g. `"softmax"`.
         seed: integer for reproducible weights, or `None`.
         dtype: dtype policy of the layers (`None`: the global policy, e.g. `"mixed_float16"` or
@@ -142,11 +160,13 @@ def resnet18(
     zero_init_residual=True,
     kernel_initializer=None,
     classifier_initializer=None,
-    weight_decay=None,
+    l2=None,
     output_activation=None,
     seed=None,
     dtype=None,
     name="resnet18",
+    *,
+    weight_decay=None,
 ):
     """ResNet-18 (basic blocks [2, 2, 2, 2]) for ImageNet; 11,689,512 parameters.
 
@@ -157,7 +177,7 @@ def resnet18(
     return _resnet(
         _basic_block, (2, 2, 2, 2), (64, 128, 256, 512), _imagenet_stem, input_shape,
         num_classes, feedback, feedback_initializer, zero_init_residual, kernel_initializer,
-        classifier_initializer, weight_decay, output_activation, seed, dtype, name,
+        classifier_initializer, _l2(l2, weight_decay), output_activation, seed, dtype, name,
         feedback_loss=feedback_loss,
     )
 
@@ -171,11 +191,13 @@ def resnet50(
     zero_init_residual=True,
     kernel_initializer=None,
     classifier_initializer=None,
-    weight_decay=None,
+    l2=None,
     output_activation=None,
     seed=None,
     dtype=None,
     name="resnet50",
+    *,
+    weight_decay=None,
 ):
     """ResNet-50 v1.5 (bottleneck blocks [3, 4, 6, 3]) for ImageNet; 25,557,032 parameters.
 
@@ -185,7 +207,7 @@ def resnet50(
     return _resnet(
         _bottleneck_block, (3, 4, 6, 3), (64, 128, 256, 512), _imagenet_stem, input_shape,
         num_classes, feedback, feedback_initializer, zero_init_residual, kernel_initializer,
-        classifier_initializer, weight_decay, output_activation, seed, dtype, name,
+        classifier_initializer, _l2(l2, weight_decay), output_activation, seed, dtype, name,
         feedback_loss=feedback_loss,
     )
 
@@ -199,11 +221,13 @@ def resnet20(
     zero_init_residual=False,
     kernel_initializer=None,
     classifier_initializer=None,
-    weight_decay=None,
+    l2=None,
     output_activation=None,
     seed=None,
     dtype=None,
     name="resnet20",
+    *,
+    weight_decay=None,
 ):
     """The CIFAR ResNet-20 of He et al. (2016, §4.2); 272,474 parameters (0.27M).
 
@@ -217,7 +241,7 @@ def resnet20(
     return _resnet(
         _basic_block, (3, 3, 3), (16, 32, 64), _cifar_stem, input_shape, num_classes,
         feedback, feedback_initializer, zero_init_residual, kernel_initializer,
-        classifier_initializer, weight_decay, output_activation, seed, dtype, name,
+        classifier_initializer, _l2(l2, weight_decay), output_activation, seed, dtype, name,
         feedback_loss=feedback_loss,
     )
 
