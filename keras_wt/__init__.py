@@ -35,6 +35,7 @@ _EXPORTS = {
     "dfa": (),
     "local": (),
     "layers": ("feedback_pairs",),
+    "learners": (),  # who trains each B: a wm layer's mirror, a kp kernel's layer
     "metrics": (),
     "mirror": ("MirrorConfig",),
     "models": (),

@@ -211,6 +211,63 @@ def untrack_variable(layer, variable):
     layer._untrack_variable(variable)
 
 
+def train_function_ending_with(model, after_step):
+    """`model`'s training function, made as `model.make_train_function` makes it for its
+    current compilation, from a `train_step` that calls `after_step()` (in the step's replica
+    context, after the optimizer's update) after the model's own. The model keeps its own
+    `train_step` and `train_function`.
+
+    Used by `keras_wt.callbacks.MirrorCallback(in_train_step=True)`, which swaps the result in
+    as `model.train_function` for the duration of `fit`: the weight mirror's steps then run in
+    the compiled step, with no host round trip, whatever the model's class. Keras's public way
+    to change the step is to subclass the model and override `train_step`; for any model a
+    callback is given, it has none. `make_train_function` reads `self.train_step` when it makes
+    the function, so `train_step` is set on this instance for that moment only (a plain
+    attribute, past Keras's and TensorFlow's attribute tracking) and removed after. No upstream
+    issue asking for a hook after the optimizer's update in the compiled step was found.
+    """
+    if not callable(getattr(model, "make_train_function", None)):
+        raise _unsupported("Trainer.make_train_function")
+    if "force" not in inspect.signature(model.make_train_function).parameters:
+        raise _unsupported("Trainer.make_train_function(force=True)")
+    original = model.train_step
+    plain = model.train_function
+
+    def train_step(data):
+        logs = original(data)
+        after_step()
+        return logs
+
+    object.__setattr__(model, "train_step", train_step)
+    try:
+        model.make_train_function(force=True)
+        return model.train_function
+    finally:
+        object.__delattr__(model, "train_step")
+        model.train_function = plain
+
+
+def built_variables(optimizer):
+    """The variables `optimizer` was built for (`Optimizer._trainable_variables`): what
+    `Optimizer.apply(grads)` updates when it is given no variables. Keras keeps them only
+    privately; `keras_wt.optimizers.KolenPollack.apply` falls back to them as Keras's own
+    `apply` does."""
+    if not hasattr(optimizer, "_trainable_variables"):
+        raise _unsupported("Optimizer._trainable_variables")
+    return optimizer._trainable_variables
+
+
+def optimizer_strategy(optimizer):
+    """The distribution strategy `optimizer` was created under, through which its updates are
+    assigned (`Optimizer._distribution_strategy`, set by Keras's TensorFlow optimizer at
+    construction). `keras_wt.optimizers.KolenPollack` assigns `B` and the decayed `W` through
+    the same strategy as the wrapped optimizer's updates, also when called outside any strategy
+    scope; Keras has no public accessor."""
+    if not hasattr(optimizer, "_distribution_strategy"):
+        raise _unsupported("Optimizer._distribution_strategy")
+    return optimizer._distribution_strategy
+
+
 # The Keras 3 releases whose multi-worker `fit` needs `multi_worker_fit` (checked on 3.15).
 _KERAS_MULTIWORKER_BUG = _version() >= (3, 0)
 

@@ -2,9 +2,11 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wt import _compat
 from keras_wt import alignment
+from keras_wt import backend
 from keras_wt import mirror as mirror_lib
 
 
@@ -103,7 +105,7 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
         self._first_call = None  # the function that builds such a model (between calls)
 
     def set_model(self, model):
-        if model is not self._model:
+        if model is not self.model:
             self.mirror = None
             self._train_functions = None
         super().set_model(model)
@@ -192,7 +194,7 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
             model.make_train_function()
             plain = model.train_function
         if cached is None or cached[0] is not plain:
-            mirroring = _mirroring_train_function(model, self._mirror_after_step)
+            mirroring = _compat.train_function_ending_with(model, self._mirror_after_step)
 
             def train_function(iterator):
                 if not self._call_expected:
@@ -222,7 +224,7 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
         """In the training step (a replica context), after the optimizer's update: the mirror
         steps owed. With `t` the step count after the update, the `steps` steps of counters
         `(t/every − 1)·steps + k` when `every` divides `t` (those `on_train_batch_end` runs)."""
-        iterations = tf.cast(tf.convert_to_tensor(self.model.optimizer.iterations), tf.int64)
+        iterations = ops.cast(backend.read_value(self.model.optimizer.iterations), "int64")
         # B as the forward pass read it, taken here: a `tf.cond` branch is a graph of its own.
         values = self.mirror.known_values()
 
@@ -235,7 +237,7 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
         if self.every == 1:
             mirror()
         else:  # one replica only (`_mirrors_in_train_step`)
-            tf.cond(tf.equal(iterations % self.every, 0), mirror, lambda: None)
+            ops.cond(ops.equal(iterations % self.every, 0), mirror, lambda: None)
 
     def on_epoch_begin(self, epoch, logs=None):
         # One read of the step count per epoch, after every on_train_begin (BackupAndRestore's
@@ -287,35 +289,12 @@ def _build_from_batches(model, iterator):
     x, _, _ = keras.utils.unpack_x_y_sample_weight(spec)
 
     def symbolic(spec):
-        if isinstance(spec, tf.TensorSpec):
+        if backend.is_tensor_spec(spec):
             return keras.KerasTensor(tuple(spec.shape), spec.dtype.name)
         return spec
 
     with model.distribute_strategy.scope():
-        model(tf.nest.map_structure(symbolic, x), training=False)
-
-
-def _mirroring_train_function(model, after_step):
-    """`model`'s training function (as `make_train_function` builds it, for its current
-    compilation) with a `train_step` that calls `after_step()` after the model's own. The model
-    keeps its own `train_step` and `train_function`."""
-    original = model.train_step
-    plain = model.train_function
-
-    def train_step(data):
-        logs = original(data)
-        after_step()
-        return logs
-
-    # The training function takes the step function when it is made: the attribute is needed
-    # only for that moment. A plain attribute, past Keras's and TF's attribute tracking.
-    object.__setattr__(model, "train_step", train_step)
-    try:
-        model.make_train_function(force=True)
-        return model.train_function
-    finally:
-        object.__delattr__(model, "train_step")
-        model.train_function = plain
+        model(keras.tree.map_structure(symbolic, x), training=False)
 
 
 class AlignmentCallback(keras.callbacks.Callback):

@@ -1,11 +1,13 @@
 """The Kolen–Pollack optimizer: identical updates and identical decay for W and B."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from keras_wt import _compat
+from keras_wt import backend
 from keras_wt import feedback as feedback_lib
-from keras_wt._distribute import assign_on_every_replica
-from keras_wt.layers.base import _KolenPollackGuard
+from keras_wt import learners
+from keras_wt.algorithms import Learning
 
 
 class _Pairs:
@@ -19,26 +21,15 @@ class _Pairs:
 
 def _kp_kernels(var_list):
     """`[(W, layer)]`: the kernels among `var_list` of layers with `feedback="kp"`, and their
-    layers. A `kp` layer's kernel carries its `_KolenPollackGuard` as Keras's `constraint`, which
-    holds a weak reference to the layer (`keras_wt.layers.base`)."""
+    layers, found in the registry where each `kp` layer records its kernel when it builds its
+    feedback (`keras_wt.learners.layer_of_kernel`)."""
     found = []
     for variable in var_list:
-        guard = getattr(variable, "constraint", None)
-        layer = guard.layer() if isinstance(guard, _KolenPollackGuard) else None
-        if layer is not None:
+        layer = learners.layer_of_kernel(variable)
+        algorithm = getattr(layer, "algorithm", None)
+        if algorithm is not None and algorithm.learns_feedback == Learning.OPTIMIZER:
             found.append((variable, layer))
     return found
-
-
-def _barrier(dependencies, name):
-    """`[op]`: one op that runs after every one of `dependencies` (tensors, `IndexedSlices` or
-    ops), for `tf.control_dependencies`: whatever waits for the barrier waits for all of them
-    through one control edge each, not one per dependency. `[]` when there is nothing to wait
-    for or no graph is being built (eager execution runs in program order)."""
-    if not dependencies or not tf.inside_function():
-        return []
-    with tf.control_dependencies(dependencies):
-        return [tf.no_op(name=name)]
 
 
 @keras.saving.register_keras_serializable(package="keras_wt")
@@ -135,7 +126,7 @@ class KolenPollack(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         if trainable_variables is None:
-            trainable_variables = self._trainable_variables
+            trainable_variables = _compat.built_variables(self)
         if not self._kp.kernels:
             # Refused at the first update, not when built: Keras also builds the optimizer of a
             # model it clones (`keras_wt.strip`, `convert`) or loads, which must still work.
@@ -152,9 +143,9 @@ class KolenPollack(keras.optimizers.Optimizer):
         pairs = [(w, b) for w, b in self._kp.pairs if id(w) in updated]
         kernels = [w for w in self._kp.kernels if id(w) in updated]
 
-        strategy = self._distribution_strategy
+        strategy = _compat.optimizer_strategy(self)
         # The learning rate of this step, read before the wrapped optimizer advances.
-        lr = tf.cast(self.inner_optimizer.learning_rate, tf.float32)
+        lr = ops.cast(self.inner_optimizer.learning_rate, "float32")
         shrink = 1.0 - lr * self.kp_weight_decay
         feedbacks = [b for _, b in pairs]
         # Nothing below needs the gradients, so without this edge the graph executor runs it as
@@ -164,27 +155,27 @@ class KolenPollack(keras.optimizers.Optimizer):
         # One barrier op waits for every gradient, and what must follow them waits for the
         # barrier: n + n control edges, not n·n (an edge from every gradient to every op of the
         # update made the first trace of a 150-convolution chain 5x fa's, DESIGN.md §2).
-        gradients_done = _barrier([g for g in grads if g is not None], "kp_gradients_done")
+        gradients_done = backend.barrier([g for g in grads if g is not None], "kp_gradients_done")
         # B ← (1 − lr·λ)(B_t − W_t), written into B's own storage: no second kernel-sized
         # tensor stays alive while W is updated.
-        with tf.name_scope("kp_difference"), tf.control_dependencies(gradients_done):
+        with keras.name_scope("kp_difference"), backend.control_dependencies(gradients_done):
             differences = [
-                tf.cast(shrink, b.dtype)
-                * (tf.convert_to_tensor(b.value) - tf.convert_to_tensor(w.value))
+                ops.cast(shrink, b.dtype)
+                * (backend.read_value(b.value) - backend.read_value(w.value))
                 for w, b in pairs
             ]
         if pairs:
-            assign_on_every_replica(strategy, feedbacks, differences)
+            backend.assign_on_every_replica(strategy, feedbacks, differences)
         # W is updated only after B − W is computed. Automatic control dependencies order the
         # *reads* of W before its updates, but a read may alias W's buffer, which the wrapped
         # optimizer then updates in place: without this edge the subtraction sometimes ran after
         # the update (under CPU load), B_t − W_{t+1} replaced B_t − W_t and B skipped the step.
         # (The barrier waits for every difference and, through them or directly, every gradient.)
-        differences_done = _barrier(differences + gradients_done, "kp_differences_done")
-        with tf.control_dependencies(differences_done):
+        differences_done = backend.barrier(differences + gradients_done, "kp_differences_done")
+        with backend.control_dependencies(differences_done):
             if self.kp_weight_decay and kernels:
-                assign_on_every_replica(strategy, kernels, [
-                    tf.cast(shrink, w.dtype) * tf.convert_to_tensor(w.value) for w in kernels
+                backend.assign_on_every_replica(strategy, kernels, [
+                    ops.cast(shrink, w.dtype) * backend.read_value(w.value) for w in kernels
                 ])
             with feedback_lib.kolen_pollack_update():
                 self.inner_optimizer.apply(grads, trainable_variables)
@@ -192,10 +183,10 @@ class KolenPollack(keras.optimizers.Optimizer):
             # B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)  ≡  B_t − lr·u(g) − lr·λ·B_t: the same
             # sum, rounded as before. The reads of B and W follow their assignments above
             # (automatic control dependencies order the operations on each variable).
-            assign_on_every_replica(
+            backend.assign_on_every_replica(
                 strategy,
                 feedbacks,
-                [tf.convert_to_tensor(w.value) + tf.convert_to_tensor(b.value) for w, b in pairs],
+                [backend.read_value(w.value) + backend.read_value(b.value) for w, b in pairs],
             )
 
     @property
@@ -212,15 +203,15 @@ class KolenPollack(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return super().variables + self.inner_optimizer.variables
 
     # The wrapped optimizer saves and loads its own state as a child object of this one.
     def save_own_variables(self, store):
-        for i, variable in enumerate(self._variables):
+        for i, variable in enumerate(super().variables):
             store[str(i)] = variable.numpy()
 
     def load_own_variables(self, store):
-        for i, variable in enumerate(self._variables):
+        for i, variable in enumerate(super().variables):
             variable.assign(store[str(i)])
 
     def scale_loss(self, loss):

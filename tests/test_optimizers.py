@@ -324,8 +324,9 @@ def test_the_kp_training_step_graph_grows_linearly_with_depth():
 
 
 def test_kp_keeps_the_models_feedback_pairs_found_without_attributes_on_variables():
-    """KolenPollack is given variables, not a model: it finds the kp kernels, at any depth, through
-    their `_KolenPollackGuard` constraint and its layer; nothing is written onto a variable."""
+    """KolenPollack is given variables, not a model: it finds the kp kernels, at any depth, and
+    their layers through the registry the layers write at build (`keras_wt.learners`); nothing
+    is written onto a variable."""
     inner = keras.Sequential([keras.Input((5, 6)), wt.Dense(6, feedback="kp", name="inner")])
     inputs = keras.Input((5, 6))
     h = wt.MultiHeadAttention(2, 3, feedback="kp", name="att")(inner(inputs), inputs)

@@ -18,6 +18,7 @@ from keras_wt import _compat
 from keras_wt import algorithms
 from keras_wt import backend
 from keras_wt import feedback as feedback_lib
+from keras_wt import learners
 from keras_wt import local
 from keras_wt.algorithms import Learning
 from keras_wt.layers.arguments import WithFeedback
@@ -28,15 +29,14 @@ class _KolenPollackGuard:
     """Kernel constraint of a `kp` layer: every Keras optimizer applies a variable's constraint
     after updating it, so an optimizer other than KolenPollack is caught the first time it
     updates the kernel (when the train step is traced), before B could silently stay fixed.
+    It wraps the kernel's own constraint, which it applies after the check.
 
-    It is also how `keras_wt.optimizers.KolenPollack.build`, which is given variables and no
-    model, finds the `kp` kernels among them and their layers (`layer`: a weak reference, so the
-    constraint keeps no layer alive): Keras's own `variable.constraint`, set in `build`.
+    (`keras_wt.optimizers.KolenPollack` finds the `kp` kernels and their layers through
+    `keras_wt.learners.layer_of_kernel`, not through this constraint.)
     """
 
     def __init__(self, layer, constraint):
         self.layer_name = layer.name
-        self.layer = weakref.ref(layer)
         self.constraint = constraint
 
     def __call__(self, kernel):
@@ -88,10 +88,6 @@ class FeedbackLayer(WithFeedback):
         # The input shape the layer was built with (dimensions unknown at build time filled in
         # by the first call): mirror noise is drawn with this shape.
         self.feedback_input_shape = None
-        # What trains B when the optimizer does not: `keras_wt.mirror.WeightMirror` sets itself
-        # here. A layer whose B learns by mirroring warns when its backward pass is built
-        # without one (`_check_feedback_learner`).
-        self.feedback_learner = None
         # {graph: {id(replica context): (context, [tensors])}}: the values of a mirror-learned
         # `B` known in each function being traced (`read_feedback_kernel`, `feedback_values`),
         # forgotten with the graph. A plain attribute, past Keras's and TF's attribute tracking.
@@ -103,8 +99,9 @@ class FeedbackLayer(WithFeedback):
 
     def build_feedback(self, input_shape):
         """Creates what feedback adds to the built stock layer: `B` (when the algorithm stores
-        one and `feedback_used`), the Kolen–Pollack guard on the kernel, the per-step state,
-        and `feedback_input_shape`.
+        one and `feedback_used`), the Kolen–Pollack guard on the kernel and its registration
+        (`keras_wt.learners.register_kernel`, how the KolenPollack optimizer finds it), the
+        per-step state, and `feedback_input_shape`.
 
         Called by `build` after the stock build, and by `keras_wt.convert` on a built stock
         layer that it turns into this class in place (`keras_wt.nested`), with the shape the
@@ -114,6 +111,7 @@ class FeedbackLayer(WithFeedback):
         kernel = self.kernel
         if self.algorithm.learns_feedback == Learning.OPTIMIZER:
             kernel.constraint = _KolenPollackGuard(self, kernel.constraint)
+            learners.register_kernel(self)
         if self.algorithm.stores_feedback and self.feedback_used:
             self.feedback_kernel = self.add_weight(
                 name="feedback_kernel",
@@ -273,11 +271,12 @@ class FeedbackLayer(WithFeedback):
 
     def _check_feedback_learner(self):
         """Warns when an error is sent down through a `B` that should learn by mirroring but
-        that no weight mirror trains (it would stay at its random start: feedback alignment).
-        Measuring deltas (`keras_wt.alignment`) is not training and is not checked."""
+        that no weight mirror trains (none is attached to the layer: `keras_wt.learners`), so it
+        would stay at its random start (feedback alignment). Measuring deltas
+        (`keras_wt.alignment`) is not training and is not checked."""
         if (
             self.feedback_learning == Learning.MIRROR
-            and self.feedback_learner is None
+            and learners.learner_of(self) is None
             and feedback_lib.linear_tap() is None
         ):
             warnings.warn(
