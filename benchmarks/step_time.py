@@ -65,6 +65,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_wt  # noqa: E402
+from keras_wt import _compat  # noqa: E402
 from keras_wt import layers as wt_layers  # noqa: E402
 
 logger = logging.getLogger("keras_wt.benchmarks")
@@ -178,7 +179,7 @@ def linear_flops(model, batch_size):
     """Multiply-add FLOPs (x2) of every Dense/Conv forward product of `model` for one batch,
     in layer order: `2·n·(output positions)·|W|`."""
     flops = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _compat.flatten_layers(model)[1:]:  # without the model itself
         if isinstance(layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)):
             positions = math.prod(int(d) for d in layer.output.shape[1:-1])
             flops.append(2 * batch_size * positions * math.prod(layer.kernel.shape))
@@ -209,7 +210,7 @@ class Trainee:
             model = stock_twin(model)
         elif not variant.endswith(KEEP_UNUSED):
             keras_wt.drop_unused_feedback(model)
-        if learns == "optimizer":
+        if learns == keras_wt.algorithms.Learning.OPTIMIZER:
             optimizer = keras_wt.optimizers.KolenPollack(
                 keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM), weight_decay=WEIGHT_DECAY
             )
@@ -221,7 +222,7 @@ class Trainee:
                       steps_per_execution=steps_per_execution)
         self.model = model
         self.callback = None
-        if learns == "mirror":
+        if learns == keras_wt.algorithms.Learning.MIRROR:
             self.callback = keras_wt.callbacks.MirrorCallback(
                 every=1,
                 steps=1,

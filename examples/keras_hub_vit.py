@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_wt
+from keras_wt.algorithms import Learning
 from keras_wt.app.data import datasets
 
 RULES = tuple(rule for rule in keras_wt.ALGORITHMS if not keras_wt.algorithms.get(rule).direct)
@@ -76,9 +77,9 @@ def training_setup(algo, args, model=None):
             var_list=[v for v in model.trainable_variables if id(v) not in kernels])
     callbacks = []
     learns = keras_wt.algorithms.get(algo).learns_feedback  # None, "optimizer", "mirror", "loss"
-    if learns == "optimizer":
+    if learns == Learning.OPTIMIZER:
         optimizer = keras_wt.optimizers.KolenPollack(optimizer, weight_decay=args.kp_weight_decay)
-    if learns == "mirror":
+    if learns == Learning.MIRROR:
         # B settles at (σ²/λ)·W. Here σ²/λ = 1: in a residual network the skip connections carry
         # the exact error, and a B of another scale than W turns the sum of the two paths away
         # from backprop's (with σ²/λ = 2, examples/transformer.py's, a 1-epoch look on 512 images

@@ -22,6 +22,7 @@ import logging
 import keras
 
 import keras_wt
+from keras_wt.algorithms import Learning
 from keras_wt import layers as wt
 from keras_wt.app.data import datasets
 
@@ -77,9 +78,9 @@ def training_setup(algo, args):
         optimizer.exclude_from_weight_decay(var_names=["bias"])
     callbacks = []
     learns = keras_wt.algorithms.get(algo).learns_feedback  # None, "optimizer", "mirror", "loss"
-    if learns == "optimizer":  # Kolen-Pollack: W and B get identical updates and decay
+    if learns == Learning.OPTIMIZER:  # Kolen-Pollack: W and B get identical updates and decay
         optimizer = keras_wt.optimizers.KolenPollack(optimizer, weight_decay=args.kp_weight_decay)
-    if learns == "mirror":  # weight mirror: B learns from noise, each kernel from its own
+    if learns == Learning.MIRROR:  # weight mirror: B learns from noise, each kernel from its own
         callbacks.append(keras_wt.callbacks.MirrorCallback(
             learning_rate=args.mirror_learning_rate, noise_std=args.mirror_noise_std,
             decay=args.mirror_decay, batch_size="auto", warmup_steps=100))

@@ -9,6 +9,7 @@ import logging
 import keras
 
 import keras_wt
+from keras_wt.algorithms import Learning
 from keras_wt import layers as wt
 from keras_wt.app.data import datasets
 
@@ -27,10 +28,10 @@ model = keras.Sequential([
 ])
 learns = keras_wt.algorithms.get(args.algo).learns_feedback  # None, "optimizer" or "mirror"
 optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-if learns == "optimizer":  # Kolen-Pollack: W and B get identical updates and identical decay
+if learns == Learning.OPTIMIZER:  # Kolen-Pollack: W and B get identical updates and identical decay
     optimizer = keras_wt.optimizers.KolenPollack(optimizer, weight_decay=1e-3)
 callbacks = []
-if learns == "mirror":  # weight mirror: B learns from noise between training steps
+if learns == Learning.MIRROR:  # weight mirror: B learns from noise between training steps
     callbacks.append(keras_wt.callbacks.MirrorCallback(learning_rate=0.05, noise_std=1.0, decay=1.0, warmup_steps=100))
 model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 model.fit(train, epochs=args.epochs, callbacks=callbacks)

@@ -211,7 +211,7 @@ def sgd(feedback, learning_rate, momentum=0.9, decoupled_decay=0.0, nesterov=Fal
     conversion): `KolenPollack(SGD(...), weight_decay=λ)` for an algorithm whose `B` learns
     through the optimizer, else `SGD(..., weight_decay=λ)` excluding `NO_WEIGHT_DECAY`."""
     decay = decoupled_decay
-    if algorithms.get(feedback).learns_feedback == "optimizer":
+    if algorithms.get(feedback).learns_feedback == algorithms.Learning.OPTIMIZER:
         sgd = keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov)
         return optimizers_lib.KolenPollack(sgd, weight_decay=decay)
     optimizer = keras.optimizers.SGD(
@@ -309,7 +309,7 @@ class OptimizerConfig:
         """The decoupled `λ` the optimizer applies for the algorithm `feedback` over
         `total_steps` steps of `schedule`."""
         if self.kp_decay_budget is not None:
-            if algorithms.get(feedback).learns_feedback != "optimizer":
+            if algorithms.get(feedback).learns_feedback != algorithms.Learning.OPTIMIZER:
                 return 0.0
             decay = decay_for_budget(schedule, total_steps, self.kp_decay_budget)
             logger.info("Kolen-Pollack decay λ = %.4g (Σ lr·λ = %g over the run)", decay,

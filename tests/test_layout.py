@@ -54,9 +54,6 @@ def test_the_library_never_imports_the_application():
 
 
 BACKEND = "keras_wt.backend"
-# Library modules that still import TensorFlow: converted to `keras_wt.backend` in the second
-# pass of issue #19's item 3 (they were being changed on another branch meanwhile).
-NOT_YET_CONVERTED = ("keras_wt.schedules",)
 
 
 def _imports_tensorflow(path):
@@ -80,7 +77,7 @@ def test_only_the_backend_module_imports_tensorflow():
         m for m in LIBRARY
         if m != BACKEND and not m.startswith(BACKEND + ".") and _imports_tensorflow(MODULES[m])
     )
-    assert importing == sorted(NOT_YET_CONVERTED)
+    assert importing == []
     assert _imports_tensorflow(MODULES[BACKEND + ".tensorflow"])
 
 

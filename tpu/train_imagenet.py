@@ -26,6 +26,7 @@ import logging
 import sys
 
 from keras_wt import algorithms
+from keras_wt.algorithms import Learning
 from keras_wt import schedules
 from keras_wt.app import config as config_lib
 from keras_wt.app import strategies
@@ -205,7 +206,7 @@ def parse_flags(argv=None):
 def ignored_flags(config):
     """The `--mirror_*` flags set away from their defaults when `--algo`'s `B` does not learn by
     mirroring (the flags the algorithm does not use)."""
-    if algorithms.get(config.algo).learns_feedback == "mirror":
+    if algorithms.get(config.algo).learns_feedback == Learning.MIRROR:
         return []
     return sorted(f"mirror_{name}" for name in MIRROR_FLAGS
                   if getattr(config.mirror, name) != getattr(RECIPE_MIRROR, name))

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from keras_wt import algorithms
+from keras_wt.algorithms import Learning
 from keras_wt import callbacks as callbacks_lib
 from keras_wt import models
 from keras_wt.algorithms import ALGORITHMS
@@ -284,7 +285,7 @@ class TrainConfig:
                 )
             return self.steps_per_execution
         mirror_between_calls = (
-            algorithms.get(self.algo).learns_feedback == "mirror"
+            algorithms.get(self.algo).learns_feedback == Learning.MIRROR
             and not callbacks_lib.mirrors_in_train_step(
                 self.mirror.in_train_step, self.mirror.every, replicas
             )

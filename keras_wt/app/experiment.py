@@ -18,6 +18,7 @@ import logging
 import os
 
 from keras_wt import algorithms
+from keras_wt.algorithms import Learning
 from keras_wt.app import published
 from keras_wt.app import runs
 from keras_wt.app import training
@@ -94,9 +95,9 @@ def ignored_flags(config, explicit):
     learns = algorithms.get(config["algo"]).learns_feedback
     return sorted(
         flag for flag in explicit
-        if (flag.startswith("mirror_") and learns != "mirror")
-        or (flag == "kp_weight_decay" and learns != "optimizer")
-        or (flag == "local_loss_decay" and learns != "loss")
+        if (flag.startswith("mirror_") and learns != Learning.MIRROR)
+        or (flag == "kp_weight_decay" and learns != Learning.OPTIMIZER)
+        or (flag == "local_loss_decay" and learns != Learning.LOSS)
     )
 
 

@@ -38,6 +38,7 @@ import math
 import re
 
 from keras_wt import algorithms
+from keras_wt.algorithms import Learning
 from keras_wt.app.config import RECIPE_MIRROR, DataConfig, ModelConfig, TrainConfig
 from keras_wt.app.flags import PUBLISHED_LEARNING_RATES
 from keras_wt.mirror import MirrorConfig
@@ -167,7 +168,7 @@ def train_config(flags, run_dir=None):
                    "batch_norm": flags["batch_norm"]}
     else:
         options = {}
-    if flags.get("local_loss_decay") is not None and learns == "loss":  # else ignored, warned
+    if flags.get("local_loss_decay") is not None and learns == Learning.LOSS:  # else ignored, warned
         options["feedback_loss"] = dict(algorithms.get(flags["algo"]).local_loss,
                                         decay=flags["local_loss_decay"])
     values = dict(dataset=flags["dataset"], batch_size=flags["batch_size"],
@@ -177,7 +178,7 @@ def train_config(flags, run_dir=None):
         data = DataConfig(data_dir=flags["data_dir"], **values)
     optimization = recipe(flags)
     decay = {"l2": optimization["weight_decay"]}
-    if learns == "optimizer":  # Kolen-Pollack's decay is decoupled: the same λ for W and B
+    if learns == Learning.OPTIMIZER:  # Kolen-Pollack's decay is decoupled: the same λ for W and B
         if flags["kp_weight_decay"] is not None or mlp:
             decay = {"l2": 0.0, "decoupled_decay": flags["kp_weight_decay"] or 0.0}
         else:
@@ -257,7 +258,7 @@ def derived(config):
     optimizer = config.optimizer
     values = {"learning_rate": optimizer.learning_rate, "momentum": optimizer.momentum,
               "weight_decay": optimizer.l2, "schedule": optimizer.schedule, "loss": config.loss}
-    if algorithms.get(config.algo).learns_feedback == "mirror":
+    if algorithms.get(config.algo).learns_feedback == Learning.MIRROR:
         values.update(
             mirror_learning_rate_keras_wt=config.mirror.learning_rate,
             mirror_noise_std=config.mirror.noise_std,

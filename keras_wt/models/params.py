@@ -5,6 +5,7 @@ import math
 
 import keras
 
+from keras_wt import _compat
 from keras_wt import layers as wt_layers
 
 
@@ -32,7 +33,7 @@ def count_forward_params(model):
     """
     statistics = {
         id(variable)
-        for layer in model._flatten_layers()
+        for layer in _compat.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
         for variable in (layer.moving_mean, layer.moving_variance)
     }

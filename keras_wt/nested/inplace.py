@@ -13,7 +13,7 @@ from keras_wt.layers.base import _KolenPollackGuard
 _FEEDBACK_ATTRIBUTES = (
     "algorithm", "feedback", "feedback_initializer", "feedback_scale", "feedback_input",
     "feedback_loss", "feedback_used", "feedback_kernel", "feedback_state",
-    "feedback_input_shape", "feedback_learner", "_traced_feedback",
+    "feedback_input_shape", "_traced_feedback",
 )
 
 
@@ -160,8 +160,6 @@ def _remove_feedback(layer):
         kernel = layer.kernel
         if isinstance(kernel.constraint, _KolenPollackGuard):
             kernel.constraint = kernel.constraint.constraint
-        if "_keras_wt_layer" in getattr(kernel, "__dict__", {}):
-            del kernel._keras_wt_layer
     for attribute in _FEEDBACK_ATTRIBUTES:
         if attribute in vars(layer):
             object.__delattr__(layer, attribute)
