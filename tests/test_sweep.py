@@ -210,3 +210,26 @@ def test_a_sweep_of_rules_alone_draws_each_rules_mean_and_spread():
     assert bars[0][0] == 86.0 and bars[1][0] == 86.7
     np.testing.assert_allclose(bars[0][1], [85.5, 86.5])
     np.testing.assert_allclose(bars[1][1], [86.1, 87.3])
+
+
+def test_a_swept_setting_draws_each_rules_curve_and_marks_the_points_that_diverged():
+    from keras_wt.app import plots
+
+    rows = [{"algo": a, "learning_rate": lr, "n": n, "final_mean": m, "final_std": s,
+             "diverged": d}
+            for a, lr, n, m, s, d in (
+                ("bp", "0.1", "2", "83.0", "0.2", "0"), ("bp", "0.4", "2", "85.5", "1.5", "0"),
+                ("bp", "0.9", "0", "", "", "2"),
+                ("fa", "0.1", "2", "81.4", "0.1", "0"), ("fa", "0.4", "0", "", "", "2"),
+                ("fa", "0.9", "0", "", "", "2"))]
+    figures = plots.sweep_figures(rows, ["algo", "learning_rate"])
+    ax = figures["learning_rate"].axes[0]
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+              for line in ax.lines if line.get_marker() == "o"}
+    assert curves == {"backprop": ([0.1, 0.4], [83.0, 85.5]),
+                      "feedback alignment": ([0.1], [81.4])}
+    crosses = sorted((float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+                     for line in ax.lines if line.get_marker() == "x" and len(line.get_xdata()))
+    assert crosses == [(0.4, 0.03), (0.9, 0.03), (0.9, 0.03)]  # bp at 0.9; fa at 0.4 and 0.9
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.1", "0.4", "0.9"]
+    assert "over 2 seeds" in ax.get_title()  # the diverged points' n = 0 is not a seed count

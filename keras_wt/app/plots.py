@@ -251,9 +251,11 @@ def _number(text):
 def sweep_figures(rows, flags):
     """Figures of a sweep's summary rows (`keras_wt.app.sweep.read_summary`): for every swept
     numeric setting, the final test accuracy against it, mean over seeds with a band of ± one
-    standard deviation, one curve per rule (and per value of the other swept settings); a log
-    axis when the values span 10× or more. A sweep of rules alone gets `"algo"`: each rule's
-    mean ± std. Returns `{setting: Figure}`."""
+    standard deviation, one curve per rule (and per value of the other swept settings); a point
+    where every run diverged is an `x` at the bottom of the axes in its curve's colour. The axis
+    is logarithmic when the values span 10× or more (symmetric-log when one of them is 0), with
+    a tick at each swept value. A sweep of rules alone gets `"algo"`: each rule's mean ± std.
+    Returns `{setting: Figure}`."""
     varying = [f for f in flags if len({row[f] for row in rows}) > 1]
     figures = {}
     for flag in varying:
@@ -263,16 +265,16 @@ def sweep_figures(rows, flags):
         others = [f for f in varying if f != flag]
         curves = {}
         for row in rows:
-            if row["final_mean"] == "":
-                continue
             curves.setdefault(tuple(row[f] for f in others), []).append(row)
-        fig = Figure(figsize=(6.4, 4.4), dpi=100)
+        fig = Figure(figsize=(8.4, 4.4), dpi=100)
         ax = fig.add_subplot()
+        diverged_marks = []
         for i, (key, curve) in enumerate(sorted(curves.items())):
             curve.sort(key=lambda row: xs[row[flag]])
-            x = [xs[row[flag]] for row in curve]
-            mean = [float(row["final_mean"]) for row in curve]
-            std = [float(row["final_std"] or 0.0) for row in curve]
+            done = [row for row in curve if row["final_mean"] != ""]
+            x = [xs[row[flag]] for row in done]
+            mean = [float(row["final_mean"]) for row in done]
+            std = [float(row["final_std"] or 0.0) for row in done]
             settings = dict(zip(others, key))
             algo = settings.pop("algo", None)
             color = COLORS.get(algo, f"C{i % 10}")
@@ -286,22 +288,42 @@ def sweep_figures(rows, flags):
             ax.plot(x, mean, color=color, marker="o", markersize=3,
                     linestyle=LINESTYLES[(i if algo is None else 0) % len(LINESTYLES)],
                     label=label)
-        values = [x for x in xs.values() if x > 0]
-        if values and len(values) == len(xs) and max(values) >= 10 * min(values):
-            ax.set_xscale("log")
-        ns = sorted({int(row["n"]) for row in rows})
+            diverged_marks += [(xs[row[flag]], color) for row in curve
+                               if row["final_mean"] == "" and int(row.get("diverged") or 0)]
+        for x, color in diverged_marks:  # at the bottom of the axes, whatever its y range
+            ax.plot([x], [0.03], transform=ax.get_xaxis_transform(), color=color, marker="x",
+                    markersize=7, linestyle="none", clip_on=False)
+        if diverged_marks:
+            ax.plot([], [], color="grey", marker="x", linestyle="none",
+                    label="all runs diverged")
+        _swept_axis(ax, sorted(xs.items(), key=lambda item: item[1]))
+        ns = sorted({int(row["n"]) for row in rows if int(row["n"] or 0) > 0})
         ax.set_xlabel(flag)
         ax.set_ylabel("final test accuracy (%)")
         ax.set_title(f"Final test accuracy against {flag} "
                      f"(mean ± std over {'/'.join(map(str, ns))} seeds)", fontsize=10)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         figures[flag] = fig
     if not figures and "algo" in varying:
         figures["algo"] = _sweep_rules_figure(rows, flags)
     return figures
+
+
+def _swept_axis(ax, values):
+    """A tick at each swept `(text, value)`, labelled as given; a log axis when the positive
+    values span 10× or more (symmetric-log, linear below the smallest positive value, when one
+    of them is 0)."""
+    positive = [x for _, x in values if x > 0]
+    if positive and max(positive) >= 10 * min(positive):
+        if len(positive) == len(values):
+            ax.set_xscale("log")
+        elif all(x >= 0 for _, x in values):
+            ax.set_xscale("symlog", linthresh=min(positive))
+    ax.set_xticks([x for _, x in values], [text for text, _ in values])
+    ax.minorticks_off()
 
 
 def _sweep_rules_figure(rows, flags):
