@@ -197,11 +197,11 @@ def test_a_point_runs_as_keras_wt_train_alone_resumes_exactly_and_is_left_to_its
 
 
 def test_a_sweep_of_rules_alone_draws_each_rules_mean_and_spread():
-    from keras_wt.app import plots
+    from keras_wt.app import sweep_plots
 
     rows = [{"algo": a, "n_epochs": "20", "n": "3", "final_mean": m, "final_std": s}
             for a, m, s in (("bp", "86.0", "0.5"), ("kp", "86.7", "0.6"), ("fa", "", ""))]
-    figures = plots.sweep_figures(rows, ["algo", "n_epochs"])
+    figures = sweep_plots.sweep_figures(rows, ["algo", "n_epochs"])
     assert list(figures) == ["algo"]
     ax = figures["algo"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bp", "kp"]  # fa has no finished run
@@ -213,7 +213,7 @@ def test_a_sweep_of_rules_alone_draws_each_rules_mean_and_spread():
 
 
 def test_a_swept_setting_draws_each_rules_curve_and_marks_the_points_that_diverged():
-    from keras_wt.app import plots
+    from keras_wt.app import sweep_plots
 
     rows = [{"algo": a, "learning_rate": lr, "n": n, "final_mean": m, "final_std": s,
              "diverged": d}
@@ -222,7 +222,7 @@ def test_a_swept_setting_draws_each_rules_curve_and_marks_the_points_that_diverg
                 ("bp", "0.9", "0", "", "", "2"),
                 ("fa", "0.1", "2", "81.4", "0.1", "0"), ("fa", "0.4", "0", "", "", "2"),
                 ("fa", "0.9", "0", "", "", "2"))]
-    figures = plots.sweep_figures(rows, ["algo", "learning_rate"])
+    figures = sweep_plots.sweep_figures(rows, ["algo", "learning_rate"])
     ax = figures["learning_rate"].axes[0]
     curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
               for line in ax.lines if line.get_marker() == "o"}

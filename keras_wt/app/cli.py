@@ -193,9 +193,9 @@ def sweep_from_flags(argv=None):
 
         outcomes = sweep.run_points(args.save_dir, mine, train)
     sweep.summarize(args.save_dir, grid)
-    from keras_wt.app import plots
+    from keras_wt.app import sweep_plots
 
-    plots.plot_sweep(args.save_dir)
+    sweep_plots.plot_sweep(args.save_dir)
     failed = sorted(name for name, outcome in outcomes.items() if outcome.startswith("failed"))
     if failed:
         parser.exit(1, f"{parser.prog}: error: {len(failed)} point(s) failed: "
