@@ -28,7 +28,6 @@ from keras_wt.app.flags import (  # noqa: F401
     check,
     parse_args,
     parse_flags,
-    validate,
 )
 
 

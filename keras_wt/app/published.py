@@ -159,7 +159,8 @@ def train_config(flags, run_dir=None):
             (`--momentum=1.0 is not allowed: it must be a number in [0, 1)`).
     """
     mlp = flags["model"] == "mlp"
-    learns = algorithms.get(flags["algo"]).learns_feedback
+    algorithm = algorithms.get(flags["algo"])
+    learns = algorithm.learns_feedback
     if mlp:
         options = {"hidden": list(flags["size_hidden_layers"])}
     elif flags["model"] == "cnn":
@@ -169,8 +170,7 @@ def train_config(flags, run_dir=None):
     else:
         options = {}
     if flags.get("local_loss_decay") is not None and learns == Learning.LOSS:  # else ignored, warned
-        options["feedback_loss"] = dict(algorithms.get(flags["algo"]).local_loss,
-                                        decay=flags["local_loss_decay"])
+        options["feedback_loss"] = dict(algorithm.local_loss, decay=flags["local_loss_decay"])
     values = dict(dataset=flags["dataset"], batch_size=flags["batch_size"],
                   train_subset=flags.get("train_subset"),
                   steps_per_epoch=flags.get("steps_per_epoch"))
