@@ -233,10 +233,17 @@ def train_function_ending_with(model, after_step):
     original = model.train_step
     plain = model.train_function
 
-    def train_step(data):
-        logs = original(data)
-        after_step()
-        return logs
+    if backend.STATELESS:
+        # Keras's JAX trainer: `train_step(state, data) -> (logs, state)`, a pure function.
+        # `after_step` runs on the new state, as the model's variables it reads and assigns.
+        def train_step(state, data):
+            logs, state = original(state, data)
+            return logs, _stateless(model, state, after_step)
+    else:
+        def train_step(data):
+            logs = original(data)
+            after_step()
+            return logs
 
     object.__setattr__(model, "train_step", train_step)
     try:
@@ -245,6 +252,25 @@ def train_function_ending_with(model, after_step):
     finally:
         object.__delattr__(model, "train_step")
         model.train_function = plain
+
+
+def _stateless(model, state, fn):
+    """Runs `fn()` on the JAX training state `(trainable, non-trainable, optimizer, metrics
+    values)` as if they were the values of the model's and its optimizer's variables
+    (`keras.StatelessScope`), and returns the state with what `fn` assigned to them."""
+    trainable, non_trainable, optimizer, metrics = state
+    groups = (
+        (model.trainable_variables, trainable),
+        (model.non_trainable_variables, non_trainable),
+        (model.optimizer.variables, optimizer),
+    )
+    mapping = [pair for variables, values in groups for pair in zip(variables, values)]
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        fn()
+    return tuple(
+        [scope.get_current_value(variable) for variable in variables]
+        for variables, _ in groups
+    ) + (metrics,)
 
 
 def built_variables(optimizer):
@@ -263,9 +289,19 @@ def optimizer_strategy(optimizer):
     construction). `keras_wt.optimizers.KolenPollack` assigns `B` and the decayed `W` through
     the same strategy as the wrapped optimizer's updates, also when called outside any strategy
     scope; Keras has no public accessor."""
+    if backend.STATELESS:  # JAX: one program, whatever the devices (keras_wt.backend.jax)
+        return backend.current_strategy()
     if not hasattr(optimizer, "_distribution_strategy"):
         raise _unsupported("Optimizer._distribution_strategy")
     return optimizer._distribution_strategy
+
+
+def model_strategy(model):
+    """`model.distribute_strategy` (TensorFlow's trainer); on JAX, which has none, the one
+    program of `keras_wt.backend.jax`."""
+    if backend.STATELESS:
+        return backend.current_strategy()
+    return model.distribute_strategy
 
 
 # The Keras 3 releases whose multi-worker `fit` needs `multi_worker_fit` (checked on 3.15).
@@ -368,3 +404,15 @@ def read_without_autocast(variable):
         raise _unsupported("keras.src.backend.common.variables.AutocastScope") from None
     with AutocastScope(None):
         return backend.read_value(variable)
+
+
+def in_training_call():
+    """Whether the layer call being run is a training call (`training=True` in Keras's call
+    context, which `Layer.__call__` fills in for the whole call, as it passes `training` to
+    every nested layer). Keras keeps the context in a private global attribute
+    (`Layer._get_call_context` reads it); used where JAX runs the backward hooks of
+    `keras_wt.layers` in the forward pass (`FeedbackLayer._on_backward_in_forward`)."""
+    from keras.src.backend.common import global_state
+
+    context = global_state.get_global_attribute("current_call_ctx")
+    return bool(context is not None and context.get_value("training"))

@@ -115,12 +115,12 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
             self.model,
             config=self.config,
             jit_compile=self._mirror_jit_compile(),
-            strategy=self.model.distribute_strategy,
+            strategy=_compat.model_strategy(self.model),
         )
 
     def _mirrors_in_train_step(self):
         return mirrors_in_train_step(
-            self.in_train_step, self.every, self.model.distribute_strategy.num_replicas_in_sync
+            self.in_train_step, self.every, _compat.model_strategy(self.model).num_replicas_in_sync
         )
 
     def _mirror_jit_compile(self):
@@ -146,6 +146,13 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
         self._iterations = None
         self._warmup_owed = False
         self._in_step = self._mirrors_in_train_step()
+        if backend.STATELESS and not self._in_step:
+            raise ValueError(
+                "MirrorCallback(in_train_step=False) cannot run on the JAX backend: during fit "
+                "Keras's JAX trainer keeps the weights in the state it passes from step to step, "
+                "not in the model's variables, so a mirror step between calls would read stale "
+                "weights and its update of B would be lost. Use in_train_step=True (the default)."
+            )
         if self._in_step:
             self._use_mirroring_train_function()
         elif self.mirror is None:
@@ -196,16 +203,16 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
         if cached is None or cached[0] is not plain:
             mirroring = _compat.train_function_ending_with(model, self._mirror_after_step)
 
-            def train_function(iterator):
+            def train_function(*args):  # (iterator), or (state, iterator) on JAX
                 if not self._call_expected:
                     # Called by a fit without this callback (one that ran with it stopped on an
                     # exception, before on_train_end): no mirror steps there.
                     model.train_function = plain
-                    return plain(iterator)
+                    return plain(*args)
                 self._call_expected = False
                 if self.mirror is None:  # layers built at the first call (before tracing)
-                    self._build_at_first_batch(iterator)
-                return mirroring(iterator)
+                    self._build_at_first_batch(args[-1])
+                return mirroring(*args)
 
             self._train_functions = (plain, train_function)
         model.train_function = self._train_functions[1]
@@ -293,7 +300,7 @@ def _build_from_batches(model, iterator):
             return keras.KerasTensor(tuple(spec.shape), spec.dtype.name)
         return spec
 
-    with model.distribute_strategy.scope():
+    with _compat.model_strategy(model).scope():
         model(keras.tree.map_structure(symbolic, x), training=False)
 
 

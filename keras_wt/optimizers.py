@@ -143,6 +143,9 @@ class KolenPollack(keras.optimizers.Optimizer):
         pairs = [(w, b) for w, b in self._kp.pairs if id(w) in updated]
         kernels = [w for w in self._kp.kernels if id(w) in updated]
 
+        if backend.STATELESS:
+            self._apply_stateless(grads, trainable_variables, pairs, kernels)
+            return
         strategy = _compat.optimizer_strategy(self)
         # The learning rate of this step, read before the wrapped optimizer advances.
         lr = ops.cast(self.inner_optimizer.learning_rate, "float32")
@@ -188,6 +191,29 @@ class KolenPollack(keras.optimizers.Optimizer):
                 feedbacks,
                 [backend.read_value(w.value) + backend.read_value(b.value) for w, b in pairs],
             )
+
+    def _apply_stateless(self, grads, trainable_variables, pairs, kernels):
+        """The same update where only the optimizer's trainable variables keep what it assigns
+        (JAX, `keras_wt.backend.STATELESS`): there each `B` of a pair is a trainable variable,
+        and is given `W`'s gradient, so the wrapped optimizer computes the same `u(g)` for both
+        (with a state slot of its own for `B`, which starts and stays equal to `W`'s); `W` and
+        `B` are decayed alike first. `B − W` then shrinks by `(1 − lr·λ)` exactly as above."""
+        position = {id(v): i for i, v in enumerate(trainable_variables)}
+        for w, b in pairs:
+            if id(b) not in position:
+                raise ValueError(
+                    f"KolenPollack: the feedback kernel {b.path!r} is not among the variables "
+                    "it trains; on JAX a Kolen-Pollack B is trainable (it must stay in the "
+                    "model's trainable_variables)."
+                )
+            grads[position[id(b)]] = grads[position[id(w)]]
+        if self.kp_weight_decay:
+            shrink = 1.0 - ops.cast(self.inner_optimizer.learning_rate, "float32") * (
+                self.kp_weight_decay)
+            for variable in kernels + [b for _, b in pairs]:
+                variable.assign(ops.cast(shrink, variable.dtype) * variable.value)
+        with feedback_lib.kolen_pollack_update():
+            self.inner_optimizer.apply(grads, trainable_variables)
 
     @property
     def learning_rate(self):

@@ -28,7 +28,7 @@ import os
 import keras
 
 # The Keras backends keras_wt implements this interface for.
-SUPPORTED = ("tensorflow",)
+SUPPORTED = ("tensorflow", "jax")
 
 
 def check_backend():
@@ -45,34 +45,40 @@ def check_backend():
     return backend
 
 
-check_backend()
+BACKEND = check_backend()
 
-from keras_wt.backend.tensorflow import KERNEL_ERRORS  # noqa: E402
-from keras_wt.backend.tensorflow import add_n  # noqa: E402
-from keras_wt.backend.tensorflow import after  # noqa: E402
-from keras_wt.backend.tensorflow import assign_on_every_replica  # noqa: E402
-from keras_wt.backend.tensorflow import barrier  # noqa: E402
-from keras_wt.backend.tensorflow import control_dependencies  # noqa: E402
-from keras_wt.backend.tensorflow import current_strategy  # noqa: E402
-from keras_wt.backend.tensorflow import custom_gradient  # noqa: E402
-from keras_wt.backend.tensorflow import eager_scope  # noqa: E402
-from keras_wt.backend.tensorflow import fold_in  # noqa: E402
-from keras_wt.backend.tensorflow import fori_loop  # noqa: E402
-from keras_wt.backend.tensorflow import function  # noqa: E402
-from keras_wt.backend.tensorflow import generator_normal  # noqa: E402
-from keras_wt.backend.tensorflow import gradient_tape  # noqa: E402
-from keras_wt.backend.tensorflow import identity  # noqa: E402
-from keras_wt.backend.tensorflow import in_cross_replica_context  # noqa: E402
-from keras_wt.backend.tensorflow import in_graph  # noqa: E402
-from keras_wt.backend.tensorflow import is_distributed_value  # noqa: E402
-from keras_wt.backend.tensorflow import is_multi_worker  # noqa: E402
-from keras_wt.backend.tensorflow import is_tensor_spec  # noqa: E402
-from keras_wt.backend.tensorflow import merge_call  # noqa: E402
-from keras_wt.backend.tensorflow import read_value  # noqa: E402
-from keras_wt.backend.tensorflow import replica_context  # noqa: E402
-from keras_wt.backend.tensorflow import stateless_bits  # noqa: E402
-from keras_wt.backend.tensorflow import stateless_normal  # noqa: E402
-from keras_wt.backend.tensorflow import stateless_rademacher  # noqa: E402
-from keras_wt.backend.tensorflow import stateless_uniform  # noqa: E402
-from keras_wt.backend.tensorflow import trace_key  # noqa: E402
-from keras_wt.backend.tensorflow import vjp  # noqa: E402
+if BACKEND == "jax":
+    from keras_wt.backend import jax as _implementation
+else:
+    from keras_wt.backend import tensorflow as _implementation
+
+KERNEL_ERRORS = _implementation.KERNEL_ERRORS
+STATELESS = _implementation.STATELESS
+add_n = _implementation.add_n
+after = _implementation.after
+assign_on_every_replica = _implementation.assign_on_every_replica
+barrier = _implementation.barrier
+control_dependencies = _implementation.control_dependencies
+current_strategy = _implementation.current_strategy
+custom_gradient = _implementation.custom_gradient
+eager_scope = _implementation.eager_scope
+fold_in = _implementation.fold_in
+fori_loop = _implementation.fori_loop
+function = _implementation.function
+generator_normal = _implementation.generator_normal
+gradient_tape = _implementation.gradient_tape
+identity = _implementation.identity
+in_cross_replica_context = _implementation.in_cross_replica_context
+in_graph = _implementation.in_graph
+is_distributed_value = _implementation.is_distributed_value
+is_multi_worker = _implementation.is_multi_worker
+is_tensor_spec = _implementation.is_tensor_spec
+merge_call = _implementation.merge_call
+read_value = _implementation.read_value
+replica_context = _implementation.replica_context
+stateless_bits = _implementation.stateless_bits
+stateless_normal = _implementation.stateless_normal
+stateless_rademacher = _implementation.stateless_rademacher
+stateless_uniform = _implementation.stateless_uniform
+trace_key = _implementation.trace_key
+vjp = _implementation.vjp

@@ -13,6 +13,12 @@ import tensorflow as tf
 # TensorFlow's CPU and GPU kernels and under XLA).
 _ALGORITHM = "philox"
 
+# Whether a training step is one pure function of the model's state, whose variables change
+# only where the forward pass (non-trainable variables) or the optimizer (trainable and
+# optimizer variables) assigns them (Keras's JAX trainer), rather than a graph whose every
+# assignment sticks, the backward pass's included (TensorFlow).
+STATELESS = False
+
 # ---------------------------------------------------------------------------------------------
 # Gradients.
 

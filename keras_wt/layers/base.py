@@ -117,8 +117,11 @@ class FeedbackLayer(WithFeedback):
                 name="feedback_kernel",
                 shape=kernel.shape,
                 initializer=self.feedback_initializer or self.default_feedback_initializer(),
-                # A B that learns from a local loss is updated by the model's optimizer.
-                trainable=self.feedback_learning == Learning.LOSS,
+                # A B that learns from a local loss is updated by the model's optimizer, and
+                # so is a Kolen-Pollack B where only the optimizer's trainable variables keep
+                # their updates (JAX: KolenPollack gives it W's gradient).
+                trainable=self.feedback_learning == Learning.LOSS or (
+                    self.feedback_learning == Learning.OPTIMIZER and backend.STATELESS),
                 # Every replica computes the same update of B; this makes any assignment of
                 # B in a replica context take one replica's value for all.
                 aggregation="only_first_replica",
@@ -223,12 +226,13 @@ class FeedbackLayer(WithFeedback):
         feedback = None
         if self.feedback_used:
             feedback = self.feedback_tensor(kernel)
+            on_backward = self._on_backward if tap is None else None
             outputs = feedback_lib.linear_with_feedback(
                 self.linear,
                 inputs,
                 kernel,
                 feedback,
-                on_backward=self._on_backward if tap is None else None,
+                on_backward=None if backend.STATELESS else on_backward,
             )
         else:  # no error is sent below this layer: none is computed
             outputs = self.linear(ops.stop_gradient(inputs), kernel)
@@ -248,7 +252,17 @@ class FeedbackLayer(WithFeedback):
             self.add_loss(local.gradient_only(local.alignment_loss(
                 self, self._local_input(inputs), kernel, feedback, coefficients,
             )))
+        if self.feedback_used and on_backward is not None and backend.STATELESS:
+            self._on_backward_in_forward(feedback)
         return outputs
+
+    def _on_backward_in_forward(self, feedback):
+        """Where a backward pass cannot assign variables (JAX: Keras's trainer returns only what
+        the forward pass and the optimizer assign), what `_on_backward` does runs at the end of
+        a training call's forward pass instead, after every read of this step's `[seed, step]`:
+        the same sequence of seeds, one per training step."""
+        if feedback is not None and _compat.in_training_call():
+            self._on_backward()
 
     def _local_input(self, inputs):
         """What `B`'s local loss sees: the layer's input, or standard normal noise of its shape

@@ -49,6 +49,7 @@ class _Sequence:
         self.compute_dtype = cell.compute_dtype
         self.tapped = feedback_lib.linear_tap() is not None
         self.kernels = {}
+        self.forward_hooks = []
         for projection in cell.projections:
             kernel = _compat.read_without_autocast(projection.kernel)
             feedback = None
@@ -60,7 +61,10 @@ class _Sequence:
             ):
                 # FeedbackLayer's own backward hook (advance `[seed, step]`, check for a
                 # mirror), here once per backward pass, not once per time step.
-                kernel = _notify_backward(kernel, projection._on_backward)
+                if not backend.STATELESS:
+                    kernel = _notify_backward(kernel, projection._on_backward)
+                else:  # at the end of the forward pass (FeedbackLayer._on_backward_in_forward)
+                    self.forward_hooks.append(projection)
             self.kernels[projection] = (kernel, feedback)
 
     def step(self):
@@ -68,9 +72,15 @@ class _Sequence:
 
     def add_local_losses(self):
         """`sa`/`ia` (and `wm` with a loss): each projection's local alignment loss, once per
-        call, on noise of the projection's input shape (FeedbackLayer.linear_with_feedback)."""
+        call, on noise of the projection's input shape (FeedbackLayer.linear_with_feedback);
+        then the backward hooks that run in the forward pass (JAX)."""
         if self.tapped:
             return
+        self._add_local_losses()
+        for projection in self.forward_hooks:
+            projection._on_backward_in_forward(self.kernels[projection][1])
+
+    def _add_local_losses(self):
         for projection, (kernel, feedback) in self.kernels.items():
             if projection.feedback_learning != Learning.LOSS or feedback is None:
                 continue

@@ -1,0 +1,240 @@
+"""The JAX implementation of keras_wt's backend interface (`keras_wt.backend`).
+
+The names and contracts are those of `keras_wt.backend.tensorflow` (each docstring there says
+what this module provides). What differs in kind:
+
+* **Order by data.** Keras's JAX trainer runs a step as one pure function of the model's state
+  (`stateless_call`, `stateless_apply`), so the ordering races that TensorFlow's graph executor
+  needed control edges for cannot occur: `after`, `barrier` and `control_dependencies` do
+  nothing, and `in_graph()` is `False` (no per-trace bookkeeping of `B`'s reads is needed).
+* **No tape.** `gradient_tape` raises: the delta-angle measurement needs one (alignment on
+  JAX is not implemented; the weight angles are).
+* **Random numbers** come from JAX's own counter-based generator (threefry), keyed by the same
+  `[seed, counter]` pairs as on TensorFlow: reproducible and resumable, but not the bits
+  TensorFlow's Philox draws, so a random rule (`brsf`, noise inputs, the mirror's noise) draws
+  other numbers of the same distribution on the two backends.
+* **One program, several devices.** Under `keras.distribution` the step is one SPMD program
+  over the device mesh: there is one "replica", whose arrays XLA shards; the mirror's noise
+  batch and its all-reduce are parts of that one program.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import keras
+
+# A step is a pure function of the state (`keras_wt.backend.tensorflow.STATELESS`): what a
+# backward pass assigns is lost, and what the optimizer assigns is kept only for trainable
+# variables. So the backward hooks of `keras_wt.layers` run at the end of the forward pass,
+# and a Kolen–Pollack `B` is a trainable variable, which `KolenPollack` gives `W`'s gradient.
+STATELESS = True
+
+# ---------------------------------------------------------------------------------------------
+# Gradients.
+
+
+def custom_gradient(fn):
+    """`jax.custom_gradient`, with a `None` gradient sent as zeros (JAX needs one cotangent per
+    argument). Side effects in `grad` run when the backward pass is traced."""
+
+    @jax.custom_gradient
+    def wrapped(*args):
+        y, grad = fn(*args)
+
+        def vjp(dy):
+            grads = grad(dy)
+            if not isinstance(grads, (tuple, list)):
+                grads = (grads,)
+            return tuple(
+                jnp.zeros_like(arg) if g is None else g for arg, g in zip(args, grads)
+            )
+
+        return y, vjp
+
+    return wrapped
+
+
+def vjp(fn, primals, cotangent=None):
+    """`jax.vjp`; with `cotangent=None` the output is a scalar and its gradient is taken."""
+    primals = tuple(primals)
+    output, pullback = jax.vjp(fn, *primals)
+    if cotangent is None:
+        cotangent = jnp.ones_like(output)
+    return tuple(pullback(jnp.asarray(cotangent, output.dtype)))
+
+
+def gradient_tape():
+    raise NotImplementedError(
+        "keras_wt's delta-angle measurement (keras_wt.alignment.delta_angles, "
+        "AlignmentCallback(deltas=True)) takes gradients at intermediate tensors with a "
+        "gradient tape, which JAX does not have; it runs on the TensorFlow backend only. The "
+        "weight angles (keras_wt.alignment.weight_angles) work on JAX."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and ordering.
+
+
+def read_value(x):
+    if isinstance(x, keras.Variable):
+        return x.value
+    return x
+
+
+def add_n(tensors):
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total
+
+
+def identity(x):
+    return x
+
+
+def after(dependencies, value):
+    return value
+
+
+def barrier(dependencies, name):
+    return []
+
+
+def control_dependencies(dependencies):
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing and compiling.
+
+
+def in_graph():
+    return False
+
+
+def trace_key():
+    raise RuntimeError("trace_key() is only defined while in_graph(), never on JAX")
+
+
+def eager_scope():
+    return jax.ensure_compile_time_eval()
+
+
+def function(fn, jit_compile=None):
+    """`fn` as it is: a Keras variable is read through the `StatelessScope` of the step that
+    calls it, which `jax.jit` of `fn` alone would not see; the caller's `jax.jit` (Keras's
+    trainer) compiles it with the step."""
+    return fn
+
+
+def fori_loop(count, body, state=()):
+    """`jax.lax.fori_loop` for a loop that carries state; a loop run for its side effects
+    (variable assignments, which JAX's loops cannot hold) runs as a Python loop, so its `count`
+    must be known (a Python int or a concrete array)."""
+    if state == ():
+        for i in range(int(count)):
+            body(jnp.asarray(i, jnp.asarray(count).dtype), ())
+        return ()
+    count = jnp.asarray(count)
+    return jax.lax.fori_loop(jnp.zeros([], count.dtype), count, body, state)
+
+
+KERNEL_ERRORS = (TypeError,)
+
+
+def is_tensor_spec(value):
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return True
+    # A tf.data pipeline's element spec (tf.data feeds JAX as it is): recognized by name, so
+    # that this module does not import TensorFlow.
+    return type(value).__name__ == "TensorSpec" and hasattr(value, "shape")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless random numbers: threefry keys whose data is the `[seed, counter]` pair.
+
+
+def _key(seed):
+    seed = jnp.asarray(seed)
+    return jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32")
+
+
+def fold_in(seed, data):
+    folded = jax.random.fold_in(_key(seed), jnp.asarray(data).astype(jnp.uint32))
+    return jax.lax.bitcast_convert_type(jax.random.key_data(folded), jnp.int32)
+
+
+def stateless_bits(shape, seed):
+    bits = jax.random.bits(_key(seed), tuple(shape), jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits, jnp.int32)
+
+
+def stateless_normal(shape, seed):
+    return jax.random.normal(_key(seed), tuple(shape), jnp.float32)
+
+
+def stateless_uniform(shape, seed, minval, maxval):
+    return jax.random.uniform(_key(seed), tuple(shape), jnp.float32, minval, maxval)
+
+
+def stateless_rademacher(shape, seed, scale=1.0):
+    return jnp.where(stateless_bits(shape, seed) < 0, -scale, scale).astype(jnp.float32)
+
+
+def generator_normal(shape, seed, stddev=1.0):
+    return stddev * stateless_normal(shape, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution: `keras.distribution` runs one SPMD program, which is one replica here.
+
+
+class _OneReplica:
+    """The replica context, and the strategy, of a JAX step: one program (XLA shards it over
+    the devices of a `keras.distribution`), so one replica, whose all-reduce is the identity."""
+
+    num_replicas_in_sync = 1
+    replica_id_in_sync_group = 0
+
+    def all_reduce(self, reduction, values):
+        return values
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def run(self, fn, args=(), kwargs=None):
+        return fn(*args, **(kwargs or {}))
+
+
+_ONE_REPLICA = _OneReplica()
+
+
+def current_strategy():
+    return _ONE_REPLICA
+
+
+def replica_context():
+    return _ONE_REPLICA
+
+
+def in_cross_replica_context():
+    return False
+
+
+def merge_call(fn, strategy, *args):
+    return fn(strategy, *args)
+
+
+def assign_on_every_replica(strategy, variables, values):
+    for variable, value in zip(variables, values):
+        variable.assign(jnp.asarray(value).astype(variable.dtype))
+
+
+def is_multi_worker(strategy):
+    return False
+
+
+def is_distributed_value(value):
+    return False
