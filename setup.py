@@ -19,7 +19,8 @@ setup(
         "tensorboard",
     ],
     # keras-hub: the tests convert small keras-hub models built from configs (no downloads).
-    extras_require={"dev": ["pytest", "pytest-xdist", "keras-hub"]},
+    # jax: the JAX backend (KERAS_BACKEND=jax), which the dev suite also tests.
+    extras_require={"dev": ["pytest", "pytest-xdist", "keras-hub", "jax"], "jax": ["jax"]},
     entry_points={
         "console_scripts": [
             "keras-wt-train=keras_wt.app.cli:main",

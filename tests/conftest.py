@@ -11,15 +11,31 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # noqa: E402  (tf.data and event files, on every backend)
 
-_cpus = tf.config.list_physical_devices("CPU")
-try:
-    tf.config.set_logical_device_configuration(
-        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
-    )
-except RuntimeError:  # devices already initialised by an earlier import
-    pass
+BACKEND = keras.backend.backend()
+
+# The test files that use only keras, keras.ops, NumPy and keras_wt, and so run on every
+# backend keras_wt implements: `script/test` runs the suite under TensorFlow, then again under
+# `KERAS_BACKEND=jax`, which collects only these.
+BACKEND_NEUTRAL_FILES = ("test_backends.py",)
+
+if BACKEND == "tensorflow":
+    _cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+    except RuntimeError:  # devices already initialised by an earlier import
+        pass
+
+
+def pytest_ignore_collect(collection_path, config):
+    if (BACKEND != "tensorflow" and collection_path.name.startswith("test_")
+            and collection_path.suffix == ".py"
+            and collection_path.name not in BACKEND_NEUTRAL_FILES):
+        return True
+    return None
 
 
 gc.collect()
