@@ -108,7 +108,10 @@ class KolenPollack(keras.optimizers.Optimizer):
             kernels.append(variable)
             if layer.feedback_kernel is not None:
                 pairs.append((variable, layer.feedback_kernel))
-        self.inner_optimizer.build(var_list)
+        # (On JAX each B is trainable, `_apply_stateless`, but the wrapped optimizer keeps no
+        # state for it: B copies W's update, as here.)
+        feedbacks = {id(b) for _, b in pairs}
+        self.inner_optimizer.build([v for v in var_list if id(v) not in feedbacks])
         self._kp.pairs = tuple(pairs)
         self._kp.kernels = tuple(kernels)
         super().build(var_list)
@@ -195,25 +198,21 @@ class KolenPollack(keras.optimizers.Optimizer):
     def _apply_stateless(self, grads, trainable_variables, pairs, kernels):
         """The same update where only the optimizer's trainable variables keep what it assigns
         (JAX, `keras_wt.backend.STATELESS`): there each `B` of a pair is a trainable variable,
-        and is given `W`'s gradient, so the wrapped optimizer computes the same `u(g)` for both
-        (with a state slot of its own for `B`, which starts and stays equal to `W`'s); `W` and
-        `B` are decayed alike first. `B − W` then shrinks by `(1 − lr·λ)` exactly as above."""
-        position = {id(v): i for i, v in enumerate(trainable_variables)}
-        for w, b in pairs:
-            if id(b) not in position:
-                raise ValueError(
-                    f"KolenPollack: the feedback kernel {b.path!r} is not among the variables "
-                    "it trains; on JAX a Kolen-Pollack B is trainable (it must stay in the "
-                    "model's trainable_variables)."
-                )
-            grads[position[id(b)]] = grads[position[id(w)]]
+        which this optimizer assigns and the wrapped one never sees (B's own gradient is
+        ignored). The arithmetic is `apply`'s: `B_{t+1} = W_{t+1} + (1 − lr·λ)(B_t − W_t)`.
+        (JAX orders by data: no edges are needed.)"""
+        feedbacks = {id(b) for _, b in pairs}
+        kept = [(g, v) for g, v in zip(grads, trainable_variables) if id(v) not in feedbacks]
+        lr = ops.cast(self.inner_optimizer.learning_rate, "float32")
+        shrink = 1.0 - lr * self.kp_weight_decay
+        differences = [ops.cast(shrink, b.dtype) * (b.value - w.value) for w, b in pairs]
         if self.kp_weight_decay:
-            shrink = 1.0 - ops.cast(self.inner_optimizer.learning_rate, "float32") * (
-                self.kp_weight_decay)
-            for variable in kernels + [b for _, b in pairs]:
-                variable.assign(ops.cast(shrink, variable.dtype) * variable.value)
+            for w in kernels:
+                w.assign(ops.cast(shrink, w.dtype) * w.value)
         with feedback_lib.kolen_pollack_update():
-            self.inner_optimizer.apply(grads, trainable_variables)
+            self.inner_optimizer.apply([g for g, _ in kept], [v for _, v in kept])
+        for (w, b), difference in zip(pairs, differences):
+            b.assign(w.value + difference)
 
     @property
     def learning_rate(self):

@@ -18,6 +18,7 @@ from keras_wt import algorithms
 from keras_wt import backend
 from keras_wt import layers as wt
 from conftest import assert_allclose
+from families import FAMILIES, family_model as _family_model
 
 
 def _values(variables):
@@ -90,32 +91,7 @@ def test_brsf_redraws_its_magnitudes_at_every_training_step():
 
 
 # Every family: a feedback layer whose every `B` is set to its `W` computes exactly the stock
-# (backprop) gradients, and with its own `B` another input gradient and the same kernel gradients.
-FAMILIES = [
-    ("dense", lambda f: wt.Dense(4, feedback=f), (3, 5)),
-    ("conv1d", lambda f: wt.Conv1D(4, 3, strides=2, feedback=f), (2, 9, 3)),
-    ("conv2d", lambda f: wt.Conv2D(4, 3, padding="same", feedback=f), (2, 6, 6, 3)),
-    ("conv3d", lambda f: wt.Conv3D(2, 2, feedback=f), (2, 4, 4, 4, 2)),
-    ("conv2d_transpose", lambda f: wt.Conv2DTranspose(3, 3, strides=2, feedback=f), (2, 4, 4, 2)),
-    ("depthwise2d", lambda f: wt.DepthwiseConv2D(3, depth_multiplier=2, feedback=f), (2, 6, 6, 3)),
-    ("separable2d", lambda f: wt.SeparableConv2D(4, 3, feedback=f), (2, 6, 6, 3)),
-    ("einsum", lambda f: wt.EinsumDense("abc,cde->abde", (3, 4, 5), bias_axes="de",
-                                         feedback=f), (2, 3, 6)),
-    ("attention", lambda f: wt.MultiHeadAttention(2, 4, feedback=f), (2, 5, 6)),
-    ("lstm", lambda f: wt.LSTM(4, return_sequences=True, feedback=f), (2, 5, 3)),
-    ("gru", lambda f: wt.GRU(4, feedback=f), (2, 5, 3)),
-    ("simple_rnn", lambda f: wt.SimpleRNN(4, feedback=f), (2, 5, 3)),
-]
-
-
-def _family_model(make, feedback, shape):
-    inputs = keras.Input(batch_shape=shape)
-    layer = make(feedback)
-    if isinstance(layer, keras.layers.MultiHeadAttention):
-        outputs = layer(inputs, inputs)
-    else:
-        outputs = layer(inputs)
-    return keras.Model(inputs, outputs)
+# (backprop) gradients, and with its own `B` another input gradient (families.py).
 
 
 @pytest.mark.parametrize("feedback", ["fa", "kp"])
