@@ -217,3 +217,26 @@ def test_bits_are_one_elementwise_pass():
     for _ in range(10):
         _jit_bits((64000,), seed).block_until_ready()
     assert (time.perf_counter() - start) / 10 < 0.05
+
+
+@pytest.mark.parametrize("seed", [(1, 2), (123456, 7), (-5, 99)])
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (1000,), (0,)])
+def test_the_jax_backends_float_transforms_equal_tensorflows(seed, shape):
+    """`keras_wt.backend.jax`'s uniform and generator normal (TensorFlow's `Uint32ToFloat`
+    and Box–Muller over the same Philox words) against TensorFlow's own kernels."""
+    from keras_wt.backend import jax as jax_backend
+
+    jax_seed = jnp.asarray(seed, jnp.int32)
+    np.testing.assert_array_equal(
+        np.asarray(jax_backend.stateless_uniform(shape, jax_seed, -2.0, 3.0)),
+        tf.random.stateless_uniform(shape, seed, minval=-2.0, maxval=3.0, alg="philox").numpy(),
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax_backend.generator_normal(shape, jax_seed, 0.7)),
+        tf.random.stateless_normal(shape, seed, stddev=0.7, alg="philox").numpy(),
+        rtol=0, atol=2e-6,  # sin, cos and log: a few ulp apart
+    )
+    np.testing.assert_array_equal(
+        np.asarray(jax_backend.stateless_rademacher(shape, jax_seed, 0.5)),
+        tf_backend.stateless_rademacher(shape, tf.constant(seed, tf.int64), 0.5).numpy(),
+    )

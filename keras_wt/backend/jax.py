@@ -9,10 +9,12 @@ what this module provides). What differs in kind:
   nothing, and `in_graph()` is `False` (no per-trace bookkeeping of `B`'s reads is needed).
 * **No tape.** `gradient_tape` raises: the delta-angle measurement needs one (alignment on
   JAX is not implemented; the weight angles are).
-* **Random numbers** come from JAX's own counter-based generator (threefry), keyed by the same
-  `[seed, counter]` pairs as on TensorFlow: reproducible and resumable, but not the bits
-  TensorFlow's Philox draws, so a random rule (`brsf`, noise inputs, the mirror's noise) draws
-  other numbers of the same distribution on the two backends.
+* **Random numbers** are TensorFlow's: its stateless Philox-4x32-10 bits, written in JAX
+  (`keras_wt.backend.philox`), and its float transforms, so a random rule (`brsf`, noise inputs)
+  draws the same numbers from the same `[seed, counter]` on both backends (the erfinv and
+  Box–Muller transforms to within a few ulp). Where TensorFlow folds int64 data into a seed
+  (the mirror's replica index) JAX, without x64, folds int32: the mirror's noise is then other
+  numbers of the same distribution.
 * **One program, several devices.** Under `keras.distribution` the step is one SPMD program
   over the device mesh: there is one "replica", whose arrays XLA shards; the mirror's noise
   batch and its all-reduce are parts of that one program.
@@ -23,6 +25,8 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import keras
+
+from keras_wt.backend import philox
 
 # A step is a pure function of the state (`keras_wt.backend.tensorflow.STATELESS`): what a
 # backward pass assigns is lost, and what the optimizer assigns is kept only for trainable
@@ -153,30 +157,41 @@ def is_tensor_spec(value):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stateless random numbers: threefry keys whose data is the `[seed, counter]` pair.
-
-
-def _key(seed):
-    seed = jnp.asarray(seed)
-    return jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32")
+# Stateless random numbers: TensorFlow's Philox bits (`keras_wt.backend.philox`), and its float
+# transforms written out, so that both backends draw the same numbers from the same seeds.
 
 
 def fold_in(seed, data):
-    folded = jax.random.fold_in(_key(seed), jnp.asarray(data).astype(jnp.uint32))
-    return jax.lax.bitcast_convert_type(jax.random.key_data(folded), jnp.int32)
+    """TensorFlow's `stateless_fold_in(seed, data, alg="philox")` for int32 `data` (JAX holds
+    int64 as int32 unless x64 is enabled, so int64 data folds as int32 data would: the same
+    numbers as TensorFlow's for a fold-in of int32 data)."""
+    return philox.fold_in(seed, data)
 
 
 def stateless_bits(shape, seed):
-    bits = jax.random.bits(_key(seed), tuple(shape), jnp.uint32)
-    return jax.lax.bitcast_convert_type(bits, jnp.int32)
+    """TensorFlow's full-range int32 Philox numbers, bit for bit (seeds in [−2³¹, 2³¹))."""
+    return philox.bits(tuple(shape), seed)
+
+
+def _unit_float(bits):
+    """TensorFlow's `Uint32ToFloat`: 23 random mantissa bits under exponent 0, minus 1, a float32
+    uniform in `[0, 1)`."""
+    mantissa = jnp.bitwise_or(jnp.bitwise_and(bits.astype(jnp.uint32), 0x7FFFFF), 0x3F800000)
+    return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
 
 
 def stateless_normal(shape, seed):
-    return jax.random.normal(_key(seed), tuple(shape), jnp.float32)
+    """`√2·erfinv(2u − 1)` of 23 bits each, as `keras_wt.backend.tensorflow.stateless_normal`
+    (equal to TensorFlow's XLA kernel; to its own kernel within 2.2e-5, only where |x| > 3)."""
+    bits = stateless_bits(shape, seed)
+    u = (jnp.bitwise_and(bits, 0x7FFFFF).astype(jnp.float32) + 0.5) / float(1 << 23)
+    return jnp.sqrt(2.0).astype(jnp.float32) * jax.scipy.special.erfinv(2.0 * u - 1.0)
 
 
 def stateless_uniform(shape, seed, minval, maxval):
-    return jax.random.uniform(_key(seed), tuple(shape), jnp.float32, minval, maxval)
+    """TensorFlow's `stateless_uniform` float32: `minval + (maxval − minval)·Uint32ToFloat`."""
+    u = _unit_float(stateless_bits(shape, seed))
+    return (minval + (maxval - minval) * u).astype(jnp.float32)
 
 
 def stateless_rademacher(shape, seed, scale=1.0):
@@ -184,7 +199,19 @@ def stateless_rademacher(shape, seed, scale=1.0):
 
 
 def generator_normal(shape, seed, stddev=1.0):
-    return stddev * stateless_normal(shape, seed)
+    """TensorFlow's `stateless_normal` (Box–Muller on consecutive pairs of Philox words: word
+    `2k` gives the radius `√(−2·log u)` (u at least 1e-7), word `2k + 1` the angle `2π·v`;
+    number `2k` is `r·sin`, number `2k + 1` is `r·cos`), times `stddev`."""
+    shape = tuple(shape)
+    size = 1
+    for dim in shape:
+        size *= int(dim)
+    pairs = (size + 1) // 2
+    words = stateless_bits((2 * pairs,), seed).reshape(pairs, 2)
+    radius = jnp.sqrt(-2.0 * jnp.log(jnp.maximum(_unit_float(words[:, 0]), 1.0e-7)))
+    angle = 2.0 * jnp.float32(jnp.pi) * _unit_float(words[:, 1])
+    numbers = jnp.stack([radius * jnp.sin(angle), radius * jnp.cos(angle)], axis=1)
+    return (stddev * numbers.reshape(-1)[:size].reshape(shape)).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------
