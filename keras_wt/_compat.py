@@ -341,7 +341,7 @@ def multi_worker_fit(model):
        `reduce_per_replica` is replaced, for the duration of the context only, by one that
        averages multi-worker values with `axis=None` (other strategies pass through).
     """
-    strategy = model.distribute_strategy
+    strategy = model_strategy(model)
     if not (_KERAS_MULTIWORKER_BUG and backend.is_multi_worker(strategy)):
         yield model
         return

@@ -19,6 +19,8 @@ gradient angles, which depend on the `B` of the layers above it, are reported as
 Angles are `degrees(arccos(clip(<a,b>/(|a||b|), -1, 1)))` over flattened tensors, in float64.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -61,7 +63,8 @@ def weight_angles(model):
     `feedback_used=False`); keys as `keras_wt.layers.feedback_keys` (the layer's name unless
     another feedback layer has it)."""
     return {
-        key: angle(layer.kernel.numpy(), effective_feedback(layer).numpy())
+        key: angle(ops.convert_to_numpy(backend.read_value(layer.kernel)),
+                   ops.convert_to_numpy(effective_feedback(layer)))
         for layer, key in _with_weight_angle(model).items()
     }
 
@@ -70,8 +73,8 @@ def norm_ratios(model):
     """`{key: ‖B‖/‖W‖}` for the layers of `weight_angles`."""
     ratios = {}
     for layer, key in _with_weight_angle(model).items():
-        w = np.linalg.norm(layer.kernel.numpy().astype(np.float64))
-        b = np.linalg.norm(effective_feedback(layer).numpy().astype(np.float64))
+        w = np.linalg.norm(ops.convert_to_numpy(backend.read_value(layer.kernel)).astype(np.float64))
+        b = np.linalg.norm(ops.convert_to_numpy(effective_feedback(layer)).astype(np.float64))
         ratios[key] = float(b / w) if w else float("nan")
     return ratios
 
@@ -92,6 +95,8 @@ def _deltas_and_gradients(model, x, y, loss_fn, backprop):
     """Deltas and kernel gradients of every feedback layer, in algorithm or backprop mode, keyed
     as `feedback_keys`. A layer called several times in the forward pass has one delta per call:
     they are flattened and concatenated in call order. Its kernel gradient sums over its calls."""
+    if backend.STATELESS:
+        return _deltas_and_gradients_by_probes(model, x, y, loss_fn, backprop)
     keys = layers_lib.feedback_keys(model)
     with feedback_lib.tap_linear_outputs() as tap:
         with backend.gradient_tape() as tape:
@@ -114,6 +119,35 @@ def _deltas_and_gradients(model, x, y, loss_fn, backprop):
         )
     kernel_grads = {keys[layer]: g for layer, g in zip(layers, grads[start:])}
     return deltas, kernel_grads
+
+
+def _deltas_and_gradients_by_probes(model, x, y, loss_fn, backprop):
+    """`_deltas_and_gradients` without a tape (JAX): the loss as a function of zero probes added
+    to every call's linear output and of the kernels' values (the model's variables read
+    through a `keras.StatelessScope`), differentiated by the backend."""
+    keys = layers_lib.feedback_keys(model)
+    mode = feedback_lib.force_backprop if backprop else contextlib.nullcontext
+    with feedback_lib.tap_linear_outputs() as tap, mode():
+        model(x, training=False)  # the shapes of every call's output
+    layers = [layer for layer in keys if layer in tap.calls]
+    probes = [[ops.zeros_like(output) for output in tap.calls[layer]] for layer in layers]
+    kernels = [layer.kernel for layer in layers]
+    variables = [v for v in model.variables if all(v is not k for k in kernels)]
+    values = [v.value for v in variables]
+
+    def loss_of(probes, kernel_values):
+        mapping = list(zip(variables, values)) + list(zip(kernels, kernel_values))
+        with keras.StatelessScope(state_mapping=mapping), mode():
+            with feedback_lib.tap_linear_outputs(dict(zip(layers, probes))):
+                y_pred = model(x, training=False)
+            return loss_fn(x, y, y_pred)
+
+    probe_grads, kernel_grads = backend.vjp(loss_of, (probes, [k.value for k in kernels]))
+    deltas = {
+        keys[layer]: ops.concatenate([ops.reshape(g, [-1]) for g in grads], axis=0)
+        for layer, grads in zip(layers, probe_grads)
+    }
+    return deltas, {keys[layer]: g for layer, g in zip(layers, kernel_grads)}
 
 
 def _dense(gradient, output):

@@ -59,11 +59,17 @@ class _LinearTap:
     of each layer, in call order (a layer called several times in one forward pass, such as a
     shared layer or a projection applied at every time step, has one output per call)."""
 
-    def __init__(self):
+    def __init__(self, probes=None):
         self.calls = {}
+        self.probes = probes
 
     def __call__(self, layer, y):
-        self.calls.setdefault(layer, []).append(y)
+        calls = self.calls.setdefault(layer, [])
+        if self.probes is not None and layer in self.probes:
+            # A zero tensor added to the output: the gradient with respect to it is the
+            # output's delta (a backend without a tape differentiates with respect to it).
+            y = y + self.probes[layer][len(calls)]
+        calls.append(y)
         return y
 
     @property
@@ -72,12 +78,16 @@ class _LinearTap:
         return {layer: calls[-1] for layer, calls in self.calls.items()}
 
 
-def tap_linear_outputs():
+def tap_linear_outputs(probes=None):
     """Context manager yielding a tap: `tap.calls[layer]` lists the linear output of every call
     of each feedback layer called inside it (eagerly), in call order, so that a gradient tape
     (`keras_wt.backend.gradient_tape`) can take the gradient of a loss with respect to them
-    (the layer's *delta* at each call); `tap.outputs[layer]` is the last call's."""
-    return _set("tap", _LinearTap())
+    (the layer's *delta* at each call); `tap.outputs[layer]` is the last call's.
+
+    `probes`: `{layer: [tensor per call]}` (zeros of each output's shape) added to those
+    outputs, so that the deltas are the gradients with respect to the probes: how a backend
+    without a tape (JAX) measures them."""
+    return _set("tap", _LinearTap(probes))
 
 
 def linear_tap():

@@ -52,7 +52,7 @@ def pytest_addoption(parser):
 # subprocesses, and elsewhere every test that took 2 s or more in a measured run of the suite.
 SLOW_FILES = ("test_preemption.py", "test_training.py", "test_run_faults.py",
               "test_experiment.py", "test_keras_hub.py", "test_multiworker.py", "test_sweep.py",
-              "test_parity.py")
+              "test_parity.py", "test_distribution.py", "test_jax_cli.py")
 SLOW_TESTS = (
     "test_every_algorithm_lowers_the_training_loss",
     "test_keras_applications_convert_completely_with_identical_outputs",

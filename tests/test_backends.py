@@ -242,3 +242,37 @@ def test_save_and_load_keep_every_feedback_kernel(tmp_path, feedback):
     assert list(original) == list(restored)
     for (_, b), (_, b2) in zip(original.values(), restored.values()):
         np.testing.assert_array_equal(np.asarray(b.value), np.asarray(b2.value))
+
+
+@pytest.mark.parametrize("feedback", ["fa", "kp"])
+def test_delta_and_gradient_angles_by_hand(feedback):
+    """`keras_wt.alignment` on a two-layer MLP (a tape on TensorFlow, zero probes on JAX)
+    against the deltas written out: the top layer's delta is `e = softmax − onehot` (over the
+    batch mean), the hidden layer's `(e·Bᵀ) ⊙ tanh'` against backprop's `(e·Wᵀ) ⊙ tanh'`."""
+    model = _mlp(feedback)
+    model.compile(optimizer="sgd", loss=_loss())
+    x, y = _data(n=16)
+    hidden, top = model.layers
+    w1, b1 = np.asarray(hidden.kernel.value), np.asarray(hidden.bias.value)
+    w2, b2 = np.asarray(top.kernel.value), np.asarray(top.bias.value)
+    a = x @ w1 + b1
+    h = np.tanh(a)
+    logits = h @ w2 + b2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    e = (p - np.eye(3)[y]) / len(x)
+    sent = (e @ np.asarray(top.feedback_kernel.value).T) * (1 - h ** 2)
+    exact = (e @ w2.T) * (1 - h ** 2)
+
+    def angle(u, v):
+        u, v = u.ravel().astype(np.float64), v.ravel().astype(np.float64)
+        return np.degrees(np.arccos(np.clip(u @ v / np.linalg.norm(u) / np.linalg.norm(v), -1, 1)))
+
+    metrics = keras_wt.alignment.alignment_metrics(model, x, y)
+    assert metrics[f"delta_angle/{hidden.name}"] == pytest.approx(angle(sent, exact), abs=1e-3)
+    assert metrics[f"delta_angle/{top.name}"] == pytest.approx(0.0, abs=1e-3)
+    assert metrics[f"gradient_angle/{hidden.name}"] == pytest.approx(
+        angle(x.T @ sent, x.T @ exact), abs=1e-3)
+    assert metrics[f"weight_angle/{top.name}"] == pytest.approx(
+        angle(w2, np.asarray(top.feedback_kernel.value)), abs=1e-3)
+    assert 10 < metrics[f"delta_angle/{hidden.name}"] < 170
