@@ -19,11 +19,17 @@ def test_tensorflow_backend_passes():
     assert check_backend() == "tensorflow"
 
 
-def test_non_tensorflow_backend_is_refused(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    monkeypatch.setenv("KERAS_BACKEND", "jax")
-    with pytest.raises(ImportError, match=r"backend='jax'.*KERAS_BACKEND=tensorflow"):
+@pytest.mark.parametrize("name", ["torch", "numpy"])
+def test_a_backend_without_an_implementation_is_refused(monkeypatch, name):
+    monkeypatch.setattr(keras.backend, "backend", lambda: name)
+    monkeypatch.setenv("KERAS_BACKEND", name)
+    with pytest.raises(ImportError, match=rf"backend='{name}'.*KERAS_BACKEND=tensorflow"):
         check_backend()
+
+
+def test_jax_backend_passes(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    assert check_backend() == "jax"
 
 
 # Gradients.

@@ -56,8 +56,8 @@ def test_the_library_never_imports_the_application():
 BACKEND = "keras_wt.backend"
 
 
-def _imports_tensorflow(path):
-    """Whether the file at `path` imports `tensorflow` (or a module of it), anywhere in it."""
+def _imports_tensorflow(path, framework="tensorflow"):
+    """Whether the file at `path` imports `framework` (or a module of it), anywhere in it."""
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -65,7 +65,7 @@ def _imports_tensorflow(path):
             names = [node.module or ""]
         else:
             continue
-        if any(name == "tensorflow" or name.startswith("tensorflow.") for name in names):
+        if any(name == framework or name.startswith(framework + ".") for name in names):
             return True
     return False
 
@@ -79,6 +79,15 @@ def test_only_the_backend_module_imports_tensorflow():
     )
     assert importing == []
     assert _imports_tensorflow(MODULES[BACKEND + ".tensorflow"])
+
+
+def test_only_the_jax_backend_module_imports_jax():
+    """JAX likewise: only `keras_wt.backend.jax` and its Philox generator import it, and the
+    JAX implementation does not import TensorFlow."""
+    importing = sorted(m for m in LIBRARY if _imports_tensorflow(MODULES[m], "jax"))
+    assert importing == [BACKEND + ".jax", BACKEND + ".philox"]
+    assert not _imports_tensorflow(MODULES[BACKEND + ".jax"])
+    assert not _imports_tensorflow(MODULES[BACKEND + ".philox"])
 
 
 def test_importing_the_library_leaves_the_application_unimported():

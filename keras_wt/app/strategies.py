@@ -1,5 +1,6 @@
 """Distribution strategies by name, and what each means for compilation and for writing files."""
 
+import keras
 import tensorflow as tf
 
 STRATEGIES = ("tpu", "mirrored", "multiworker", "default")
@@ -17,6 +18,14 @@ def create_strategy(name="default", tpu=None, devices=None):
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not one of {STRATEGIES}")
+    if name != "default" and keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"strategy={name!r} is a tf.distribute strategy, which only Keras's TensorFlow "
+            f"backend runs; Keras is on {keras.backend.backend()!r}. On JAX, distribute with "
+            "keras.distribution instead (e.g. keras.distribution.set_distribution("
+            "keras.distribution.DataParallel()) before the model is built) and keep "
+            "strategy='default'; or set KERAS_BACKEND=tensorflow."
+        )
     if name == "tpu":
         tpu = tpu or "local"
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)

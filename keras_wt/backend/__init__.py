@@ -4,14 +4,15 @@ The library computes with `keras.ops` wherever an op there does exactly what it 
 `keras.ops` does not offer (a custom gradient, the vector-Jacobian products of a bilinear op,
 ordering edges between stateful ops, stateless random numbers whose bits agree with and without
 XLA, compiled loops, the replica context of a distribution strategy) it takes from this package,
-which picks the implementation for the backend Keras runs on (`keras.backend.backend()`): today
-only `keras_wt.backend.tensorflow`. No other library module imports a backend framework
+which picks the implementation for the backend Keras runs on (`keras.backend.backend()`):
+`keras_wt.backend.tensorflow` or `keras_wt.backend.jax` (which draws TensorFlow's random numbers
+with `keras_wt.backend.philox`). No other library module imports a backend framework
 (tests/test_layout.py).
 
-A JAX implementation is one more module with the same names (each function's docstring in
-`keras_wt/backend/tensorflow.py` says what another backend must provide), imported below for
-`"jax"`. The interface:
+Each implementation is a module with the same names (each function's docstring in
+`keras_wt/backend/tensorflow.py` says what another backend must provide). The interface:
 
+- The step's kind: `STATELESS` (JAX: a step is a pure function of the state).
 - Gradients: `custom_gradient`, `vjp`, `gradient_tape`.
 - Values and ordering: `read_value`, `add_n`, `identity`, `after`, `barrier`,
   `control_dependencies`.
@@ -37,10 +38,11 @@ def check_backend():
     backend = keras.backend.backend()
     if backend not in SUPPORTED:
         raise ImportError(
-            f"keras_wt needs the TensorFlow backend of Keras, but Keras is using "
-            f"backend={backend!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}). "
-            "Set KERAS_BACKEND=tensorflow before importing keras, or set "
-            '"backend": "tensorflow" in ~/.keras/keras.json.'
+            f"keras_wt runs on Keras's TensorFlow or JAX backend, but Keras is using "
+            f"backend={backend!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}): "
+            "PyTorch's trainer has no stateless step for the feedback kernels' updates, and "
+            "numpy cannot train. Set KERAS_BACKEND=tensorflow (or jax) before importing "
+            'keras, or set "backend": "tensorflow" in ~/.keras/keras.json.'
         )
     return backend
 
