@@ -201,17 +201,21 @@ def stateless_rademacher(shape, seed, scale=1.0):
 def generator_normal(shape, seed, stddev=1.0):
     """TensorFlow's `stateless_normal` (Box–Muller on consecutive pairs of Philox words: word
     `2k` gives the radius `√(−2·log u)` (u at least 1e-7), word `2k + 1` the angle `2π·v`;
-    number `2k` is `r·sin`, number `2k + 1` is `r·cos`), times `stddev`."""
-    shape = tuple(shape)
+    number `2k` is `r·sin`, number `2k + 1` is `r·cos`), times `stddev`. Number `i` reads the
+    two words of its pair from its own Philox block (`philox.block_words`): one elementwise
+    pass (reading them from a drawn array of words made XLA recompute the rounds, 20x slower)."""
+    shape = tuple(int(dim) for dim in shape)
     size = 1
     for dim in shape:
-        size *= int(dim)
-    pairs = (size + 1) // 2
-    words = stateless_bits((2 * pairs,), seed).reshape(pairs, 2)
-    radius = jnp.sqrt(-2.0 * jnp.log(jnp.maximum(_unit_float(words[:, 0]), 1.0e-7)))
-    angle = 2.0 * jnp.float32(jnp.pi) * _unit_float(words[:, 1])
-    numbers = jnp.stack([radius * jnp.sin(angle), radius * jnp.cos(angle)], axis=1)
-    return (stddev * numbers.reshape(-1)[:size].reshape(shape)).astype(jnp.float32)
+        size *= dim
+    index, words = philox.block_words(size, seed)
+    upper = (index & 2) != 0  # the pair is words 2, 3 of the block (else 0, 1)
+    radius_word = jnp.where(upper, words[2], words[0])
+    angle_word = jnp.where(upper, words[3], words[1])
+    radius = jnp.sqrt(-2.0 * jnp.log(jnp.maximum(_unit_float(radius_word), 1.0e-7)))
+    angle = 2.0 * jnp.float32(jnp.pi) * _unit_float(angle_word)
+    numbers = jnp.where((index & 1) == 0, jnp.sin(angle), jnp.cos(angle)) * radius
+    return (stddev * numbers).reshape(shape).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,6 +179,18 @@ def bits(shape, seed):
     size = math.prod(shape)
     if size >= 2**32:
         raise ValueError(f"at most 2**32 - 1 numbers per draw, asked for {size}")
+    index, words = block_words(size, seed)
+    lane = index & _u32(3)
+    flat = jnp.where(lane == 0, words[0],
+                     jnp.where(lane == 1, words[1], jnp.where(lane == 2, words[2], words[3])))
+    return jax.lax.bitcast_convert_type(flat, jnp.int32).reshape(shape)
+
+
+def block_words(size, seed):
+    """`(index, words)`: `index` the uint32 numbers `0 … size − 1` of a draw from `seed`, and
+    `words` the four uint32 words of the Philox block each number lies in (number `j` is word
+    `j % 4` of block `j // 4`). For transforms that read several words of a block per output
+    (Box–Muller reads two) and must stay one elementwise pass (see `bits`)."""
     key, (high0, high1) = _key_and_counter(seed)
     # Number j is word j % 4 of block j // 4, whose counter is (j // 4, 0, high0, high1): the
     # 128-bit counter plus the block index, whose low word is 0 before the add (the last block
@@ -187,11 +199,7 @@ def bits(shape, seed):
     # the four words per block and interleaving them, a concatenation, made XLA's CPU fusion
     # recompute the rounds so often that it ran 300 times slower.)
     index = jnp.arange(size, dtype=jnp.uint32)
-    words = _philox((index >> _u32(2), jnp.zeros((), jnp.uint32), high0, high1), key)
-    lane = index & _u32(3)
-    flat = jnp.where(lane == 0, words[0],
-                     jnp.where(lane == 1, words[1], jnp.where(lane == 2, words[2], words[3])))
-    return jax.lax.bitcast_convert_type(flat, jnp.int32).reshape(shape)
+    return index, _philox((index >> _u32(2), jnp.zeros((), jnp.uint32), high0, high1), key)
 
 
 def _data_dtype(data, dtype):
