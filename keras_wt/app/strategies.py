@@ -3,14 +3,17 @@
 import keras
 import tensorflow as tf
 
-STRATEGIES = ("tpu", "mirrored", "multiworker", "default")
+STRATEGIES = ("tpu", "mirrored", "multiworker", "default", "data_parallel")
 
 
 def create_strategy(name="default", tpu=None, devices=None):
     """Returns the `tf.distribute.Strategy` called `name`.
 
     Args:
-        name: `"tpu"`, `"mirrored"`, `"multiworker"` or `"default"`.
+        name: `"tpu"`, `"mirrored"`, `"multiworker"` or `"default"`; or, on JAX,
+            `"data_parallel"`: `keras.distribution.DataParallel` over every device (set as
+            Keras's distribution; the default strategy is returned, one "replica" whose batch
+            is the global batch).
         tpu: for `"tpu"`: the TPU's name, or `"local"` (the default) on a TPU VM.
         devices: for `"mirrored"`: the devices to use (default: every GPU, else the CPU).
 
@@ -18,6 +21,17 @@ def create_strategy(name="default", tpu=None, devices=None):
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not one of {STRATEGIES}")
+    if name == "data_parallel":
+        if keras.backend.backend() != "jax":
+            raise ValueError(
+                "strategy='data_parallel' is keras.distribution's DataParallel, which keras_wt "
+                "runs on the JAX backend (KERAS_BACKEND=jax); on TensorFlow use 'mirrored', "
+                "'multiworker' or 'tpu'."
+            )
+        # One SPMD program over every device of this process; the batch is the global batch,
+        # which Keras splits across the devices.
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return tf.distribute.get_strategy()
     if name != "default" and keras.backend.backend() != "tensorflow":
         raise ValueError(
             f"strategy={name!r} is a tf.distribute strategy, which only Keras's TensorFlow "
@@ -44,6 +58,7 @@ def jit_compile_for(strategy_name):
     """The `jit_compile` argument of `model.compile` under the strategy `strategy_name`.
 
     * `"default"`: `True`: the whole training step is one XLA computation, as on a TPU.
+    * `"data_parallel"` (JAX, `keras.distribution.DataParallel`): `True`, one SPMD program.
     * `"tpu"`: `False`, and yet every step runs as XLA: `TPUStrategy` compiles the replicated
       step for the TPU itself, so Keras's own XLA wrapping would only add a second, outer
       compilation (Keras's `jit_compile="auto"` is off under every `tf.distribute` strategy).
@@ -55,7 +70,7 @@ def jit_compile_for(strategy_name):
     """
     if strategy_name not in STRATEGIES:
         raise ValueError(f"strategy={strategy_name!r} is not one of {STRATEGIES}")
-    return strategy_name == "default"
+    return strategy_name in ("default", "data_parallel")
 
 
 def is_chief(strategy):
