@@ -201,7 +201,11 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
             model.make_train_function()
             plain = model.train_function
         if cached is None or cached[0] is not plain:
-            mirroring = _compat.train_function_ending_with(model, self._mirror_after_step)
+            # The step reads the model through this local: on JAX a callback's `self.model`
+            # syncs the trainer's state into the variables, which must not happen while the
+            # step is traced (it would leave them stale for the rest of the epoch).
+            mirroring = _compat.train_function_ending_with(
+                model, lambda: self._mirror_after_step(model))
 
             def train_function(*args):  # (iterator), or (state, iterator) on JAX
                 if not self._call_expected:
@@ -227,11 +231,11 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
             self.model.train_function = self._first_call[0]
         self._first_call = None
 
-    def _mirror_after_step(self):
+    def _mirror_after_step(self, model):
         """In the training step (a replica context), after the optimizer's update: the mirror
         steps owed. With `t` the step count after the update, the `steps` steps of counters
         `(t/every − 1)·steps + k` when `every` divides `t` (those `on_train_batch_end` runs)."""
-        iterations = ops.cast(backend.read_value(self.model.optimizer.iterations), "int64")
+        iterations = ops.cast(backend.read_value(model.optimizer.iterations), "int64")
         # B as the forward pass read it, taken here: a `tf.cond` branch is a graph of its own.
         values = self.mirror.known_values()
 

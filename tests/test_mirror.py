@@ -953,7 +953,7 @@ def test_the_mirroring_training_step_graph_grows_linearly_with_depth():
 
         def step(x, y):
             logs = model.train_step((x, y))
-            callback._mirror_after_step()
+            callback._mirror_after_step(model)
             return logs
 
         graph = tf.function(step).get_concrete_function(tf.ones((4, 4)), tf.zeros((4, 4))).graph
