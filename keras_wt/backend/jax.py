@@ -31,7 +31,8 @@ from keras_wt.backend import philox
 # A step is a pure function of the state (`keras_wt.backend.tensorflow.STATELESS`): what a
 # backward pass assigns is lost, and what the optimizer assigns is kept only for trainable
 # variables. So the backward hooks of `keras_wt.layers` run at the end of the forward pass,
-# and a Kolen–Pollack `B` is a trainable variable, which `KolenPollack` gives `W`'s gradient.
+# and a Kolen–Pollack `B` is a trainable variable, which `KolenPollack` writes (copying `W`'s
+# update; the wrapped optimizer never sees it).
 STATELESS = True
 
 # ---------------------------------------------------------------------------------------------

@@ -117,9 +117,9 @@ class FeedbackLayer(WithFeedback):
                 name="feedback_kernel",
                 shape=kernel.shape,
                 initializer=self.feedback_initializer or self.default_feedback_initializer(),
-                # A B that learns from a local loss is updated by the model's optimizer, and
-                # so is a Kolen-Pollack B where only the optimizer's trainable variables keep
-                # their updates (JAX: KolenPollack gives it W's gradient).
+                # A B that learns from a local loss is updated by the model's optimizer; a
+                # Kolen-Pollack B is trainable where only the optimizer's trainable variables
+                # keep what it assigns (JAX: KolenPollack._apply_stateless writes it).
                 trainable=self.feedback_learning == Learning.LOSS or (
                     self.feedback_learning == Learning.OPTIMIZER and backend.STATELESS),
                 # Every replica computes the same update of B; this makes any assignment of
