@@ -3,7 +3,7 @@
 The reference MLP (784-500-10, sigmoid, batch 128; the first layer's unused `B` dropped, as
 `keras-wt-train` builds it), compiled with `jit_compile=True`, for the stock Keras model and for
 every rule (`kp` with `KolenPollack`, `wm` with `MirrorCallback`, its noise batch the training
-batch, one mirror step after every training step, inside it). Every variant trains with
+batch, one mirror step after every training step, inside it; `wm/rademacher` with ±σ noise). Every variant trains with
 `model.fit` on the same in-memory batches, `--steps` steps per `fit` call; the variants run
 **interleaved, in a shuffled order per round**, in one process, so that machine drift hits them
 alike. Reported: the median over rounds of each variant's time per step, its ratio to stock
@@ -33,6 +33,8 @@ import keras_wt
 from keras_wt import layers as wt
 
 RULES = ("bp", "fa", "ss", "kp", "wm", "frsf", "brsf", "dfa", "sa", "ia")
+# `wm` with Rademacher noise (±σ from one random bit: no float transform of the generator's words)
+RADEMACHER = "wm/rademacher"
 
 
 def build(variant):
@@ -44,18 +46,21 @@ def build(variant):
         optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
         callbacks = []
     else:
+        rule = variant.split("/")[0]
         model = keras.Sequential([keras.Input((784,)),
-                                  wt.Dense(500, activation="sigmoid", feedback=variant),
-                                  wt.Dense(10, feedback=variant)])
-        model = keras_wt.dfa.maybe_direct(model, variant)
+                                  wt.Dense(500, activation="sigmoid", feedback=rule),
+                                  wt.Dense(10, feedback=rule)])
+        model = keras_wt.dfa.maybe_direct(model, rule)
         keras_wt.drop_unused_feedback(model)
         optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-        if variant == "kp":
+        if rule == "kp":
             optimizer = keras_wt.optimizers.KolenPollack(optimizer, weight_decay=1e-4)
         callbacks = []
-        if variant == "wm":
+        if rule == "wm":
+            noise = "rademacher" if variant == RADEMACHER else "normal"
             callbacks = [keras_wt.callbacks.MirrorCallback(0.05, 1.0, decay=0.5, batch_size=128,
-                                                           warmup_steps=0)]
+                                                           warmup_steps=0,
+                                                           noise_distribution=noise)]
     model.compile(optimizer=optimizer, jit_compile=True,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, callbacks
@@ -122,7 +127,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="3 rounds of bp, kp and wm")
     parser.add_argument("--write", metavar="FILE")
     args = parser.parse_args()
-    variants = ("keras",) + (("bp", "kp", "wm") if args.quick else RULES)
+    variants = ("keras",) + (("bp", "kp", "wm") if args.quick else RULES + (RADEMACHER,))
     rounds = 3 if args.quick else args.rounds
     text = table(measure(args.steps, rounds, variants), args.steps, rounds)
     print(text)
