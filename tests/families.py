@@ -21,6 +21,8 @@ FAMILIES = [
     ("gru", lambda f: wt.GRU(4, feedback=f), (2, 5, 3)),
     ("simple_rnn", lambda f: wt.SimpleRNN(4, feedback=f), (2, 5, 3)),
     ("conv_lstm2d", lambda f: wt.ConvLSTM2D(2, 3, padding="same", feedback=f), (2, 3, 5, 5, 2)),
+    # A tied output projection, h·Eᵀ (called with reverse=True on hidden states).
+    ("tied_projection", lambda f: wt.ReversibleEmbedding(7, 6, feedback=f), (2, 5, 6)),
 ]
 
 
@@ -30,6 +32,8 @@ def family_model(make, feedback, shape):
     layer = make(feedback)
     if isinstance(layer, keras.layers.MultiHeadAttention):
         outputs = layer(inputs, inputs)
+    elif isinstance(layer, wt.ReversibleEmbedding):
+        outputs = layer(inputs, reverse=True)
     else:
         outputs = layer(inputs)
     return keras.Model(inputs, outputs)
