@@ -24,7 +24,9 @@ def _run(args, fault=None, trainer=("-m", "keras_wt.app.cli")):
                           timeout=600, cwd=ROOT)
 
 
-@pytest.mark.parametrize("algo", ["kp", "wm"])
+# The weight mirror: its warm-up and noise counters are the most state to restore (Kolen–Pollack's
+# trainable B on JAX is covered by the parity test's save, load and train).
+@pytest.mark.parametrize("algo", ["wm"])
 def test_keras_wt_train_on_jax_resumes_a_killed_run_exactly(data_dir, tmp_path, algo):
     flags = tiny_flags(data_dir, tmp_path / "straight", algo, "--n_epochs", "3")
     out = _run(flags)
