@@ -89,6 +89,8 @@ SLOW_TESTS = (
     "test_callback_between_calls_with_steps_per_execution_runs_the_same_mirror_steps",
     "test_auto_batch_size_reaches_the_target_angle",
     "test_strip_returns_an_uncompiled_model_that_loads_without_keras_wt",
+    "test_every_rule_lowers_the_training_loss_with_fit",
+    "test_mirror_steps_are_reproducible_and_follow_the_step_count",
 )
 
 
