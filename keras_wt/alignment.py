@@ -132,7 +132,8 @@ def _deltas_and_gradients_by_probes(model, x, y, loss_fn, backprop):
     layers = [layer for layer in keys if layer in tap.calls]
     probes = [[ops.zeros_like(output) for output in tap.calls[layer]] for layer in layers]
     kernels = [layer.kernel for layer in layers]
-    variables = [v for v in model.variables if all(v is not k for k in kernels)]
+    kernel_ids = {id(kernel) for kernel in kernels}
+    variables = [v for v in model.variables if id(v) not in kernel_ids]
     values = [v.value for v in variables]
 
     def loss_of(probes, kernel_values):

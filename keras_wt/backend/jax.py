@@ -7,8 +7,8 @@ what this module provides). What differs in kind:
   (`stateless_call`, `stateless_apply`), so the ordering races that TensorFlow's graph executor
   needed control edges for cannot occur: `after`, `barrier` and `control_dependencies` do
   nothing, and `in_graph()` is `False` (no per-trace bookkeeping of `B`'s reads is needed).
-* **No tape.** `gradient_tape` raises: the delta-angle measurement needs one (alignment on
-  JAX is not implemented; the weight angles are).
+* **No tape.** `gradient_tape` raises: `keras_wt.alignment` measures the deltas on JAX by
+  differentiating with respect to zero probes added to the linear outputs instead.
 * **Random numbers** are TensorFlow's: its stateless Philox-4x32-10 bits, written in JAX
   (`keras_wt.backend.philox`), and its float transforms, so a random rule (`brsf`, noise inputs)
   draws the same numbers from the same `[seed, counter]` on both backends (the erfinv and
@@ -21,6 +21,7 @@ what this module provides). What differs in kind:
 """
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +72,9 @@ def vjp(fn, primals, cotangent=None):
 
 def gradient_tape():
     raise NotImplementedError(
-        "keras_wt's delta-angle measurement (keras_wt.alignment.delta_angles, "
-        "AlignmentCallback(deltas=True)) takes gradients at intermediate tensors with a "
-        "gradient tape, which JAX does not have; it runs on the TensorFlow backend only. The "
-        "weight angles (keras_wt.alignment.weight_angles) work on JAX."
+        "JAX has no gradient tape: differentiate a function instead (keras_wt.backend.vjp; "
+        "keras_wt.alignment measures deltas on JAX with zero probes added to the linear "
+        "outputs, keras_wt.feedback.tap_linear_outputs(probes=...))."
     )
 
 
@@ -206,10 +206,7 @@ def generator_normal(shape, seed, stddev=1.0):
     two words of its pair from its own Philox block (`philox.block_words`): one elementwise
     pass (reading them from a drawn array of words made XLA recompute the rounds, 20x slower)."""
     shape = tuple(int(dim) for dim in shape)
-    size = 1
-    for dim in shape:
-        size *= dim
-    index, words = philox.block_words(size, seed)
+    index, words = philox.block_words(math.prod(shape), seed)
     upper = (index & 2) != 0  # the pair is words 2, 3 of the block (else 0, 1)
     radius_word = jnp.where(upper, words[2], words[0])
     angle_word = jnp.where(upper, words[3], words[1])
