@@ -54,7 +54,8 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
       (needs `decay > 0`): each layer's smallest batch for the residual angle `target_angle`, at
       most `max_batch_size`. Each `n` is rounded up to a multiple of the strategy's replicas;
       `callback.mirror.batch_sizes` holds the results once training begins;
-    * `warmup_steps`: mirror steps before the first training step;
+    * `warmup_steps`: mirror steps before the first training step (`"auto"`: three lags of the
+      slowest layer, `WeightMirror.resolved_warmup_steps`);
     * `in_train_step`: run the mirror steps inside the model's compiled training step, right
       after the optimizer's update (`True`, the default), or from this callback between calls
       of the training function (`False`). With `every > 1` under a strategy of several replicas
@@ -168,7 +169,7 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
         self._build()
         if self._warmup_owed:
             self._warmup_owed = False
-            self.mirror.run(-1, self.warmup_steps, stride=-1)  # counters -1, -2, ...
+            self.mirror.run(-1, self.mirror.resolved_warmup_steps, stride=-1)  # -1, -2, ...
 
     def _build_before_first_call(self):
         """Between calls, for a model whose layers are built at its first call: the model's
@@ -258,7 +259,7 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
             if self.mirror is None:  # the model builds its layers at its first batch
                 self._warmup_owed = True
             else:
-                self.mirror.run(-1, self.warmup_steps, stride=-1)  # counters -1, -2, ...
+                self.mirror.run(-1, self.mirror.resolved_warmup_steps, stride=-1)  # -1, -2, ...
         self._epoch_start = iterations
         self._iterations = iterations
 

@@ -535,6 +535,63 @@ def test_auto_batch_size_reaches_the_target_angle(kind):
     assert measured == pytest.approx(4.0, rel=0.05), (mirror.batch_sizes, measured)
 
 
+def test_cap_policy_rate_gives_a_capped_layer_its_own_rate_for_the_target_angle(caplog):
+    """`cap_policy="rate"`: the 12-input layer needs 230 samples for 3° at η = 0.1 (see above);
+    capped at 200 it mirrors at η·λ = 2·200·tan²3° / (12 + 200·tan²3°), by hand 0.08755, which
+    puts the angle law back at 3° (with `"angle"` it was 3.2°); the 10-input layer (192
+    samples) keeps η = 0.1. One step is the formula with each layer's own rate; the automatic
+    warm-up is three lags of the slowest layer, ⌈3 / 0.08755⌉ = 35 steps."""
+    model = _named_dense_model()
+    tan2 = np.tan(np.radians(3.0)) ** 2
+    rate = 2 * 200 * tan2 / (12 + 200 * tan2)
+    assert rate == pytest.approx(0.08755, abs=1e-5)
+    with caplog.at_level("INFO", logger="keras_wt"):
+        mirror = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                              max_batch_size=200, cap_policy="rate", warmup_steps="auto")
+    assert "WARNING" not in caplog.text and "learning_rate 0.087" in caplog.text
+    assert mirror.batch_sizes == (200, 192)
+    assert mirror.learning_rates == pytest.approx((rate, 0.1), rel=1e-12)
+    assert np.degrees(np.arctan(np.sqrt(rate * 12 / ((2 - rate) * 200)))) == pytest.approx(3.0)
+    assert keras_wt.mirror.residual_angle(12, 200, rate, 1.0) == pytest.approx(3.0)
+    assert mirror.resolved_warmup_steps == 35
+    before = [layer.feedback_kernel.numpy() for layer in mirror.layers]
+    mirror(5)
+    for i, eta in enumerate((rate, 0.1)):
+        _, expected = _step_by_hand(mirror, i, before[i], 5, eta, 1.0)
+        np.testing.assert_allclose(mirror.layers[i].feedback_kernel.numpy(), expected,
+                                   rtol=1e-5, atol=1e-6)
+    # With a decay of 0.5 the rate doubles (η·λ is what the law fixes); uncapped layers and
+    # the "angle" policy keep η, and an int warm-up is kept as given.
+    halved = WeightMirror(model, 0.1, 1.0, decay=0.5, batch_size="auto", target_angle=3.0,
+                          max_batch_size=100, cap_policy="rate")
+    assert halved.learning_rates[0] == pytest.approx(
+        2 * 100 * tan2 / (12 + 100 * tan2) / 0.5, rel=1e-12)
+    angle = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                         max_batch_size=200, warmup_steps=7)
+    assert angle.learning_rates == (0.1, 0.1) and angle.resolved_warmup_steps == 7
+    with pytest.raises(ValueError, match="cap_policy='speed' is not one of"):
+        WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", cap_policy="speed")
+    with pytest.raises(ValueError, match="decay=0"):
+        WeightMirror(model, 0.1, 1.0, batch_size=8, warmup_steps="auto")
+    with pytest.raises(ValueError, match=r"warmup_steps='some' must be an integer >= 0 or 'auto'"):
+        WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size=8, warmup_steps="some")
+
+
+def test_cap_policy_rate_reaches_the_target_angle():
+    """Measured: the Dense 200 → 8 layer of the test above needs 2,153 samples for 4°; capped
+    at 128 with `cap_policy="rate"` it mirrors at η·λ = 0.00624 (a lag of 160 steps) and, with
+    W frozen, B settles at 4° all the same (mean tan²θ over steps 1,000–2,399, after six lags)."""
+    keras.utils.set_random_seed(3)
+    layer = wt.Dense(8, feedback="wm")
+    layer.build((None, 200))
+    mirror = WeightMirror([layer], 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=4.0,
+                          max_batch_size=128, cap_policy="rate")
+    assert mirror.batch_sizes == (128,)
+    assert 1 / mirror.learning_rates[0] == pytest.approx(160, abs=1)
+    measured = _stationary_angle(mirror, layer, steps=2400, burn_in=1000)
+    assert measured == pytest.approx(4.0, rel=0.05), measured
+
+
 def test_per_layer_batches_split_over_replicas(two_cpu_strategy):
     """Each layer's n is rounded up to a multiple of the 2 replicas (5 → 6; in auto mode after
     the cap: 199 → 200); each replica draws n/2 samples and the update is the formula over both
@@ -1015,6 +1072,6 @@ def test_mirror_callback_loads_the_keyword_config_saved_before_mirror_config():
     assert callback.config == MirrorConfig(
         0.05, 0.5, decay=0.1, every=2, steps=3, batch_size={"wide": 8, "narrow": 4},
         warmup_steps=2, noise_distribution="uniform", seed=7, in_train_step=False)
-    assert callback.get_config() == saved
+    assert callback.get_config() == dict(saved, cap_policy="angle")  # the new setting, defaulted
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(callback))
     assert restored.config == callback.config and restored.jit_compile is True

@@ -37,6 +37,10 @@ entry, `σ⁴·(d_in + κ − 2)·‖W‖²` in all; `"auto"` sizes with the lea
 Wide Dense layers therefore need
 much bigger noise batches than convolutions, which average over many positions; `batch_size`
 may be set per layer, or `"auto"` to size each layer's `n` for a target angle (`auto_batch_size`).
+Solved for the rate instead, the law says what a capped batch costs: the samples per step a
+target angle needs scale with `η·λ`, so a layer limited to `n` samples reaches `θ` at
+`η·λ = 2n·tan²θ / (m + n·tan²θ)` (`auto_learning_rate`, `cap_policy="rate"`), following a moving
+`W` with a lag of about `1/(η·λ)` steps.
 With `λ = 0` there is no fixed point (`B` grows like the step count and its angle shrinks like
 `1/√(steps·n)`), so `"auto"` needs `λ > 0`.
 
@@ -57,19 +61,19 @@ replicas, and every replica applies the same update: all replicas keep the same 
 
 The package's modules: `config` (`MirrorConfig`, the settings), `noise` (the distributions and
 `draw_noise`), `law` (`link_counts`, `mirror_fan_in`, `residual_angle`, `auto_batch_size`,
-`mirror_gradient`: the math above) and `core` (`WeightMirror`, `wm_layers`); every public name
-is importable from `keras_wt.mirror` itself. Which mirror trains a layer's `B` is recorded in
+`auto_learning_rate`, `mirror_gradient`: the math above) and `core` (`WeightMirror`,
+`wm_layers`); every public name is importable from `keras_wt.mirror` itself. Which mirror trains a layer's `B` is recorded in
 `keras_wt.learners` (`WeightMirror` attaches itself to each layer it mirrors).
 """
 
 from keras_wt.mirror.noise import NOISE_DISTRIBUTIONS, NOISE_KURTOSIS, draw_noise, noise_kurtosis
-from keras_wt.mirror.law import (auto_batch_size, link_counts, mirror_fan_in,
-                                 mirror_gradient, residual_angle)
+from keras_wt.mirror.law import (auto_batch_size, auto_learning_rate, link_counts,
+                                 mirror_fan_in, mirror_gradient, residual_angle)
 from keras_wt.mirror.config import AUTO, MirrorConfig, MirrorSettings, check_batch_size
 from keras_wt.mirror.core import WeightMirror, wm_layers
 
 __all__ = (
     "AUTO", "NOISE_DISTRIBUTIONS", "NOISE_KURTOSIS", "MirrorConfig", "MirrorSettings",
-    "WeightMirror", "auto_batch_size", "check_batch_size", "draw_noise", "link_counts",
+    "WeightMirror", "auto_batch_size", "auto_learning_rate", "check_batch_size", "draw_noise", "link_counts",
     "mirror_fan_in", "mirror_gradient", "noise_kurtosis", "residual_angle", "wm_layers",
 )

@@ -12,6 +12,13 @@ from keras_wt.mirror.law import _check_fixed_point
 from keras_wt.mirror.noise import NOISE_DISTRIBUTIONS
 
 AUTO = "auto"
+# What a layer whose `"auto"` noise batch would exceed `max_batch_size` gives up: its angle (it
+# keeps `η` and settles at a larger residual angle) or its rate (it keeps `target_angle` with a
+# smaller `η`, so `B` follows `W` more slowly: a lag of about `1/(η·λ)` mirror steps).
+CAP_POLICIES = ("angle", "rate")
+# `warmup_steps="auto"`: this many lags `1/(η·λ)` of the slowest layer (the initial `B`'s share
+# falls to e⁻³ ≈ 5%).
+WARMUP_LAGS = 3
 
 
 def check_batch_size(batch_size):
@@ -54,11 +61,18 @@ class MirrorConfig:
         batch_size: `n`, noise samples per layer and step: an int, a `{key: n}` dict, a
             callable `layer -> n`, or `"auto"` (needs `decay > 0` and `η·λ < 2`): see
             `WeightMirror`.
-        warmup_steps: mirror steps before the first training step (`MirrorCallback`).
+        warmup_steps: mirror steps before the first training step (`MirrorCallback`), or
+            `"auto"` (needs `decay > 0`): `WARMUP_LAGS = 3` lags `1/(η_l·λ)` of the slowest
+            layer, so that the initial `B`'s share is down to e⁻³ ≈ 5% everywhere.
         noise_distribution: `"normal"`, `"uniform"` or `"rademacher"`, all of variance `σ²`.
         seed: integer seed of the noise.
         target_angle: for `batch_size="auto"`: the residual angle in degrees, in (0, 90).
         max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch (>= 1).
+        cap_policy: for `batch_size="auto"`, what a layer that needs more than
+            `max_batch_size` samples gives up: `"angle"` (it keeps `η` and settles at the
+            larger residual angle of the capped batch, with a warning) or `"rate"` (its own
+            `η_l < η`, the largest at which the capped batch reaches `target_angle`: the same
+            angle at the cost of a longer lag `1/(η_l·λ)` behind a moving `W`).
         in_train_step: run the mirror steps inside the compiled training step
             (`MirrorCallback`).
 
@@ -77,6 +91,7 @@ class MirrorConfig:
     seed: int = 0
     target_angle: float = 5.0
     max_batch_size: int = 4096
+    cap_policy: str = "angle"
     in_train_step: bool = True
 
     def __post_init__(self):
@@ -97,11 +112,16 @@ class MirrorConfig:
                     f"{name}={value!r} must be a finite number {'>' if strict else '>='} {low}"
                 )
             setting(name, float(value))
+        if self.cap_policy not in CAP_POLICIES:
+            raise ValueError(f"cap_policy={self.cap_policy!r} is not one of {CAP_POLICIES}")
         for name, low in (("every", 1), ("steps", 1), ("warmup_steps", 0),
                           ("max_batch_size", 1)):
             value = getattr(self, name)
+            if name == "warmup_steps" and value == AUTO:
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+                also = " or 'auto'" if name == "warmup_steps" else ""
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}{also}")
             setting(name, int(value))
         if not (isinstance(self.target_angle, numbers.Real) and 0 < self.target_angle < 90):
             raise ValueError(f"target_angle={self.target_angle!r} must be in (0, 90) degrees")
@@ -109,7 +129,7 @@ class MirrorConfig:
         setting("seed", int(self.seed))
         setting("in_train_step", bool(self.in_train_step))
         setting("batch_size", check_batch_size(self.batch_size))
-        if self.batch_size == AUTO:
+        if self.batch_size == AUTO or self.warmup_steps == AUTO:
             _check_fixed_point(self.learning_rate, self.decay)
 
     @classmethod

@@ -13,9 +13,9 @@ from keras_wt import backend
 from keras_wt import layers as layers_lib
 from keras_wt import learners
 from keras_wt.algorithms import Learning
-from keras_wt.mirror.config import MirrorConfig, MirrorSettings, _check_size
-from keras_wt.mirror.law import (_compact, _link_tensors, auto_batch_size, mirror_fan_in,
-                                     mirror_gradient, residual_angle)
+from keras_wt.mirror.config import AUTO, WARMUP_LAGS, MirrorConfig, MirrorSettings, _check_size
+from keras_wt.mirror.law import (_compact, _link_tensors, auto_batch_size, auto_learning_rate,
+                                     mirror_fan_in, mirror_gradient, residual_angle)
 from keras_wt.mirror.noise import draw_noise
 
 logger = logging.getLogger("keras_wt")
@@ -53,10 +53,13 @@ class WeightMirror(MirrorSettings):
       `{key: n}` naming every `wm` layer (keys as `keras_wt.layers.feedback_keys`: the layer's
       name unless another feedback layer has it; for a list of layers, their names); a callable
       `layer -> n`; or `"auto"`: each layer's `auto_batch_size` for `target_angle` (needs
-      `decay > 0`), at most `max_batch_size` (before rounding up to the replicas; a layer that
-      needs more is capped, with a warning giving the angle it will reach). Each layer's `n` is
-      then rounded up to a multiple of the strategy's replicas, which draw `n / replicas`
-      samples each; `batch_sizes` holds the results;
+      `decay > 0`), at most `max_batch_size` (before rounding up to the replicas). A layer that
+      needs more is capped, and with `cap_policy="angle"` keeps `η` and settles at a larger
+      angle (a warning gives it); with `cap_policy="rate"` it mirrors at its own smaller rate
+      `η_l` (`auto_learning_rate`), which reaches `target_angle` with the capped batch and
+      follows a moving `W` with a longer lag `1/(η_l·λ)`. Each layer's `n` is then rounded up
+      to a multiple of the strategy's replicas, which draw `n / replicas` samples each;
+      `batch_sizes` holds the results, `learning_rates` each layer's `η_l`;
     * `noise_distribution`: `"normal"` (`N(0, σ²)`), `"uniform"` (`U(−σ√3, σ√3)`, the same
       variance; the published code's noise in `[−a, a)` is `σ = a/√3`) or `"rademacher"` (`±σ`
       with equal probability, the same variance, drawn from one random bit per sample). Same
@@ -104,7 +107,7 @@ class WeightMirror(MirrorSettings):
         # Counts and fan-ins depend only on shapes: computed once, eagerly.
         statistics = [_link_tensors(layer) for layer in self.layers]
         self._counts = [_compact(np.maximum(ops.convert_to_numpy(c), 1.0)) for c, _ in statistics]
-        self.batch_sizes = self._resolve_batch_sizes()
+        self.batch_sizes, self.learning_rates = self._resolve_batch_sizes()
         replicas = self.strategy.num_replicas_in_sync
         self._local_batches = [n // replicas for n in self.batch_sizes]
         self._local_gradients = backend.function(self._gradients, jit_compile=jit_compile)
@@ -115,9 +118,10 @@ class WeightMirror(MirrorSettings):
     def _resolve_batch_sizes(self):
         spec = self.batch_size
         names = self.keys
+        rates = [self.learning_rate] * len(self.layers)
         if isinstance(spec, str):  # "auto"
             sizes = []
-            for layer, key in zip(self.layers, names):
+            for i, (layer, key) in enumerate(zip(self.layers, names)):
                 # The leading-order m (no κ − 2 term, for every distribution): the published
                 # recipes' noise batches stay as they were; the exact angle differs from the
                 # target by a factor 1 + (κ − 2)/(2·d_in) or less (`expected_angles`).
@@ -125,7 +129,15 @@ class WeightMirror(MirrorSettings):
                 n = auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
                                     self.max_batch_size)
                 angle = residual_angle(fan_in, n, self.learning_rate, self.decay)
-                if angle > self.target_angle * (1 + 1e-9):
+                capped = angle > self.target_angle * (1 + 1e-9)
+                if capped and self.cap_policy == "rate":
+                    rates[i] = auto_learning_rate(fan_in, n, self.decay, self.target_angle)
+                    logger.info(
+                        "Mirror noise batch of layer %r capped at max_batch_size=%d: it mirrors "
+                        "at learning_rate %.3g (lag about %d steps) for target_angle=%.1f.",
+                        key, n, rates[i], round(1 / (rates[i] * self.decay)), self.target_angle,
+                    )
+                elif capped:
                     logger.warning(
                         "Mirror noise batch of layer %r capped at max_batch_size=%d: its "
                         "residual angle will be about %.1f degrees, not target_angle=%.1f.",
@@ -151,15 +163,25 @@ class WeightMirror(MirrorSettings):
         replicas = self.strategy.num_replicas_in_sync
         sizes = tuple(int(math.ceil(n / replicas)) * replicas for n in sizes)
         logger.info("Mirror noise batches: %s", dict(zip(names, sizes)))
-        return sizes
+        return sizes, tuple(rates)
+
+    @property
+    def resolved_warmup_steps(self):
+        """`warmup_steps`, or for `"auto"` `WARMUP_LAGS` lags `1/(η_l·λ)` of the slowest layer
+        (rounded up)."""
+        if self.warmup_steps != AUTO:
+            return self.warmup_steps
+        slowest = min(self.learning_rates) * self.decay
+        return int(math.ceil(WARMUP_LAGS / slowest * (1 - 1e-12)))
 
     def expected_angles(self):
         """`{key: degrees}`: the `residual_angle` of each layer at its noise batch (the angle
         `B` settles at if `W` stood still; needs `decay > 0`), with the noise's `κ`."""
         return {
-            key: residual_angle(mirror_fan_in(layer, self.noise_distribution), n,
-                                self.learning_rate, self.decay)
-            for key, layer, n in zip(self.keys, self.layers, self.batch_sizes)
+            key: residual_angle(mirror_fan_in(layer, self.noise_distribution), n, rate,
+                                self.decay)
+            for key, layer, n, rate in zip(self.keys, self.layers, self.batch_sizes,
+                                           self.learning_rates)
         }
 
     def noise(self, layer_index, counter, replica=0):
@@ -193,10 +215,11 @@ class WeightMirror(MirrorSettings):
         feedbacks = [layer.feedback_kernel for layer in self.layers]
         values = values or [None] * len(self.layers)
         updated = []
-        for layer, gradient, n, b in zip(self.layers, gradients, self.batch_sizes, values):
+        for layer, gradient, n, rate, b in zip(self.layers, gradients, self.batch_sizes,
+                                               self.learning_rates, values):
             if b is None:
                 b = _current_value(layer)
-            updated.append(b + self.learning_rate * (gradient / n - self.decay * b))
+            updated.append(b + rate * (gradient / n - self.decay * b))
         backend.assign_on_every_replica(self.strategy, feedbacks, updated)
         for layer, value in zip(self.layers, updated):
             layer.set_feedback_value(value)

@@ -83,6 +83,20 @@ def auto_batch_size(fan_in, learning_rate, decay, target_angle, max_batch_size):
     return int(min(max(needed, 1), max_batch_size))
 
 
+def auto_learning_rate(fan_in, batch_size, decay, target_angle):
+    """The largest mirror rate `η` at which a noise batch of `batch_size` reaches a
+    `residual_angle` of `target_angle` degrees: `η·λ = 2·n·tan²θ / (m + n·tan²θ)` (the angle law
+    solved for `η·λ`; always below 2). Its lag behind a moving `W` is about `1/(η·λ)` steps."""
+    _check_fixed_point(0.0, decay)
+    if not 0 < target_angle < 90 or batch_size < 1:
+        raise ValueError(
+            f"target_angle={target_angle} must be in (0, 90) degrees and "
+            f"batch_size={batch_size} >= 1."
+        )
+    tan2 = math.tan(math.radians(target_angle)) ** 2
+    return 2.0 * batch_size * tan2 / (fan_in + batch_size * tan2) / decay
+
+
 def _check_fixed_point(learning_rate, decay):
     if decay <= 0:
         raise ValueError(
