@@ -27,7 +27,7 @@ from keras_wt.app import flags
 from keras_wt.app import published
 from keras_wt.app import runs
 from keras_wt.app import training
-from keras_wt.app.config import RECIPE_MIRROR, DataConfig, TrainConfig
+from keras_wt.app.config import RECIPE_MIRROR, RECIPE_MIRROR_V1, DataConfig, TrainConfig
 from keras_wt.app.data import datasets
 from keras_wt.app.data import pipelines
 from keras_wt.callbacks import MirrorCallback
@@ -578,6 +578,13 @@ def test_published_units_translate_as_computed_by_hand():
     assert config.mirror == dataclasses.replace(RECIPE_MIRROR, learning_rate=0.02, batch_size=64,
                                                 seed=1111)
     assert not config.mirror_warmup_one_pass
+    # The recipe before issue #21, from the flags that restore it.
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_max_batch_size", "2048",
+                               "--mirror_cap_policy", "angle", "--mirror_warmup_steps", "200"])
+    assert published.train_config(flags).mirror == dataclasses.replace(RECIPE_MIRROR_V1, seed=1111)
+    assert RECIPE_MIRROR.warmup_steps == "auto" and RECIPE_MIRROR.cap_policy == "rate"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_cap_policy", "speed"])
 
 
 def test_kp_decay_passes_through_as_the_decoupled_decay():
@@ -627,7 +634,8 @@ def test_each_setting_is_defaulted_and_checked_by_its_config():
         TrainConfig(data=DataConfig(dataset="mnist"), mirror={"decay": 1.0})
     # Where the flags become the configs, the config's error names the flag.
     with pytest.raises(ValueError,
-                       match=r"^--mirror_warmup_steps=-1 is not allowed: it must be an integer >= 0$"):
+                       match=r"^--mirror_warmup_steps=-1 is not allowed: it must be an integer >= 0 "
+                             r"or 'auto'$"):
         published.train_config(dict(cli.parse_args([])[0], mirror_warmup_steps=-1))
 
 

@@ -60,7 +60,13 @@ MIRROR_FLAGS = {
         "√(fan_in·η·λ/(2n)), capped at --mirror_max_batch_size)."),
     "target_angle": (float, "degrees, for --mirror_batch_size=auto."),
     "max_batch_size": (int, "cap of --mirror_batch_size=auto."),
-    "warmup_steps": (int, "mirror steps before the first training step."),
+    "cap_policy": (str, "a layer whose auto noise batch is capped keeps η and settles at a "
+                   "larger angle ('angle'), or mirrors at its own smaller η that reaches "
+                   "--mirror_target_angle with the capped batch, with a longer lag ('rate')."),
+    "warmup_steps": (
+        lambda text: text if text == "auto" else int(text),
+        "mirror steps before the first training step, or 'auto': three lags 1/(η·λ) of the "
+        "slowest layer."),
     "in_train_step": (bool, "run the mirror steps inside the compiled training step, after "
                       "each batch (the default), or between host calls "
                       "(--no-mirror_in_train_step)."),

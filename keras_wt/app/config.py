@@ -46,10 +46,19 @@ MAX_SEED = 2**32 - 1
 
 # The trainer's weight mirror (the convnets' and ImageNet's), in keras_wt's units: B → (σ²/λ)·W = W
 # within ≈ 1/(η·λ) = 20 mirror steps, after every training step; each layer's noise batch sized
-# for a residual angle of `target_angle` (wide Dense layers need thousands of samples,
-# convolutions a handful); 200 mirror steps before the first training step.
+# for a residual angle of `target_angle` (convolutions need a handful of samples, wide Dense
+# layers thousands); a layer that needs more than 128 (the convnets' training batch) mirrors
+# 128 at its own smaller rate instead, for the same angle with a longer lag (the BN CNN's
+# 3,136-input dense layer: η = 0.0016, a lag of 620 steps), so that the mirror costs at most
+# about 2/3 of a training batch's products at any layer (issue #21); warm-up: three lags of the
+# slowest layer. Before issue #21: a cap of 2,048 (the angle grew past it) and 200 warm-up steps.
 RECIPE_MIRROR = MirrorConfig(learning_rate=0.05, noise_std=1.0, decay=1.0, batch_size="auto",
-                             target_angle=8.0, max_batch_size=2048, warmup_steps=200)
+                             target_angle=8.0, max_batch_size=128, cap_policy="rate",
+                             warmup_steps="auto")
+# The recipe before issue #21, for comparison (`--mirror_max_batch_size 2048
+# --mirror_cap_policy angle --mirror_warmup_steps 200`).
+RECIPE_MIRROR_V1 = dataclasses.replace(RECIPE_MIRROR, max_batch_size=2048, cap_policy="angle",
+                                       warmup_steps=200)
 # The ImageNet recipe (Goyal et al.): 0.1 per 256 images at the global batch of 1024, 5 epochs of
 # warm-up, ×0.1 at epochs 30, 60, 80, momentum 0.9, L2 1e-4 (OptimizerConfig's defaults).
 IMAGENET_OPTIMIZER = OptimizerConfig(learning_rate=0.4)

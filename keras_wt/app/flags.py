@@ -154,8 +154,13 @@ def build_parser(defaults=True):
         help="degrees, for --mirror_batch_size auto")
     add("--mirror_max_batch_size", type=int, default=None,
         help="cap of --mirror_batch_size auto")
-    add("--mirror_warmup_steps", type=int, default=None,
-        help="mirror steps before training (mlp default: N_train // batch_size)")
+    add("--mirror_cap_policy", default=None, choices=("angle", "rate"),
+        help="a layer whose auto noise batch is capped: keeps η and settles at a larger angle "
+        "(angle), or mirrors at its own smaller η that reaches --mirror_target_angle with the "
+        "capped batch, following W with a longer lag (rate; the convnets' default)")
+    add("--mirror_warmup_steps", type=_int_or_auto, default=None,
+        help="mirror steps before training, or 'auto': three lags 1/(η·λ) of the slowest layer "
+        "(mlp default: N_train // batch_size; convnets: auto)")
     add = adder(parser.add_argument_group("local alignment losses (--algo sa, ia)"))
     add("--local_loss_decay", type=float, default=None,
         help="coefficient λ of the decay primitive ½‖B‖² of B's local loss (default: the "

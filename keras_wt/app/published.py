@@ -75,7 +75,7 @@ OPTIMIZER_FLAGS = {"learning_rate": "learning_rate", "momentum": "momentum",
                    "decoupled_decay": "kp_weight_decay"}
 MIRROR_FLAGS = {name: f"mirror_{name}" for name in (
     "learning_rate", "noise_std", "noise_distribution", "decay", "every", "steps", "batch_size",
-    "target_angle", "max_batch_size", "warmup_steps")}
+    "target_angle", "max_batch_size", "cap_policy", "warmup_steps")}
 RUN_FLAGS = {"algo": "algo", "epochs": "n_epochs", "eval_every": "test_frequency",
              "seed": "seed", "loss": "loss"}
 
@@ -200,7 +200,7 @@ def train_config(flags, run_dir=None):
     amplitude, std = flags["mirror_noise_amplitude"], flags["mirror_noise_std"]
     given = {name: flags[f"mirror_{name}"] for name in (
         "every", "steps", "learning_rate", "decay", "batch_size", "target_angle",
-        "max_batch_size", "warmup_steps")}
+        "max_batch_size", "cap_policy", "warmup_steps")}
     mirror_flags = dict(MIRROR_FLAGS)
     if amplitude is not None:
         mirror_flags["noise_std"] = "mirror_noise_amplitude"
