@@ -1,0 +1,207 @@
+"""The convnet recipe's training step with `bp`, `kp` and `wm` (issue #21, items 4 and 5).
+
+Each network is built, compiled and given its mirror exactly as `keras-wt-train` builds them
+(`keras_wt.app`: the recipe's SGD with momentum, cosine schedule and weight decay; Kolen–Pollack's
+decay budget; the first layer's unused `B` dropped), and trained with `model.fit` on the same
+in-memory random batches, `--steps` steps per `fit` call and per host call. Variants:
+
+* `bp`, `kp`;
+* `wm`: the recipe's weight mirror today (`keras_wt.app.config.RECIPE_MIRROR`: noise batches for
+  8°, at most 128 per layer, a capped layer mirroring at its own smaller rate);
+* `wm (v1)`: the recipe before issue #21 (`RECIPE_MIRROR_V1`: at most 2,048 per layer, every
+  layer at η = 0.05);
+* `wm (n = batch)`: a noise batch equal to the training batch at every layer (the rows of
+  `step_time.py`).
+
+Warm-up mirror steps are left out (they run once, before training). The variants run
+**interleaved, in a shuffled order per round**, in one process; reported are the median time per
+step and its ratio to `bp` (the median of the per-round ratios, with a 95% bootstrap interval).
+
+Per layer, the mirror's share: each `wm` layer's noise batch `n` and rate `η`, and the time of
+that layer's mirror step alone (a `WeightMirror` of that one layer, on a copy of the network),
+as a fraction of `bp`'s step.
+
+    .venv/bin/python benchmarks/recipe_step.py --write BENCHMARKS.md
+    .venv/bin/python benchmarks/recipe_step.py --models cnn --rounds 3     # a quick look
+
+`--write` replaces the table between the `recipe-step` markers of the file.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_wt  # noqa: E402
+from keras_wt.app import callbacks as app_callbacks  # noqa: E402
+from keras_wt.app import cli, published, training  # noqa: E402
+from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, DataConfig,  # noqa: E402
+                                 ModelConfig)
+
+# name -> (keras_wt.models name, input shape, classes, training batch)
+NETWORKS = {
+    "cnn": ("cnn", (28, 28, 1), 10, 128),
+    "resnet18-32": ("resnet18", (32, 32, 3), 10, 64),
+    "resnet18-224": ("resnet18", (224, 224, 3), 1000, 16),
+}
+VARIANTS = {
+    "bp": ("bp", None),
+    "kp": ("kp", None),
+    "wm": ("wm", RECIPE_MIRROR),
+    "wm (v1)": ("wm", RECIPE_MIRROR_V1),
+    "wm (n = batch)": ("wm", "batch"),
+}
+
+
+def config_for(network, variant):
+    name, shape, classes, batch = NETWORKS[network]
+    algo, mirror = VARIANTS[variant]
+    flags, _ = cli.parse_args(["--model", "cnn", "--algo", algo,
+                                             "--dataset", "fashion_mnist"])
+    config = published.train_config(flags)  # the convnet recipe: optimizer, decay budget
+    if mirror == "batch":
+        mirror = dataclasses.replace(RECIPE_MIRROR, batch_size=batch)
+    mirror = dataclasses.replace(mirror or RECIPE_MIRROR, warmup_steps=0, seed=config.seed)
+    return dataclasses.replace(
+        config, data=DataConfig(dataset="fashion_mnist", batch_size=batch, num_classes=classes),
+        model=ModelConfig(name=name, options={} if name == "resnet18" else config.model.options,
+                          dtype="float32"),
+        mirror=mirror, model_dir=None,
+    ), shape
+
+
+def build(network, variant, steps):
+    config, shape = config_for(network, variant)
+    keras.utils.set_random_seed(1)
+    model = training.build_model(config, shape)
+    training.compile_model(model, config, steps_per_epoch=5 * steps, steps_per_execution=steps)
+    callback = app_callbacks.create_mirror_callback(model, config.mirror)
+    return model, [callback] if callback else [], config
+
+
+def batches(network, steps, seed=0):
+    _, shape, classes, batch = NETWORKS[network]
+    rng = np.random.RandomState(seed)
+    return (rng.rand(batch * steps, *shape).astype("float32"),
+            rng.randint(0, classes, batch * steps))
+
+
+def measure(network, variants, steps, rounds, seed=0):
+    x, y = batches(network, steps, seed)
+    batch = NETWORKS[network][3]
+    built = {v: build(network, v, steps) for v in variants}
+    for model, callbacks, _ in built.values():  # compile and warm up
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks,
+                  shuffle=False)
+    rng = np.random.RandomState(seed)
+    times = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in rng.permutation(list(variants)):
+            model, callbacks, _ = built[variant]
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks,
+                      shuffle=False)
+            times[variant].append((time.perf_counter() - start) / steps)
+    mirrors = {v: cbs[0].mirror for v, (_, cbs, _) in built.items() if cbs}
+    return {v: np.asarray(t) for v, t in times.items()}, mirrors
+
+
+def layer_shares(network, variant, bp_seconds, repeats):
+    """Per `wm` layer of `variant`: (key, n, η, median seconds of its mirror step alone)."""
+    model, _, config = build(network, variant, steps=1)
+    mirror = keras_wt.mirror.WeightMirror(model, config=config.mirror)
+    rows = []
+    for index, (layer, key) in enumerate(zip(mirror.layers, mirror.keys)):
+        alone = keras_wt.mirror.WeightMirror([layer], config=dataclasses.replace(
+            config.mirror, batch_size=mirror.batch_sizes[index]))
+        alone(0)  # trace
+        seconds = []
+        for counter in range(1, repeats + 1):
+            start = time.perf_counter()
+            alone(counter)
+            seconds.append(time.perf_counter() - start)
+        rows.append((key, mirror.batch_sizes[index], mirror.learning_rates[index],
+                     float(np.median(seconds)) / bp_seconds))
+    return rows
+
+
+def ratio_interval(ratios, rng, resamples=2000):
+    boot = [np.median(rng.choice(ratios, len(ratios))) for _ in range(resamples)]
+    return np.percentile(boot, [2.5, 97.5])
+
+
+def report(results, rounds):
+    rng = np.random.RandomState(1)
+    lines = [
+        f"keras_wt {keras_wt.__version__}, Keras {keras.__version__} "
+        f"({keras.backend.backend()}), {platform.processor() or 'CPU'} with {os.cpu_count()} "
+        f"cores, {datetime.date.today()}: {rounds} interleaved rounds of `steps` steps per `fit` "
+        f"call and per host call, no XLA (the trainer's default on CPU).",
+        "",
+        "| network | batch | steps | variant | ms / step | × `bp` (95% interval) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for network, (times, steps, _) in results.items():
+        batch = NETWORKS[network][3]
+        for variant, t in times.items():
+            low, high = ratio_interval(t / times["bp"], rng)
+            lines.append(f"| {network} | {batch} | {steps} | `{variant}` | {1000 * np.median(t):.1f} | "
+                         f"{np.median(t / times['bp']):.2f} ({low:.2f}–{high:.2f}) |")
+    lines += ["", "Per `wm` layer (the recipe, and before it): its noise batch `n`, its rate `η`, "
+              "and its mirror step alone as a fraction of `bp`'s step.", "",
+              "| network | recipe | layer | n | η | mirror step / `bp` step |", "|---|---|---|---|---|---|"]
+    for network, (_, _, shares) in results.items():
+        for variant, rows in shares.items():
+            for key, n, eta, share in rows:
+                lines.append(f"| {network} | `{variant}` | {key} | {n} | {eta:.3g} | "
+                             f"{share:.3f} |")
+    return "\n".join(lines)
+
+
+def write(path, text, marker="recipe-step"):
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    block = f"{start}\n{text}\n{end}"
+    if start in content:
+        content = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, content,
+                         flags=re.S)
+    else:
+        content = content.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(content)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--write", metavar="FILE")
+    args = parser.parse_args()
+    variants = ["bp"] + [v for v in args.variants if v != "bp"]
+    results = {}
+    for network in args.models:
+        steps = 2 if network == "resnet18-224" else args.steps
+        times, _ = measure(network, variants, steps, args.rounds)
+        bp_seconds = float(np.median(times["bp"]))
+        shares = {v: layer_shares(network, v, bp_seconds, repeats=max(args.rounds, 5))
+                  for v in variants if v in ("wm", "wm (v1)")}
+        results[network] = (times, steps, shares)
+        print(report({network: results[network]}, args.rounds), flush=True)
+    text = report(results, args.rounds)
+    print(text)
+    if args.write:
+        write(args.write, text)
+
+
+if __name__ == "__main__":
+    main()
