@@ -13,9 +13,13 @@ in-memory random batches, `--steps` steps per `fit` call and per host call. Vari
 * `wm (n = batch)`: a noise batch equal to the training batch at every layer (the rows of
   `step_time.py`).
 
-Warm-up mirror steps are left out (they run once, before training). The variants run
+`resnet18-224` is one replica of the ImageNet recipe on a v3-8 (the global batch of 1024): 128
+images at 224² and, for `wm`, an eighth of each layer's noise batch (every noise batch is split
+over the replicas; the rates do not change the cost). Warm-up mirror steps are left out (they run once, before training). The variants run
 **interleaved, in a shuffled order per round**, in one process; reported are the median time per
-step and its ratio to `bp` (the median of the per-round ratios, with a 95% bootstrap interval).
+step and its ratio to `bp` (the median of the per-round ratios, with a 95% bootstrap interval),
+without XLA (the trainer compiles with XLA by default, which on this CPU makes the convnets' own
+steps several times slower: no guide to an accelerator).
 
 Per layer, the mirror's share: each `wm` layer's noise batch `n` and rate `η`, and the time of
 that layer's mirror step alone (a `WeightMirror` of that one layer, on a copy of the network),
@@ -46,29 +50,35 @@ from keras_wt.app import cli, published, training  # noqa: E402
 from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, DataConfig,  # noqa: E402
                                  ModelConfig)
 
-# name -> (keras_wt.models name, input shape, classes, training batch)
+# name -> (keras_wt.models name, input shape, classes, training batch, replicas emulated)
 NETWORKS = {
-    "cnn": ("cnn", (28, 28, 1), 10, 128),
-    "resnet18-32": ("resnet18", (32, 32, 3), 10, 64),
-    "resnet18-224": ("resnet18", (224, 224, 3), 1000, 16),
+    "cnn": ("cnn", (28, 28, 1), 10, 128, 1),
+    "resnet18-32": ("resnet18", (32, 32, 3), 10, 64, 1),
+    # One replica of the ImageNet recipe on a v3-8: 128 of the global 1024 images, and 1/8 of
+    # each layer's noise batch (the mirror splits every noise batch over the replicas).
+    "resnet18-224": ("resnet18", (224, 224, 3), 1000, 128, 8),
 }
+# Without XLA: on this CPU XLA makes the convnets' own steps 2–7x slower (BENCHMARKS.md, "Not
+# keras_wt: XLA on CPU"), which is no guide to an accelerator; the trainer's default is XLA.
+JIT_COMPILE = False
 VARIANTS = {
     "bp": ("bp", None),
     "kp": ("kp", None),
     "wm": ("wm", RECIPE_MIRROR),
     "wm (v1)": ("wm", RECIPE_MIRROR_V1),
+    "wm (cap 256)": ("wm", dataclasses.replace(RECIPE_MIRROR, max_batch_size=256)),
     "wm (n = batch)": ("wm", "batch"),
 }
 
 
 def config_for(network, variant):
-    name, shape, classes, batch = NETWORKS[network]
+    name, shape, classes, batch, replicas = NETWORKS[network]
     algo, mirror = VARIANTS[variant]
     flags, _ = cli.parse_args(["--model", "cnn", "--algo", algo,
                                              "--dataset", "fashion_mnist"])
     config = published.train_config(flags)  # the convnet recipe: optimizer, decay budget
     if mirror == "batch":
-        mirror = dataclasses.replace(RECIPE_MIRROR, batch_size=batch)
+        mirror = dataclasses.replace(RECIPE_MIRROR, batch_size=batch * replicas)
     mirror = dataclasses.replace(mirror or RECIPE_MIRROR, warmup_steps=0, seed=config.seed)
     return dataclasses.replace(
         config, data=DataConfig(dataset="fashion_mnist", batch_size=batch, num_classes=classes),
@@ -82,13 +92,19 @@ def build(network, variant, steps):
     config, shape = config_for(network, variant)
     keras.utils.set_random_seed(1)
     model = training.build_model(config, shape)
+    config.jit_compile = JIT_COMPILE
     training.compile_model(model, config, steps_per_epoch=5 * steps, steps_per_execution=steps)
+    replicas = NETWORKS[network][4]
+    if replicas > 1 and config.algo == "wm":  # one replica's share of every noise batch
+        mirror = keras_wt.mirror.WeightMirror(model, config=config.mirror)
+        config.mirror = dataclasses.replace(config.mirror, batch_size={
+            key: -(-n // replicas) for key, n in zip(mirror.keys, mirror.batch_sizes)})
     callback = app_callbacks.create_mirror_callback(model, config.mirror)
     return model, [callback] if callback else [], config
 
 
 def batches(network, steps, seed=0):
-    _, shape, classes, batch = NETWORKS[network]
+    _, shape, classes, batch, _ = NETWORKS[network]
     rng = np.random.RandomState(seed)
     return (rng.rand(batch * steps, *shape).astype("float32"),
             rng.randint(0, classes, batch * steps))
@@ -115,20 +131,23 @@ def measure(network, variants, steps, rounds, seed=0):
 
 
 def layer_shares(network, variant, bp_seconds, repeats):
-    """Per `wm` layer of `variant`: (key, n, η, median seconds of its mirror step alone)."""
+    """Per `wm` layer of `variant`: (key, n, η, median seconds of its mirror step alone, as a
+    fraction of `bp_seconds`), `n` the noise batch of the whole run (a replica draws
+    `n / replicas` of it, what is timed)."""
     model, _, config = build(network, variant, steps=1)
-    mirror = keras_wt.mirror.WeightMirror(model, config=config.mirror)
+    recipe = keras_wt.mirror.WeightMirror(model, config=config_for(network, variant)[0].mirror)
+    timed = keras_wt.mirror.WeightMirror(model, config=config.mirror)
     rows = []
-    for index, (layer, key) in enumerate(zip(mirror.layers, mirror.keys)):
+    for index, (layer, key) in enumerate(zip(recipe.layers, recipe.keys)):
         alone = keras_wt.mirror.WeightMirror([layer], config=dataclasses.replace(
-            config.mirror, batch_size=mirror.batch_sizes[index]))
+            config.mirror, batch_size=timed.batch_sizes[index]))
         alone(0)  # trace
         seconds = []
         for counter in range(1, repeats + 1):
             start = time.perf_counter()
             alone(counter)
             seconds.append(time.perf_counter() - start)
-        rows.append((key, mirror.batch_sizes[index], mirror.learning_rates[index],
+        rows.append((key, recipe.batch_sizes[index], recipe.learning_rates[index],
                      float(np.median(seconds)) / bp_seconds))
     return rows
 
@@ -138,27 +157,29 @@ def ratio_interval(ratios, rng, resamples=2000):
     return np.percentile(boot, [2.5, 97.5])
 
 
-def report(results, rounds):
+def report(results):
     rng = np.random.RandomState(1)
     lines = [
         f"keras_wt {keras_wt.__version__}, Keras {keras.__version__} "
         f"({keras.backend.backend()}), {platform.processor() or 'CPU'} with {os.cpu_count()} "
-        f"cores, {datetime.date.today()}: {rounds} interleaved rounds of `steps` steps per `fit` "
-        f"call and per host call, no XLA (the trainer's default on CPU).",
+        f"cores, {datetime.date.today()}: `rounds` interleaved rounds of `steps` steps per `fit` "
+        f"call and per host call, without XLA (on this CPU XLA makes the convnets' steps several "
+        f"times slower).",
         "",
-        "| network | batch | steps | variant | ms / step | × `bp` (95% interval) |",
-        "|---|---|---|---|---|---|",
+        "| network | batch | steps | rounds | variant | ms / step | × `bp` (95% interval) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for network, (times, steps, _) in results.items():
+    for network, (times, steps, rounds, _) in results.items():
         batch = NETWORKS[network][3]
         for variant, t in times.items():
             low, high = ratio_interval(t / times["bp"], rng)
-            lines.append(f"| {network} | {batch} | {steps} | `{variant}` | {1000 * np.median(t):.1f} | "
-                         f"{np.median(t / times['bp']):.2f} ({low:.2f}–{high:.2f}) |")
+            lines.append(f"| {network} | {batch} | {steps} | {rounds} | `{variant}` | "
+                         f"{1000 * np.median(t):.1f} | {np.median(t / times['bp']):.2f} "
+                         f"({low:.2f}–{high:.2f}) |")
     lines += ["", "Per `wm` layer (the recipe, and before it): its noise batch `n`, its rate `η`, "
               "and its mirror step alone as a fraction of `bp`'s step.", "",
               "| network | recipe | layer | n | η | mirror step / `bp` step |", "|---|---|---|---|---|---|"]
-    for network, (_, _, shares) in results.items():
+    for network, (_, _, _, shares) in results.items():
         for variant, rows in shares.items():
             for key, n, eta, share in rows:
                 lines.append(f"| {network} | `{variant}` | {key} | {n} | {eta:.3g} | "
@@ -183,21 +204,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--write", metavar="FILE")
     args = parser.parse_args()
     variants = ["bp"] + [v for v in args.variants if v != "bp"]
     results = {}
     for network in args.models:
-        steps = 2 if network == "resnet18-224" else args.steps
-        times, _ = measure(network, variants, steps, args.rounds)
+        steps = 1 if network == "resnet18-224" else args.steps
+        rounds = min(args.rounds, 5) if network == "resnet18-224" else args.rounds
+        times, _ = measure(network, variants, steps, rounds)
         bp_seconds = float(np.median(times["bp"]))
         shares = {v: layer_shares(network, v, bp_seconds, repeats=max(args.rounds, 5))
-                  for v in variants if v in ("wm", "wm (v1)")}
-        results[network] = (times, steps, shares)
-        print(report({network: results[network]}, args.rounds), flush=True)
-    text = report(results, args.rounds)
+                  for v in variants if v in ("wm", "wm (v1)", "wm (cap 256)")}
+        results[network] = (times, steps, rounds, shares)
+        print(report({network: results[network]}), flush=True)
+    text = report(results)
     print(text)
     if args.write:
         write(args.write, text)
