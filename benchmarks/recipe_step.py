@@ -10,12 +10,14 @@ in-memory random batches, `--steps` steps per `fit` call and per host call. Vari
   8°, at most 128 per layer, a capped layer mirroring at its own smaller rate);
 * `wm (v1)`: the recipe before issue #21 (`RECIPE_MIRROR_V1`: at most 2,048 per layer, every
   layer at η = 0.05);
+* `wm (cap 256)`: today's rule with a cap of 256 (half the lag, twice the samples);
 * `wm (n = batch)`: a noise batch equal to the training batch at every layer (the rows of
   `step_time.py`).
 
 `resnet18-224` is one replica of the ImageNet recipe on a v3-8 (the global batch of 1024): 128
 images at 224² and, for `wm`, an eighth of each layer's noise batch (every noise batch is split
-over the replicas; the rates do not change the cost). Warm-up mirror steps are left out (they run once, before training). The variants run
+over the replicas; the rates do not change the cost). Warm-up mirror steps are left out (they
+run once, before training). The variants run
 **interleaved, in a shuffled order per round**, in one process; reported are the median time per
 step and its ratio to `bp` (the median of the per-round ratios, with a 95% bootstrap interval),
 without XLA (the trainer compiles with XLA by default, which on this CPU makes the convnets' own
@@ -178,7 +180,8 @@ def report(results):
                          f"({low:.2f}–{high:.2f}) |")
     lines += ["", "Per `wm` layer (the recipe, and before it): its noise batch `n`, its rate `η`, "
               "and its mirror step alone as a fraction of `bp`'s step.", "",
-              "| network | recipe | layer | n | η | mirror step / `bp` step |", "|---|---|---|---|---|---|"]
+              "| network | recipe | layer | n | η | mirror step / `bp` step |",
+              "|---|---|---|---|---|---|"]
     for network, (_, _, _, shares) in results.items():
         for variant, rows in shares.items():
             for key, n, eta, share in rows:

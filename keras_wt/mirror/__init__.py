@@ -62,8 +62,9 @@ replicas, and every replica applies the same update: all replicas keep the same 
 The package's modules: `config` (`MirrorConfig`, the settings), `noise` (the distributions and
 `draw_noise`), `law` (`link_counts`, `mirror_fan_in`, `residual_angle`, `auto_batch_size`,
 `auto_learning_rate`, `mirror_gradient`: the math above) and `core` (`WeightMirror`,
-`wm_layers`); every public name is importable from `keras_wt.mirror` itself. Which mirror trains a layer's `B` is recorded in
-`keras_wt.learners` (`WeightMirror` attaches itself to each layer it mirrors).
+`wm_layers`); every public name is importable from `keras_wt.mirror` itself. Which mirror trains
+a layer's `B` is recorded in `keras_wt.learners` (`WeightMirror` attaches itself to each layer
+it mirrors).
 """
 
 from keras_wt.mirror.noise import NOISE_DISTRIBUTIONS, NOISE_KURTOSIS, draw_noise, noise_kurtosis
@@ -74,6 +75,7 @@ from keras_wt.mirror.core import WeightMirror, wm_layers
 
 __all__ = (
     "AUTO", "NOISE_DISTRIBUTIONS", "NOISE_KURTOSIS", "MirrorConfig", "MirrorSettings",
-    "WeightMirror", "auto_batch_size", "auto_learning_rate", "check_batch_size", "draw_noise", "link_counts",
-    "mirror_fan_in", "mirror_gradient", "noise_kurtosis", "residual_angle", "wm_layers",
+    "WeightMirror", "auto_batch_size", "auto_learning_rate", "check_batch_size", "draw_noise",
+    "link_counts", "mirror_fan_in", "mirror_gradient", "noise_kurtosis", "residual_angle",
+    "wm_layers",
 )
