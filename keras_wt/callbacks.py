@@ -54,8 +54,8 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
       (needs `decay > 0`): each layer's smallest batch for the residual angle `target_angle`, at
       most `max_batch_size`. Each `n` is rounded up to a multiple of the strategy's replicas;
       `callback.mirror.batch_sizes` holds the results once training begins;
-    * `warmup_steps`: mirror steps before the first training step (`"auto"`: three lags of the
-      slowest layer, `WeightMirror.resolved_warmup_steps`);
+    * `warmup_steps`: mirror steps before the first training step (`"auto"`: ten lags
+      `1/(η·λ)`, or three of the slowest layer if longer, `WeightMirror.resolved_warmup_steps`);
     * `in_train_step`: run the mirror steps inside the model's compiled training step, right
       after the optimizer's update (`True`, the default), or from this callback between calls
       of the training function (`False`). With `every > 1` under a strategy of several replicas

@@ -539,8 +539,10 @@ def test_cap_policy_rate_gives_a_capped_layer_its_own_rate_for_the_target_angle(
     """`cap_policy="rate"`: the 12-input layer needs 230 samples for 3° at η = 0.1 (see above);
     capped at 200 it mirrors at η·λ = 2·200·tan²3° / (12 + 200·tan²3°), by hand 0.08755, which
     puts the angle law back at 3° (with `"angle"` it was 3.2°); the 10-input layer (192
-    samples) keeps η = 0.1. One step is the formula with each layer's own rate; the automatic
-    warm-up is three lags of the slowest layer, ⌈3 / 0.08755⌉ = 35 steps."""
+    samples) keeps η = 0.1. One step is the formula with each layer's own rate. The automatic
+    warm-up is ten lags at η, 10 / 0.1 = 100 steps, unless three lags of the slowest layer are
+    longer: here ⌈3 / 0.08755⌉ = 35 are not; with a cap of 20 (η·λ = 0.009114 by hand)
+    ⌈3 / 0.009114⌉ = 330 are."""
     model = _named_dense_model()
     tan2 = np.tan(np.radians(3.0)) ** 2
     rate = 2 * 200 * tan2 / (12 + 200 * tan2)
@@ -553,7 +555,12 @@ def test_cap_policy_rate_gives_a_capped_layer_its_own_rate_for_the_target_angle(
     assert mirror.learning_rates == pytest.approx((rate, 0.1), rel=1e-12)
     assert np.degrees(np.arctan(np.sqrt(rate * 12 / ((2 - rate) * 200)))) == pytest.approx(3.0)
     assert keras_wt.mirror.residual_angle(12, 200, rate, 1.0) == pytest.approx(3.0)
-    assert mirror.resolved_warmup_steps == 35
+    assert mirror.resolved_warmup_steps == 100
+    slow = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                        max_batch_size=20, cap_policy="rate", warmup_steps="auto")
+    assert slow.learning_rates[0] == pytest.approx(2 * 20 * tan2 / (12 + 20 * tan2), rel=1e-12)
+    assert slow.learning_rates[0] == pytest.approx(0.009114, abs=1e-6)
+    assert slow.resolved_warmup_steps == 330
     before = [layer.feedback_kernel.numpy() for layer in mirror.layers]
     mirror(5)
     for i, eta in enumerate((rate, 0.1)):

@@ -65,8 +65,8 @@ MIRROR_FLAGS = {
                    "--mirror_target_angle with the capped batch, with a longer lag ('rate')."),
     "warmup_steps": (
         lambda text: text if text == "auto" else int(text),
-        "mirror steps before the first training step, or 'auto': three lags 1/(η·λ) of the "
-        "slowest layer."),
+        "mirror steps before the first training step, or 'auto': ten lags 1/(η·λ), or three "
+        "of the slowest layer if longer."),
     "in_train_step": (bool, "run the mirror steps inside the compiled training step, after "
                       "each batch (the default), or between host calls "
                       "(--no-mirror_in_train_step)."),

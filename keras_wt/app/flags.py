@@ -159,8 +159,8 @@ def build_parser(defaults=True):
         "(angle), or mirrors at its own smaller η that reaches --mirror_target_angle with the "
         "capped batch, following W with a longer lag (rate; the convnets' default)")
     add("--mirror_warmup_steps", type=_int_or_auto, default=None,
-        help="mirror steps before training, or 'auto': three lags 1/(η·λ) of the slowest layer "
-        "(mlp default: N_train // batch_size; convnets: auto)")
+        help="mirror steps before training, or 'auto': ten lags 1/(η·λ), or three of the slowest "
+        "layer if longer (mlp default: N_train // batch_size; convnets: auto)")
     add = adder(parser.add_argument_group("local alignment losses (--algo sa, ia)"))
     add("--local_loss_decay", type=float, default=None,
         help="coefficient λ of the decay primitive ½‖B‖² of B's local loss (default: the "

@@ -13,7 +13,8 @@ from keras_wt import backend
 from keras_wt import layers as layers_lib
 from keras_wt import learners
 from keras_wt.algorithms import Learning
-from keras_wt.mirror.config import AUTO, WARMUP_LAGS, MirrorConfig, MirrorSettings, _check_size
+from keras_wt.mirror.config import (AUTO, WARMUP_LAGS, WARMUP_SLOW_LAGS, MirrorConfig,
+                                       MirrorSettings, _check_size)
 from keras_wt.mirror.law import (_compact, _link_tensors, auto_batch_size, auto_learning_rate,
                                      mirror_fan_in, mirror_gradient, residual_angle)
 from keras_wt.mirror.noise import draw_noise
@@ -167,12 +168,13 @@ class WeightMirror(MirrorSettings):
 
     @property
     def resolved_warmup_steps(self):
-        """`warmup_steps`, or for `"auto"` `WARMUP_LAGS` lags `1/(η_l·λ)` of the slowest layer
-        (rounded up)."""
+        """`warmup_steps`, or for `"auto"` the longer of `WARMUP_LAGS` lags `1/(η·λ)` at the
+        mirror's own rate and `WARMUP_SLOW_LAGS` lags of the slowest layer (rounded up)."""
         if self.warmup_steps != AUTO:
             return self.warmup_steps
-        slowest = min(self.learning_rates) * self.decay
-        return int(math.ceil(WARMUP_LAGS / slowest * (1 - 1e-12)))
+        lags = max(WARMUP_LAGS / self.learning_rate,
+                   WARMUP_SLOW_LAGS / min(self.learning_rates)) / self.decay
+        return int(math.ceil(lags * (1 - 1e-12)))
 
     def expected_angles(self):
         """`{key: degrees}`: the `residual_angle` of each layer at its noise batch (the angle
