@@ -23,7 +23,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import time
 
 import keras
@@ -31,6 +30,8 @@ import numpy as np
 
 import keras_wt
 from keras_wt import layers as wt
+
+from markers import write_block  # benchmarks/markers.py
 
 RULES = ("bp", "fa", "ss", "kp", "wm", "frsf", "brsf", "dfa", "sa", "ia")
 # `wm` with Rademacher noise (±σ from one random bit: no float transform of the generator's words)
@@ -106,20 +107,6 @@ def table(times, steps, rounds):
     return "\n".join(lines)
 
 
-def write(path, text):
-    marker = f"backends:{keras.backend.backend()}"
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    block = f"{start}\n{text}\n{end}"
-    if start in content:
-        content = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, content,
-                         flags=re.S)
-    else:
-        content = content.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(content)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -132,7 +119,7 @@ def main():
     text = table(measure(args.steps, rounds, variants), args.steps, rounds)
     print(text)
     if args.write:
-        write(args.write, text)
+        write_block(args.write, text, f"backends:{keras.backend.backend()}")
 
 
 if __name__ == "__main__":

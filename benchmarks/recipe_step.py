@@ -38,7 +38,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import re
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,6 +50,8 @@ from keras_wt.app import callbacks as app_callbacks  # noqa: E402
 from keras_wt.app import cli, published, training  # noqa: E402
 from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, DataConfig,  # noqa: E402
                                  ModelConfig)
+
+from markers import write_block  # noqa: E402  (benchmarks/markers.py)
 
 # name -> (keras_wt.models name, input shape, classes, training batch, replicas emulated)
 NETWORKS = {
@@ -190,19 +191,6 @@ def report(results):
     return "\n".join(lines)
 
 
-def write(path, text, marker="recipe-step"):
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    block = f"{start}\n{text}\n{end}"
-    if start in content:
-        content = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, content,
-                         flags=re.S)
-    else:
-        content = content.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(content)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
@@ -225,7 +213,7 @@ def main():
     text = report(results)
     print(text)
     if args.write:
-        write(args.write, text)
+        write_block(args.write, text, "recipe-step")
 
 
 if __name__ == "__main__":
