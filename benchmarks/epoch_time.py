@@ -21,7 +21,10 @@ Versions:
   or mirrored), with `steps_per_execution="auto"` (7 steps per call);
 * `<algo> before #12`: the `B` kept and one step per call, as the CLI ran before issue #12;
 * `wm no mirror steps`: `wm` with `mirror_every` beyond the run (the mirror's share of `wm`);
-* `bp run folder`: `bp` writing its run folder (results, CSV, TensorBoard, backup) each epoch.
+* `bp run folder`: `bp` writing its run folder (results, CSV, TensorBoard, backup) each epoch;
+* `published code <algo>` (with `--published_dir`, for bp, fa, kp, wm): the published NumPy
+  code's own epoch, in a child process with its own OpenBLAS kernel (`published_code.py`); the
+  `/ published` column divides each keras_wt version by the published code of its algorithm.
 
 Runs are interleaved: every round runs each version once, in a shuffled order, so machine
 drift hits all alike; each figure is the median over rounds of a run's median epoch.
@@ -32,7 +35,7 @@ the rate of the MLP's own products (its three matmul shapes, timed alone).
 
 Usage (from the repository root; pause other jobs for numbers worth recording):
 
-    python benchmarks/epoch_time.py --rounds 3 --epochs 3
+    python benchmarks/epoch_time.py --rounds 3 --epochs 3 [--published_dir CHECKOUT]
 """
 
 import argparse
@@ -40,6 +43,7 @@ import dataclasses
 import logging
 import os
 import random
+import math
 import statistics
 import sys
 import tempfile
@@ -55,6 +59,10 @@ import keras_wt  # noqa: E402
 from keras_wt.app import published  # noqa: E402
 from keras_wt.app import training  # noqa: E402
 from keras_wt.app.cli import parse_args as cli_args  # noqa: E402
+from keras_wt.app.data.datasets import load_numpy  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import published_code  # noqa: E402
 
 logger = logging.getLogger("keras_wt.benchmarks")
 
@@ -159,9 +167,19 @@ VERSIONS = {
 }
 
 
-def versions(algos, extra, extra_algos):
+def run_published(published_dir, algo, epochs, data_path):
+    """The published code's epochs (training only; it has no whole-epoch figure here)."""
+    timer = EpochTimer()
+    timer.train = published_code.epoch_seconds(published_dir, algo, epochs, data_path)
+    timer.whole = [math.nan] * len(timer.train)
+    return timer
+
+
+def versions(algos, extra, extra_algos, published_dir=None):
     table = dict(VERSIONS)
     for algo in algos:
+        if published_dir and algo in published_code.CLASSES:
+            table[f"published code {algo}"] = ("published", algo, {})
         table[f"{algo}"] = ("cli", algo, {"keep_unused_feedback": False})
         if "published" in extra and algo in extra_algos:
             table[f"{algo} as published"] = ("cli", algo, {})
@@ -188,10 +206,17 @@ def main(argv=None):
     parser.add_argument("--extra-algos", nargs="*", default=["bp", "kp", "wm"],
                         help="the algorithms that get the 'published' and 'before' versions")
     parser.add_argument("--only", nargs="*", help="run only these version names")
+    parser.add_argument("--published_dir",
+                        help="a checkout of the published code: adds its epochs (bp, fa, kp, wm)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("keras_wt").setLevel(logging.WARNING)
-    table = versions(args.algos, args.extra, args.extra_algos)
+    table = versions(args.algos, args.extra, args.extra_algos, args.published_dir)
+    data_dir = tempfile.TemporaryDirectory()
+    data_path = os.path.join(data_dir.name, "fashion_mnist.npz")
+    if args.published_dir:
+        published_code.check_checkout(args.published_dir)
+        published_code.save_data(data_path, load_numpy("fashion_mnist"))
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only}
     results = {name: ([], []) for name in table}
@@ -204,6 +229,8 @@ def main(argv=None):
             kind, algo, overrides = table[name]
             if kind == "stock":
                 timer = run_stock(args.epochs, **overrides)
+            elif kind == "published":
+                timer = run_published(args.published_dir, algo, args.epochs, data_path)
             else:
                 timer = run_cli(algo, args.epochs, **overrides)
             results[name][0].append(statistics.median(timer.train[1:]))
@@ -211,6 +238,7 @@ def main(argv=None):
             logger.info("%s: training %.3f s, whole epoch %.3f s (load %.1f)", name,
                         results[name][0][-1], results[name][1][-1], os.getloadavg()[0])
     load.append(os.getloadavg()[0])
+    data_dir.cleanup()
     flops, peak, mlp_rate, floor_peak, floor_mlp = floors()
     stock = statistics.median(results["keras"][0]) if "keras" in results else float("nan")
     lines = [
@@ -219,12 +247,16 @@ def main(argv=None):
         f"Floors: {flops / 1e9:.1f} GFLOP per epoch; peak matmul {peak:.0f} GFLOP/s -> "
         f"{floor_peak:.2f} s; the MLP's own products {mlp_rate:.0f} GFLOP/s -> {floor_mlp:.2f} s.",
         "",
-        "| version | training s/epoch | / keras | whole epoch s (eval + probe) |",
-        "|---|---|---|---|",
+        "| version | training s/epoch | / keras | / published | whole epoch s (eval + probe) |",
+        "|---|---|---|---|---|",
     ]
     for name, (train, whole) in results.items():
         t, w = statistics.median(train), statistics.median(whole)
-        lines.append(f"| {name} | {t:.3f} | {t / stock:.2f} | {w:.3f} |")
+        algo = table[name][1]
+        reference = results.get(f"published code {algo}")
+        against = "—" if reference is None else f"{t / statistics.median(reference[0]):.2f}"
+        whole_text = "—" if math.isnan(w) else f"{w:.3f}"
+        lines.append(f"| {name} | {t:.3f} | {t / stock:.2f} | {against} | {whole_text} |")
     sys.stdout.write("\n".join(lines) + "\n")
 
 
