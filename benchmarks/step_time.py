@@ -1042,7 +1042,8 @@ def main(argv=None):
             f"Optimizer: SGD(learning_rate={LEARNING_RATE}, momentum={MOMENTUM}, "
             f"weight_decay={WEIGHT_DECAY}); kp: KolenPollack(SGD({LEARNING_RATE}, "
             f"momentum={MOMENTUM}), weight_decay={WEIGHT_DECAY}); wm: MirrorCallback(every=1, "
-            f"steps=1, batch_size=<training batch>, jit_compile=<as the model>, noise normal; "
+            f"steps=1, batch_size=<training batch>, jit_compile=<as the model>, noise "
+            f"{keras_wt.mirror.MirrorConfig(**MIRROR).noise_distribution}; "
             f"in_train_step=True, False for wm/calls).",
         ]
     )

@@ -86,7 +86,8 @@ def training_setup(algo, args, model=None):
         # gave delta angles of 40-60° at weight angles of 2-3°; with 1, 13-18° at 3-5°).
         callbacks.append(keras_wt.callbacks.MirrorCallback(
             learning_rate=args.mirror_learning_rate, noise_std=args.mirror_noise_std,
-            decay=args.mirror_decay, batch_size=64, warmup_steps=100
+            decay=args.mirror_decay, noise_distribution="normal",  # as RESULTS.md ran
+            batch_size=64, warmup_steps=100
         ))
     return optimizer, callbacks
 

@@ -83,7 +83,8 @@ def training_setup(algo, args):
     if learns == Learning.MIRROR:  # weight mirror: B learns from noise, each kernel from its own
         callbacks.append(keras_wt.callbacks.MirrorCallback(
             learning_rate=args.mirror_learning_rate, noise_std=args.mirror_noise_std,
-            decay=args.mirror_decay, batch_size="auto", warmup_steps=100))
+            decay=args.mirror_decay, noise_distribution="normal",  # as RESULTS.md ran
+            batch_size="auto", warmup_steps=100))
     return optimizer, callbacks
 
 

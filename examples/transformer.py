@@ -63,7 +63,8 @@ for algo in args.algos:
     if learns == "mirror":  # weight mirror: B learns from noise between training steps
         callbacks.append(
             keras_wt.callbacks.MirrorCallback(
-                learning_rate=0.1, noise_std=1.0, decay=0.5, batch_size=64, warmup_steps=100
+                learning_rate=0.1, noise_std=1.0, decay=0.5, batch_size=64, warmup_steps=100,
+                noise_distribution="normal",  # the noise of RESULTS.md's runs
             )
         )
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])

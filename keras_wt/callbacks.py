@@ -44,7 +44,8 @@ class MirrorCallback(mirror_lib.MirrorSettings, keras.callbacks.Callback):
     mean here:
 
     * `learning_rate` `η`, `noise_std` `σ`, `decay` `λ` (`B → (σ²/λ)·W` when `λ > 0`), `seed`
-      and `noise_distribution` (`"normal"`, `"uniform"` or `"rademacher"`, all of variance `σ²`):
+      and `noise_distribution` (`"rademacher"`, the default, `"normal"` or `"uniform"`, all of
+      variance `σ²`):
       the mirror step (`keras_wt.mirror.WeightMirror`);
     * `every`, `steps`: `steps` mirror steps after every `every` training batches;
     * `batch_size`: noise samples per layer and step: an int; a dict `{key: n}` naming every

@@ -235,7 +235,8 @@ def test_residual_angle_of_a_frozen_dense_layer_follows_the_finite_sample_law():
         keras.utils.set_random_seed(n)
         layer = wt.Dense(10, feedback="wm")
         layer.build((None, d_in))
-        mirror = WeightMirror([layer], eta, noise_std=1.5, decay=lam, batch_size=n, seed=n)
+        mirror = WeightMirror([layer], eta, noise_std=1.5, decay=lam, batch_size=n, seed=n,
+                              noise_distribution="normal")
         measured[n] = _stationary_angle(mirror, layer, steps=600, burn_in=100)
         law = np.degrees(np.arctan(np.sqrt(d_in * eta * lam / (2 * n))))
         refined = np.degrees(np.arctan(np.sqrt(eta * lam * (d_in + 1) / ((2 - eta * lam) * n))))
@@ -507,9 +508,14 @@ def test_auto_batch_size_follows_the_law_and_is_capped(caplog):
     angle = np.degrees(np.arctan(np.sqrt(0.1 * 12 / (1.9 * 200))))
     assert f"{angle:.1f} degrees" in caplog.text and "'wide'" in caplog.text
     # The sizing uses the leading-order m = d_in (published batches unchanged); the expected
-    # angle the exact m = d_in + κ − 2 = 13 for Gaussian noise.
-    exact = np.degrees(np.arctan(np.sqrt(0.1 * 13 / (1.9 * 200))))
+    # angle the exact m = d_in + κ − 2: 11 for the default Rademacher noise, 13 for Gaussian.
+    exact = np.degrees(np.arctan(np.sqrt(0.1 * 11 / (1.9 * 200))))
     assert capped.expected_angles()["wide"] == pytest.approx(exact)
+    gaussian = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                            max_batch_size=200, noise_distribution="normal")
+    assert gaussian.batch_sizes == (200, 192)
+    exact = np.degrees(np.arctan(np.sqrt(0.1 * 13 / (1.9 * 200))))
+    assert gaussian.expected_angles()["wide"] == pytest.approx(exact)
     # A convolution averages over its positions: "valid" 3x3x3 on 10x10 has d_in = 27 and 64
     # positions per tap, so m = 27/64 and a 3° target needs only ⌈0.1·(27/64)/(1.9·tan²3°)⌉ = 9.
     conv = wt.Conv2D(4, 3, feedback="wm")
@@ -1037,7 +1043,7 @@ def test_mirror_config_defaults_validation_and_keyword_form():
     config = MirrorConfig(learning_rate=0.1, noise_std=1.0)
     assert (config.decay, config.every, config.steps, config.batch_size, config.warmup_steps,
             config.noise_distribution, config.seed, config.target_angle, config.max_batch_size,
-            config.in_train_step) == (0.0, 1, 1, 128, 0, "normal", 0, 5.0, 4096, True)
+            config.in_train_step) == (0.0, 1, 1, 128, 0, "rademacher", 0, 5.0, 4096, True)
     # The keyword form makes the same config; keywords replace the fields of a config given.
     callback = MirrorCallback(0.1, 1.0, decay=0.5, every=2)
     assert callback.config == MirrorConfig(0.1, 1.0, decay=0.5, every=2)
@@ -1082,3 +1088,18 @@ def test_mirror_callback_loads_the_keyword_config_saved_before_mirror_config():
     assert callback.get_config() == dict(saved, cap_policy="angle")  # the new setting, defaulted
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(callback))
     assert restored.config == callback.config and restored.jit_compile is True
+
+
+def test_a_mirror_config_saved_before_noise_distribution_existed_loads_as_normal_noise():
+    """Before issue #21 item 2 the noise was always normal and no config named it; the default
+    is Rademacher since, but an old config must load as what it ran."""
+    saved = {"learning_rate": 0.05, "noise_std": 0.5, "decay": 0.1, "every": 1, "steps": 1,
+             "batch_size": 16, "warmup_steps": 0, "seed": 3, "jit_compile": False,
+             "in_train_step": True}
+    assert MirrorCallback.from_config(saved).config.noise_distribution == "normal"
+    assert MirrorConfig.from_config({"learning_rate": 0.1, "noise_std": 1.0}).noise_distribution \
+        == "normal"
+    assert MirrorConfig(0.1, 1.0).noise_distribution == "rademacher"  # a new config
+    for kind in ("normal", "uniform", "rademacher"):  # a config that names it keeps it
+        config = MirrorConfig(0.1, 1.0, noise_distribution=kind)
+        assert MirrorConfig.from_config(config.get_config()) == config

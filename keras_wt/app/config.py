@@ -52,10 +52,11 @@ MAX_SEED = 2**32 - 1
 # 3,136-input dense layer: η = 0.0016, a lag of 620 steps), so that at the convnets' batch no
 # layer's mirror costs more than 2/3 of that layer's training products (issue #21; the BN CNN's
 # `wm` step: 1.11x `bp`'s, was 2.4x); warm-up: ten lags at η (200 steps, as before) or three of
-# the slowest layer if longer. Before issue #21: a cap of 2,048 (the angle grew past it).
+# the slowest layer if longer. Before issue #21: a cap of 2,048 (the angle grew past it). Normal
+# noise, as in RESULTS.md's runs (the library's default is Rademacher since issue #21).
 RECIPE_MIRROR = MirrorConfig(learning_rate=0.05, noise_std=1.0, decay=1.0, batch_size="auto",
                              target_angle=8.0, max_batch_size=128, cap_policy="rate",
-                             warmup_steps="auto")
+                             warmup_steps="auto", noise_distribution="normal")
 # The recipe before issue #21, for comparison (`--mirror_max_batch_size 2048
 # --mirror_cap_policy angle --mirror_warmup_steps 200`).
 RECIPE_MIRROR_V1 = dataclasses.replace(RECIPE_MIRROR, max_batch_size=2048, cap_policy="angle",

@@ -68,7 +68,12 @@ class MirrorConfig:
             `"auto"` (needs `decay > 0`): ten lags `1/(η·λ)` at `learning_rate` (`WARMUP_LAGS`),
             or three lags of the slowest layer (`WARMUP_SLOW_LAGS`, a layer slowed by
             `cap_policy="rate"`) if that is longer.
-        noise_distribution: `"normal"`, `"uniform"` or `"rademacher"`, all of variance `σ²`.
+        noise_distribution: `"rademacher"` (the default: ±σ), `"normal"` or `"uniform"`, all of
+            variance `σ²`. Rademacher noise is the cheapest to draw (one random bit per sample,
+            no float transform) and, having the smallest fourth moment, leaves the smallest
+            residual angle for a given noise batch (`mirror_fan_in`); BENCHMARKS.md and
+            RESULTS.md measure both. Configs saved before this setting existed read as
+            `"normal"`, the only noise then; the trainer's convnet recipe keeps `"normal"`.
         seed: integer seed of the noise.
         target_angle: for `batch_size="auto"`: the residual angle in degrees, in (0, 90).
         max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch (>= 1).
@@ -91,7 +96,7 @@ class MirrorConfig:
     steps: int = 1
     batch_size: object = 128
     warmup_steps: int = 0
-    noise_distribution: str = "normal"
+    noise_distribution: str = "rademacher"
     seed: int = 0
     target_angle: float = 5.0
     max_batch_size: int = 4096
@@ -171,6 +176,8 @@ class MirrorConfig:
     def from_config(cls, values):
         """The inverse of `get_config`."""
         values = dict(values)
+        # Saved before the setting existed, when the noise was always normal (issue #21 item 2).
+        values.setdefault("noise_distribution", "normal")
         batch_size = values.get("batch_size")
         # A serialized callable, not a {layer_name: int} map (whose values are all ints).
         if isinstance(batch_size, dict) and isinstance(batch_size.get("class_name"), str):

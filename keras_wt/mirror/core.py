@@ -61,9 +61,10 @@ class WeightMirror(MirrorSettings):
       follows a moving `W` with a longer lag `1/(η_l·λ)`. Each layer's `n` is then rounded up
       to a multiple of the strategy's replicas, which draw `n / replicas` samples each;
       `batch_sizes` holds the results, `learning_rates` each layer's `η_l`;
-    * `noise_distribution`: `"normal"` (`N(0, σ²)`), `"uniform"` (`U(−σ√3, σ√3)`, the same
-      variance; the published code's noise in `[−a, a)` is `σ = a/√3`) or `"rademacher"` (`±σ`
-      with equal probability, the same variance, drawn from one random bit per sample). Same
+    * `noise_distribution`: `"rademacher"` (the default: `±σ` with equal probability, drawn
+      from one random bit per sample), `"normal"` (`N(0, σ²)`, the default before issue #21) or
+      `"uniform"` (`U(−σ√3, σ√3)`, the same variance; the published code's noise in `[−a, a)`
+      is `σ = a/√3`). Same
       mean step; the residual angle differs through the fourth moment `κ` (`mirror_fan_in`), and
       `"auto"` sizes for it.
 
