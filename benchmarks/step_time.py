@@ -815,7 +815,7 @@ def render(step_results, mirror_results, epochs, header, wm_results=()):
             "compiled training step (`MirrorCallback(in_train_step=True)`, the default); "
             "`wm/calls`: from the callback between calls (`in_train_step=False`; with several "
             "steps per call its owed steps run as one fused call after the call); "
-            "`wm/no-noise`: inside the step with the Gaussian noise replaced by a constant batch, "
+            "`wm/no-noise`: inside the step with its noise replaced by a constant batch, "
             "i.e. the mirror step's cost without drawing its noise. Target (issue #12): `wm` ≤ "
             f"{WM_MLP_TARGET:.2f} with 1 and 10 steps per call.",
             "",
