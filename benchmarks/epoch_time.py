@@ -41,9 +41,9 @@ Usage (from the repository root; pause other jobs for numbers worth recording):
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import random
-import math
 import statistics
 import sys
 import tempfile
@@ -255,8 +255,8 @@ def main(argv=None):
     for name, (train, whole) in results.items():
         t, w = statistics.median(train), statistics.median(whole)
         algo = table[name][1]
-        reference = results.get(f"published code {algo}")
-        against = "—" if reference is None else f"{t / statistics.median(reference[0]):.2f}"
+        code = results.get(f"published code {algo}")
+        against = "—" if code is None else f"{t / statistics.median(code[0]):.2f}"
         whole_text = "—" if math.isnan(w) else f"{w:.3f}"
         lines.append(f"| {name} | {t:.3f} | {t / stock:.2f} | {against} | {whole_text} |")
     sys.stdout.write("\n".join(lines) + "\n")
