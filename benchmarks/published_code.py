@@ -28,8 +28,6 @@ import tempfile
 
 import numpy as np
 
-# the learning rates of the published run.sh
-PUBLISHED_LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "kp": 0.3, "wm": 0.05}
 CLASSES = {"bp": "FCNN_BP", "fa": "FCNN_FA", "kp": "FCNN_KP", "wm": "FCNN_WM"}
 BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _EPOCH_LINE = re.compile(r"Epoch (\d+) completed in ([0-9.]+)s")
@@ -57,17 +55,22 @@ def epoch_seconds(published_dir, algo, epochs, data_path, seed=1111):
     if algo not in CLASSES:
         raise ValueError(f"the published code has no {algo!r}; it has {sorted(CLASSES)}")
     check_checkout(published_dir)
+    # run.sh's rates, as keras-wt-train's defaults hold them (imported here: the child imports
+    # NumPy and the published code only)
+    from keras_wt.app.flags import PUBLISHED_LEARNING_RATES
+
     env = {k: v for k, v in os.environ.items() if k not in BLAS_VARIABLES}
     command = [sys.executable, os.path.abspath(__file__), "--worker",
                "--published_dir", os.path.abspath(published_dir), "--algos", algo,
-               "--epochs", str(epochs), "--data", data_path, "--seed", str(seed)]
+               "--epochs", str(epochs), "--data", data_path, "--seed", str(seed),
+               "--learning_rate", str(PUBLISHED_LEARNING_RATES[algo])]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the published code's {algo} run failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _worker(published_dir, algo, epochs, data_path, seed):
+def _worker(published_dir, algo, epochs, data_path, seed, learning_rate):
     """Runs in the child: trains with the published class, returns its epoch lines' seconds."""
     sys.path.insert(0, published_dir)
     module = __import__(f"fcnn.{CLASSES[algo]}", fromlist=[CLASSES[algo]])
@@ -86,7 +89,7 @@ def _worker(published_dir, algo, epochs, data_path, seed):
     with tempfile.TemporaryDirectory() as save_dir:
         model = network([784, 500, 10], save_dir)
         model.train(features(x_train), one_hot(y_train), features(x_test), one_hot(y_test),
-                    128, PUBLISHED_LEARNING_RATES[algo], epochs, 1)
+                    128, learning_rate, epochs, 1)
         with open(os.path.join(save_dir, "log.txt")) as f:
             seconds = [float(m.group(2)) for m in _EPOCH_LINE.finditer(f.read())]
     if len(seconds) != epochs:
@@ -103,15 +106,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1111)
     parser.add_argument("--data", help="an .npz of the dataset (default: load Fashion-MNIST)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--learning_rate", type=float, help=argparse.SUPPRESS)  # the worker's
     args = parser.parse_args(argv)
     if args.worker:
-        seconds = _worker(args.published_dir, args.algos[0], args.epochs, args.data, args.seed)
+        seconds = _worker(args.published_dir, args.algos[0], args.epochs, args.data, args.seed,
+                          args.learning_rate)
         sys.stdout.write(json.dumps(seconds) + "\n")
         return
+    # keras_wt (the learning rates, the dataset) from the repository this script is in
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory() as directory:
         data_path = args.data
         if data_path is None:
-            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             from keras_wt.app.data.datasets import load_numpy
 
             data_path = os.path.join(directory, "fashion_mnist.npz")

@@ -64,9 +64,8 @@ class WeightMirror(MirrorSettings):
     * `noise_distribution`: `"rademacher"` (the default: `±σ` with equal probability, drawn
       from one random bit per sample), `"normal"` (`N(0, σ²)`, the default before issue #21) or
       `"uniform"` (`U(−σ√3, σ√3)`, the same variance; the published code's noise in `[−a, a)`
-      is `σ = a/√3`). Same
-      mean step; the residual angle differs through the fourth moment `κ` (`mirror_fan_in`), and
-      `"auto"` sizes for it.
+      is `σ = a/√3`). Same mean step; the residual angle differs through the fourth moment `κ`
+      (`mirror_fan_in`), and `"auto"` sizes for it.
 
     Args:
         layers: the `wm` feedback layers, or a model (its `wm` layers are used).
