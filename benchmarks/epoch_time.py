@@ -3,22 +3,26 @@
 Every run trains the reference MLP (784-500-10, sigmoid, summed sigmoid cross-entropy, plain
 SGD at the published learning rate, batch 128, Fashion-MNIST, 469 steps per epoch) on the
 trainer's own input pipeline (`keras_wt.app.data.pipelines.train_dataset`: every epoch's order a function
-of `(seed, epoch)`) for `--epochs` epochs; the first epoch (tracing) is not counted. Measured per
+of `(seed, epoch)`) for `--epochs` epochs; the first `--skip` (2: tracing, and the trainer's
+retrace at the steps per call it tunes after its first epoch) are not counted. Measured per
 epoch by a callback: **training** (from `on_epoch_begin` to the start of evaluation, or to
 `on_epoch_end` when the epoch is not evaluated) and the **whole epoch** (to the end of every
 other callback's `on_epoch_end`: evaluation of the 10,000 test images and the alignment probe).
 
 Versions:
 
-* `keras`: the stock Keras MLP (the `bp` model stripped to `keras.layers.Dense`, same weights)
-  compiled like the trainer (same loss, optimizer, metric) and fitted on the same dataset with no
-  callbacks and no evaluation: the tight stock loop;
+* `keras`, `keras spe=<k>`: the stock Keras MLP (the `bp` model stripped to
+  `keras.layers.Dense`, same weights) compiled like the trainer (same loss, optimizer, metric),
+  at 1 or `k` steps per call, and fitted on the same dataset with no callbacks and no
+  evaluation: the tight stock loop. Each version is divided by the stock loop at the steps per
+  call of its counted epochs (the trainer's `"auto"` tunes them after the first epoch:
+  `keras_wt.app.config.TrainConfig.tuned_steps_per_execution`);
 * `<algo>`: `keras_wt.app.training.train` with `keras_wt.app.published.train_config` of
   `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch; no run folder, so
   nothing written), except that the first layer's `B`, which no gradient uses, is dropped
   (`keep_unused_feedback=False`; the CLI keeps it for the published figures);
 * `<algo> as published`: what `keras-wt-train --algo <algo>` runs: that `B` kept (and updated
-  or mirrored), with `steps_per_execution="auto"` (7 steps per call);
+  or mirrored), with `steps_per_execution="auto"`;
 * `<algo> before #12`: the `B` kept and one step per call, as the CLI ran before issue #12;
 * `wm no mirror steps`: `wm` with `mirror_every` beyond the run (the mirror's share of `wm`);
 * `bp run folder`: `bp` writing its run folder (results, CSV, TensorBoard, backup) each epoch;
@@ -35,7 +39,7 @@ the rate of the MLP's own products (its three matmul shapes, timed alone).
 
 Usage (from the repository root; pause other jobs for numbers worth recording):
 
-    python benchmarks/epoch_time.py --rounds 3 --epochs 3 [--published_dir CHECKOUT]
+    python benchmarks/epoch_time.py --rounds 3 --epochs 4 [--published_dir CHECKOUT]
 """
 
 import argparse
@@ -86,6 +90,9 @@ class EpochTimer(keras.callbacks.Callback):
         end = time.perf_counter()
         self.train.append((self._train_end or end) - self._start)
         self.whole.append(end - self._start)
+
+    def on_train_end(self, logs=None):
+        self.steps_per_execution = self.model.steps_per_execution  # the last epochs'
 
 
 def _config(algo, epochs, **overrides):
@@ -163,6 +170,8 @@ VERSIONS = {
     # name: (kind, algo, overrides)
     "keras": ("stock", None, {}),
     "keras spe=7": ("stock", None, {"steps_per_execution": 7}),
+    "keras spe=67": ("stock", None, {"steps_per_execution": 67}),
+    "keras spe=469": ("stock", None, {"steps_per_execution": 469}),
     "keras no XLA": ("stock", None, {"jit_compile": False}),
 }
 
@@ -172,6 +181,7 @@ def run_published(published_dir, algo, epochs, data_path):
     timer = EpochTimer()
     timer.train = published_code.epoch_seconds(published_dir, algo, epochs, data_path)
     timer.whole = [math.nan] * len(timer.train)
+    timer.steps_per_execution = None
     return timer
 
 
@@ -198,7 +208,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algos", nargs="+", default=list(keras_wt.ALGORITHMS))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (first not counted)")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs per run (the first --skip not counted)")
+    parser.add_argument("--skip", type=int, default=2,
+                        help="first epochs not counted: tracing, and the trainer's retrace at "
+                        "its tuned steps per call")
     parser.add_argument("--extra", nargs="*", default=["published", "before", "nomirror",
                                                         "runfolder"],
                         help="extra versions (module docstring): published, before, nomirror, "
@@ -220,6 +234,7 @@ def main(argv=None):
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only}
     results = {name: ([], []) for name in table}
+    calls = {}  # name -> the steps per call of its counted epochs
     rng = random.Random(0)
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
@@ -233,24 +248,27 @@ def main(argv=None):
                 timer = run_published(args.published_dir, algo, args.epochs, data_path)
             else:
                 timer = run_cli(algo, args.epochs, **overrides)
-            results[name][0].append(statistics.median(timer.train[1:]))
-            results[name][1].append(statistics.median(timer.whole[1:]))
+            results[name][0].append(statistics.median(timer.train[args.skip:]))
+            results[name][1].append(statistics.median(timer.whole[args.skip:]))
+            calls[name] = timer.steps_per_execution
             logger.info("%s: training %.3f s, whole epoch %.3f s (load %.1f)", name,
                         results[name][0][-1], results[name][1][-1], os.getloadavg()[0])
     load.append(os.getloadavg()[0])
     data_dir.cleanup()
     flops, peak, mlp_rate, floor_peak, floor_mlp = floors()
-    # the stock loop with the trainer's steps per call (7: `"auto"` on 469 steps), else 1 per call
-    reference = "keras spe=7" if "keras spe=7" in results else "keras"
-    stock = statistics.median(results[reference][0]) if reference in results else float("nan")
+    # Each version against the stock loop at its own steps per call (that of its counted epochs).
+    stock = {calls[name]: statistics.median(results[name][0])
+             for name in results if table[name][0] == "stock" and name != "keras no XLA"}
     lines = [
         f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end; "
-        f"{args.rounds} rounds x {args.epochs} epochs (first not counted), medians.",
+        f"{args.rounds} rounds x {args.epochs} epochs (the first {args.skip} not counted), "
+        "medians.",
         f"Floors: {flops / 1e9:.1f} GFLOP per epoch; peak matmul {peak:.0f} GFLOP/s -> "
         f"{floor_peak:.2f} s; the MLP's own products {mlp_rate:.0f} GFLOP/s -> {floor_mlp:.2f} s.",
         "",
-        f"| version | training s/epoch | / {reference} | / published | whole epoch s (eval + probe) |",
-        "|---|---|---|---|---|",
+        "| version | steps per call | training s/epoch | / keras at its steps per call | "
+        "/ published | whole epoch s (eval + probe) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, (train, whole) in results.items():
         t, w = statistics.median(train), statistics.median(whole)
@@ -258,7 +276,10 @@ def main(argv=None):
         code = results.get(f"published code {algo}")
         against = "—" if code is None else f"{t / statistics.median(code[0]):.2f}"
         whole_text = "—" if math.isnan(w) else f"{w:.3f}"
-        lines.append(f"| {name} | {t:.3f} | {t / stock:.2f} | {against} | {whole_text} |")
+        same = stock.get(calls[name])
+        ratio = "—" if same is None else f"{t / same:.2f}"
+        spc = "—" if calls[name] is None else calls[name]
+        lines.append(f"| {name} | {spc} | {t:.3f} | {ratio} | {against} | {whole_text} |")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -6,11 +6,15 @@ decay budget; the first layer's unused `B` dropped), and trained with `model.fit
 in-memory random batches, `--steps` steps per `fit` call and per host call. Variants:
 
 * `bp`, `kp`;
-* `wm`: the recipe's weight mirror today (`keras_wt.app.config.RECIPE_MIRROR`: noise batches for
-  8°, at most 128 per layer, a capped layer mirroring at its own smaller rate);
-* `wm (v1)`: the recipe before issue #21 (`RECIPE_MIRROR_V1`: at most 2,048 per layer, every
-  layer at η = 0.05);
-* `wm (cap 256)`: today's rule with a cap of 256 (half the lag, twice the samples);
+* `wm`: the recipe's weight mirror today (`keras_wt.app.config.RECIPE_MIRROR` with the budget
+  `RECIPE_MIRROR_COST`: noise batches for 8°, at most 2,048, the mirror's products at most a
+  fifth of the training step's, the layers over that budget sharing a common cap and mirroring
+  at their own smaller rates);
+* `wm (cap 128)`: the recipe's first cheaper mirror in issue #21 (`RECIPE_MIRROR_V2`, no
+  budget: at most 128 per layer, a capped layer at its own rate);
+* `wm (v1)`: the recipe before issue #21 (`RECIPE_MIRROR_V1`, no budget: at most 2,048 per
+  layer, every layer at η = 0.05);
+* `wm (±σ)`: today's with Rademacher noise (the library's default) instead of normal;
 * `wm (n = batch)`: a noise batch equal to the training batch at every layer (the rows of
   `step_time.py`).
 
@@ -48,8 +52,8 @@ import numpy as np  # noqa: E402
 import keras_wt  # noqa: E402
 from keras_wt.app import callbacks as app_callbacks  # noqa: E402
 from keras_wt.app import cli, published, training  # noqa: E402
-from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, DataConfig,  # noqa: E402
-                                 ModelConfig)
+from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1,  # noqa: E402
+                                 RECIPE_MIRROR_V2, DataConfig, ModelConfig)
 
 from markers import write_block  # noqa: E402  (benchmarks/markers.py)
 
@@ -64,31 +68,41 @@ NETWORKS = {
 # Without XLA: on this CPU XLA makes the convnets' own steps 2–7x slower (BENCHMARKS.md, "Not
 # keras_wt: XLA on CPU"), which is no guide to an accelerator; the trainer's default is XLA.
 JIT_COMPILE = False
-VARIANTS = {
-    "bp": ("bp", None),
-    "kp": ("kp", None),
-    "wm": ("wm", RECIPE_MIRROR),
-    "wm (v1)": ("wm", RECIPE_MIRROR_V1),
-    "wm (cap 256)": ("wm", dataclasses.replace(RECIPE_MIRROR, max_batch_size=256)),
-    "wm (n = batch)": ("wm", "batch"),
+VARIANTS = {  # name: (algo, mirror, the budget TrainConfig.mirror_cost, or None: the recipe's)
+    "bp": ("bp", None, None),
+    "kp": ("kp", None, None),
+    "wm": ("wm", RECIPE_MIRROR, None),
+    "wm (cap 128)": ("wm", RECIPE_MIRROR_V2, 0.0),
+    "wm (v1)": ("wm", RECIPE_MIRROR_V1, 0.0),
+    "wm (±σ)": ("wm", dataclasses.replace(RECIPE_MIRROR, noise_distribution="rademacher"), None),
+    "wm (n = batch)": ("wm", "batch", None),
 }
+# The variants whose mirror is timed layer by layer.
+SHARES = ("wm", "wm (cap 128)", "wm (v1)")
 
 
 def config_for(network, variant):
     name, shape, classes, batch, replicas = NETWORKS[network]
-    algo, mirror = VARIANTS[variant]
+    algo, mirror, cost = VARIANTS[variant]
     flags, _ = cli.parse_args(["--model", "cnn", "--algo", algo,
                                              "--dataset", "fashion_mnist"])
     config = published.train_config(flags)  # the convnet recipe: optimizer, decay budget
     if mirror == "batch":
         mirror = dataclasses.replace(RECIPE_MIRROR, batch_size=batch * replicas)
     mirror = dataclasses.replace(mirror or RECIPE_MIRROR, warmup_steps=0, seed=config.seed)
-    return dataclasses.replace(
+    config = dataclasses.replace(
         config, data=DataConfig(dataset="fashion_mnist", batch_size=batch, num_classes=classes),
-        model=ModelConfig(name=name, options={} if name == "resnet18" else config.model.options,
-                          dtype="float32"),
+        model=ModelConfig(name=name, options={} if name.startswith("resnet")
+                          else config.model.options, dtype="float32"),
         mirror=mirror, model_dir=None,
-    ), shape
+    )
+    if cost is not None:
+        config.mirror_cost = cost
+    # The whole run's mirror: its budget from the global batch (all replicas together).
+    whole = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, batch_size=batch * replicas))
+    config.mirror = whole.resolved_mirror(0)
+    return config, shape
 
 
 def build(network, variant, steps):
@@ -100,7 +114,7 @@ def build(network, variant, steps):
     replicas = NETWORKS[network][4]
     if replicas > 1 and config.algo == "wm":  # one replica's share of every noise batch
         mirror = keras_wt.mirror.WeightMirror(model, config=config.mirror)
-        config.mirror = dataclasses.replace(config.mirror, batch_size={
+        config.mirror = dataclasses.replace(config.mirror, max_cost=None, batch_size={
             key: -(-n // replicas) for key, n in zip(mirror.keys, mirror.batch_sizes)})
     callback = app_callbacks.create_mirror_callback(model, config.mirror)
     return model, [callback] if callback else [], config
@@ -207,7 +221,7 @@ def main():
         times, _ = measure(network, variants, steps, rounds)
         bp_seconds = float(np.median(times["bp"]))
         shares = {v: layer_shares(network, v, bp_seconds, repeats=max(args.rounds, 5))
-                  for v in variants if v in ("wm", "wm (v1)", "wm (cap 256)")}
+                  for v in variants if v in SHARES}
         results[network] = (times, steps, rounds, shares)
         print(report({network: results[network]}), flush=True)
     text = report(results)

@@ -27,7 +27,8 @@ from keras_wt.app import flags
 from keras_wt.app import published
 from keras_wt.app import runs
 from keras_wt.app import training
-from keras_wt.app.config import RECIPE_MIRROR, RECIPE_MIRROR_V1, DataConfig, TrainConfig
+from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, RECIPE_MIRROR_V2, DataConfig,
+                                 TrainConfig)
 from keras_wt.app.data import datasets
 from keras_wt.app.data import pipelines
 from keras_wt.callbacks import MirrorCallback
@@ -557,6 +558,48 @@ def test_several_steps_per_call_train_exactly_as_one_and_the_reference_mlp_keeps
     assert not published.train_config(flags).model.keep_unused_feedback
 
 
+def test_auto_steps_per_call_follow_the_first_epochs_step_time_and_train_exactly_as_one(
+    data_dir, tmp_path, monkeypatch
+):
+    # 48 / 4 = 12 steps per epoch: the first epoch runs 6 per call (the largest divisor up to
+    # 10), the later ones as many as fit SECONDS_PER_CALL at the first epoch's step time.
+    four = ("--batch_size", "4", "--n_epochs", "3")
+    monkeypatch.setattr(config_lib, "SECONDS_PER_CALL", 1e9)  # any step: the whole epoch
+    for algo in ("kp", "wm"):
+        tuned = _cli_train(data_dir, tmp_path, algo, *four)
+        assert tuned.steps_per_execution == 12
+        single = _cli_train(data_dir, tmp_path, algo, *four, steps_per_execution=1)
+        for a, b in zip(tuned.weights, single.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{algo} {a.path}")
+    monkeypatch.setattr(config_lib, "SECONDS_PER_CALL", 0.0)  # no step fits: the first rule's
+    assert _cli_train(data_dir, tmp_path, "kp", *four).steps_per_execution == 6
+    # A run folder records every epoch once, across the two fits.
+    monkeypatch.setattr(config_lib, "SECONDS_PER_CALL", 1e9)
+    run_dir = cli.train_from_flags(tiny_flags(data_dir, tmp_path, "kp", *four))
+    with open(os.path.join(run_dir, runs.HISTORY_FILE)) as f:
+        assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == ["0", "1", "2"]
+    with open(os.path.join(run_dir, runs.RESULTS_FILE)) as f:
+        assert sorted(json.load(f)) == sorted(runs.epoch_key(e) for e in (1, 2, 3))
+    config = published.train_config(cli.parse_args(tiny_flags(data_dir, tmp_path, "kp", *four))[0])
+    config.model_dir = None
+    model, history = training.train(config)
+    assert model.steps_per_execution == 12
+    assert history.epoch == [0, 1, 2] and len(history.history["loss"]) == 3
+
+
+def test_tuned_steps_per_execution_is_the_largest_divisor_that_fits_a_call():
+    auto = TrainConfig(algo="kp", data=DataConfig(dataset="mnist"), steps_per_execution="auto")
+    # 469 = 7 · 67: 0.5 ms per step fits all 469 in a second, 5 ms fits 67, 0.2 s only the 7
+    # of the first epoch (never fewer), and no measurement keeps them.
+    assert [auto.tuned_steps_per_execution(469, s, 7) for s in (5e-4, 5e-3, 0.2, None)] == [
+        469, 67, 7, 7]
+    assert auto.tuned_steps_per_execution(1251, 0.1, 9) == 9  # ImageNet at 1024: 3² · 139
+    assert auto.tuned_steps_per_execution(1251, 0.005, 9) == 139
+    assert auto.tuned_steps_per_execution(469, 5e-4, 1) == 1  # one per call was needed
+    explicit = dataclasses.replace(auto, steps_per_execution=4)
+    assert explicit.tuned_steps_per_execution(469, 5e-4, 4) == 4
+
+
 # --- the component configs and the one translation of the published units --------------------
 
 
@@ -578,11 +621,31 @@ def test_published_units_translate_as_computed_by_hand():
     assert config.mirror == dataclasses.replace(RECIPE_MIRROR, learning_rate=0.02, batch_size=64,
                                                 seed=1111)
     assert not config.mirror_warmup_one_pass
-    # The recipe before issue #21, from the flags that restore it.
-    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_max_batch_size", "2048",
-                               "--mirror_cap_policy", "angle", "--mirror_warmup_steps", "200"])
-    assert published.train_config(flags).mirror == dataclasses.replace(RECIPE_MIRROR_V1, seed=1111)
+    # The recipe's earlier mirrors, from the flags that restore them.
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_cap_policy", "angle",
+                               "--mirror_warmup_steps", "200", "--mirror_cost", "0"])
+    config = published.train_config(flags)
+    assert config.mirror == dataclasses.replace(RECIPE_MIRROR_V1, seed=1111)
+    assert config.mirror_cost == 0 and config.resolved_mirror(60000) == config.mirror
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_max_batch_size", "128",
+                               "--mirror_cost", "0"])
+    config = published.train_config(flags)
+    assert config.mirror == dataclasses.replace(RECIPE_MIRROR_V2, seed=1111)
     assert RECIPE_MIRROR.warmup_steps == "auto" and RECIPE_MIRROR.cap_policy == "rate"
+    # Today's: a budget of 0.2 of the step: max_cost = 1.5 · 0.2 · 128 (the batch) = 38.4, and
+    # twice that when the mirror runs every second step.
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn"])
+    config = published.train_config(flags)
+    assert config.mirror_cost == config_lib.RECIPE_MIRROR_COST == 0.2
+    assert config.mirror.max_cost is None
+    assert config.resolved_mirror(60000).max_cost == pytest.approx(38.4, rel=1e-12)
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_every", "2"])
+    assert published.train_config(flags).resolved_mirror(60000).max_cost == pytest.approx(76.8)
+    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_batch_size", "64"])
+    assert published.train_config(flags).resolved_mirror(60000).max_cost is None  # not auto
+    with pytest.raises(ValueError, match="--mirror_cost=-1.0 is not allowed"):
+        published.train_config(cli.parse_flags(
+            ["--algo", "wm", "--model", "cnn", "--mirror_cost", "-1"])[0])
     with pytest.raises(SystemExit):
         cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_cap_policy", "speed"])
 

@@ -590,6 +590,46 @@ def test_cap_policy_rate_gives_a_capped_layer_its_own_rate_for_the_target_angle(
         WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size=8, warmup_steps="some")
 
 
+def test_cost_cap_is_the_largest_common_cap_within_the_budget():
+    """Noise batches (10, 100, 1000) of layers costing (1, 1, 2) multiply-adds per sample: a
+    budget of 50 samples by cost is 50·4 = 200; for a cap N in [10, 100] the cost is
+    10 + N + 2N ≤ 200, so N = 63 by hand (64 costs 202)."""
+    cost_cap = keras_wt.mirror.cost_cap
+    assert cost_cap((10, 100, 1000), (1, 1, 2), 50) == 63
+    assert cost_cap((10, 100, 1000), (1, 1, 2), 1000) == 1000  # everything fits: no cap
+    assert cost_cap((10, 100, 1000), (1, 1, 2), 0.01) == 1  # never below one sample
+    with pytest.raises(ValueError, match="max_cost=0 must be > 0"):
+        cost_cap((10,), (1,), 0)
+
+
+def test_max_cost_caps_the_costly_layers_and_leaves_the_cheap_ones_what_they_need(caplog):
+    """The 12 → 10 layer costs 120 multiply-adds per sample, the 10 → 4 one 40; for 3° at
+    η = 0.1 they need 230 and 192 samples. `max_cost=200` allows 200·160 = 32,000: the narrow
+    layer keeps its 192 (7,680) and the wide one gets ⌊(32,000 − 7,680) / 120⌋ = 202, mirroring
+    at its own rate for 3° with `cap_policy="rate"`. A convolution's cost is its multiply-adds
+    on real input: Σ taps × c_in × c_out."""
+    model = _named_dense_model()
+    with caplog.at_level("INFO", logger="keras_wt"):
+        mirror = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                              max_cost=200, cap_policy="rate")
+    assert "capped at 202 (max_cost=200)" in caplog.text
+    assert mirror.costs == (120.0, 40.0)
+    assert mirror.batch_sizes == (202, 192)
+    tan2 = np.tan(np.radians(3.0)) ** 2
+    assert mirror.learning_rates == pytest.approx((2 * 202 * tan2 / (12 + 202 * tan2), 0.1),
+                                                  rel=1e-12)
+    loose = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                         max_cost=1e6)
+    assert loose.batch_sizes == (230, 192) and loose.learning_rates == (0.1, 0.1)
+    conv = wt.Conv2D(3, 3, padding="same", feedback="wm")
+    conv.build((None, 6, 6, 2))
+    taps = np.outer(*[_taps_by_hand(6, 3)] * 2)
+    assert WeightMirror([conv], 0.1, 1.0, batch_size=4).costs == (float(taps.sum() * 2 * 3),)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="max_cost=.* must be a finite number > 0 or None"):
+            MirrorConfig(learning_rate=0.1, noise_std=1.0, max_cost=bad)
+
+
 def test_cap_policy_rate_reaches_the_target_angle():
     """Measured: the Dense 200 → 8 layer of the test above needs 2,153 samples for 4°; capped
     at 128 with `cap_policy="rate"` it mirrors at η·λ = 0.00624 (a lag of 160 steps) and, with
@@ -1085,7 +1125,8 @@ def test_mirror_callback_loads_the_keyword_config_saved_before_mirror_config():
     assert callback.config == MirrorConfig(
         0.05, 0.5, decay=0.1, every=2, steps=3, batch_size={"wide": 8, "narrow": 4},
         warmup_steps=2, noise_distribution="uniform", seed=7, in_train_step=False)
-    assert callback.get_config() == dict(saved, cap_policy="angle")  # the new setting, defaulted
+    # the newer settings, defaulted
+    assert callback.get_config() == dict(saved, cap_policy="angle", max_cost=None)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(callback))
     assert restored.config == callback.config and restored.jit_compile is True
 

@@ -97,8 +97,12 @@ def flag_parser():
                    help="comma-separated devices for --strategy=mirrored (default: all GPUs).")
     g.add_argument("--dtype", choices=config_lib.DTYPES, default="auto",
                    help="auto: mixed_bfloat16 on TPUs, float32 elsewhere.")
-    g.add_argument("--steps_per_execution", type=int, default=1,
-                   help="training steps per host call (TPU: 100s amortize the host overhead).")
+    g.add_argument("--steps_per_execution", type=lambda text: text if text == "auto" else int(text),
+                   default="auto",
+                   help="training steps per host call, or auto: in the first epoch the largest "
+                   "divisor of the epoch up to 10, then the largest whose call takes about a "
+                   "second at the first epoch's step time (1 under --strategy=mirrored or "
+                   "multiworker, where Keras runs one).")
     g.add_argument("--jit_compile", action=argparse.BooleanOptionalAction, default=None,
                    help="override Keras's XLA setting (default: on for --strategy=default, off "
                    "otherwise; TPUs compile with XLA regardless).")
@@ -163,6 +167,10 @@ def flag_parser():
             kind = {"type": kind}
         g.add_argument(f"--mirror_{name}", default=getattr(RECIPE_MIRROR, name), help=text,
                        **kind)
+    g.add_argument("--mirror_cost", type=float, default=config_lib.RECIPE_MIRROR_COST,
+                   help="with --mirror_batch_size=auto: the mirror's products at most this "
+                   "fraction of a training step's; the layers that need more share a common cap "
+                   "and mirror at their own smaller rates (0: no budget).")
 
     g = p.add_argument_group("logging")
     g.add_argument("--alignment", choices=("none", "weights", "full"), default="weights",
@@ -214,8 +222,11 @@ def ignored_flags(config):
     mirroring (the flags the algorithm does not use)."""
     if algorithms.get(config.algo).learns_feedback == Learning.MIRROR:
         return []
-    return sorted(f"mirror_{name}" for name in MIRROR_FLAGS
-                  if getattr(config.mirror, name) != getattr(RECIPE_MIRROR, name))
+    ignored = [f"mirror_{name}" for name in MIRROR_FLAGS
+               if getattr(config.mirror, name) != getattr(RECIPE_MIRROR, name)]
+    if config.mirror_cost != config_lib.RECIPE_MIRROR_COST:
+        ignored.append("mirror_cost")
+    return sorted(ignored)
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import csv
 import logging
 import math
 import os
+import statistics
 import time
 
 import keras
@@ -152,6 +153,28 @@ class StopOnDivergence(keras.callbacks.Callback):
             f"At batch {batch} of epoch {self._epoch + 1} (loss {loss}) the run diverged: "
             f"{reason}. Nothing of this epoch was recorded; lower the learning rate."
         )
+
+
+class CallTimer(keras.callbacks.Callback):
+    """Times the training calls of each epoch: `seconds_per_step` is the median, over the
+    epoch's calls after its first (which traces and compiles the step), of the time from one
+    call's end to the next one's (the call and every callback of it) per training step it ran;
+    `None` before two calls have ended."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._seen, self._last, self._per_step = 0, None, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        steps, self._seen = batch + 1 - self._seen, batch + 1
+        if self._last is not None:
+            self._per_step.append((now - self._last) / steps)
+        self._last = now
+
+    @property
+    def seconds_per_step(self):
+        per_step = getattr(self, "_per_step", None)
+        return statistics.median(per_step) if per_step else None
 
 
 class ResultsRecorder(keras.callbacks.Callback):

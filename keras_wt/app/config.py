@@ -32,9 +32,14 @@ DTYPES = ("auto", "float32", "mixed_bfloat16")
 LOSSES = ("softmax", "summed_sigmoid")
 ALIGNMENTS = ("none", "weights", "full")
 
-# The most training steps per host call with `steps_per_execution="auto"`: fewer calls, less host
-# overhead per step (the reference MLP's step is about 1 ms).
+# The most training steps per host call with `steps_per_execution="auto"` in a run's first epoch:
+# fewer calls, less host overhead per step (the reference MLP's step is about 1 ms).
 MAX_STEPS_PER_EXECUTION = 10
+# After the first epoch, `steps_per_execution="auto"` groups as many steps per call as take about
+# this long at the first epoch's measured step time (`tuned_steps_per_execution`): the console's
+# progress and `StopOnDivergence` still see the run about once a second, and a fast step pays its
+# host overhead once per call (issue #21 item 1: the reference MLP's whole epoch in one call).
+SECONDS_PER_CALL = 1.0
 # Settings (keys of `TrainConfig.record`) that may change between a run and its resumption
 # without changing what is computed. `steps_per_execution` only groups steps into calls from the
 # host (the weight mirror's steps run inside the training step, see
@@ -47,20 +52,24 @@ MAX_SEED = 2**32 - 1
 # The trainer's weight mirror (the convnets' and ImageNet's), in keras_wt's units: B → (σ²/λ)·W = W
 # within ≈ 1/(η·λ) = 20 mirror steps, after every training step; each layer's noise batch sized
 # for a residual angle of `target_angle` (convolutions need a handful of samples, wide Dense
-# layers thousands); a layer that needs more than 128 (the convnets' training batch) mirrors
-# 128 at its own smaller rate instead, for the same angle with a longer lag (the BN CNN's
-# 3,136-input dense layer: η = 0.0016, a lag of 620 steps), so that at the convnets' batch no
-# layer's mirror costs more than 2/3 of that layer's training products (issue #21; the BN CNN's
-# `wm` step: 1.11x `bp`'s, was 2.4x); warm-up: ten lags at η (200 steps, as before) or three of
-# the slowest layer if longer. Before issue #21: a cap of 2,048 (the angle grew past it). Normal
-# noise, as in RESULTS.md's runs (the library's default is Rademacher since issue #21).
+# layers thousands), at most 2,048, and all of them within a budget of the training step's cost
+# (`TrainConfig.mirror_cost`, `RECIPE_MIRROR_COST`): the layers that need more than the budget
+# leaves them share a common cap and mirror at their own smaller rates, for the same angle with
+# a longer lag (the BN CNN's 3,136-input dense layer: 211 samples at η = 0.0027, a lag of 377
+# steps); warm-up: ten lags at η (200 steps, as before) or three of the slowest layer if longer.
+# Normal noise, as in RESULTS.md's runs (the library's default is Rademacher since issue #21).
 RECIPE_MIRROR = MirrorConfig(learning_rate=0.05, noise_std=1.0, decay=1.0, batch_size="auto",
-                             target_angle=8.0, max_batch_size=128, cap_policy="rate",
+                             target_angle=8.0, max_batch_size=2048, cap_policy="rate",
                              warmup_steps="auto", noise_distribution="normal")
-# The recipe before issue #21, for comparison (`--mirror_max_batch_size 2048
-# --mirror_cap_policy angle --mirror_warmup_steps 200`).
-RECIPE_MIRROR_V1 = dataclasses.replace(RECIPE_MIRROR, max_batch_size=2048, cap_policy="angle",
-                                       warmup_steps=200)
+# The budget: the mirror's products at most this fraction of a training step's (issue #21; the
+# BN CNN's `wm` step 1.1x `bp`'s, BENCHMARKS.md).
+RECIPE_MIRROR_COST = 0.2
+# The recipe's earlier mirrors, for comparison: before issue #21 (`--mirror_cap_policy angle
+# --mirror_warmup_steps 200 --mirror_cost 0`: every layer at η, at most 2,048 samples), and its
+# first cheaper one (`--mirror_max_batch_size 128 --mirror_cost 0`: at most 128 samples, the
+# convnets' training batch, a capped layer at its own rate).
+RECIPE_MIRROR_V1 = dataclasses.replace(RECIPE_MIRROR, cap_policy="angle", warmup_steps=200)
+RECIPE_MIRROR_V2 = dataclasses.replace(RECIPE_MIRROR, max_batch_size=128)
 # The ImageNet recipe (Goyal et al.): 0.1 per 256 images at the global batch of 1024, 5 epochs of
 # warm-up, ×0.1 at epochs 30, 60, 80, momentum 0.9, L2 1e-4 (OptimizerConfig's defaults).
 IMAGENET_OPTIMIZER = OptimizerConfig(learning_rate=0.4)
@@ -183,6 +192,9 @@ class TrainConfig:
     (`keras_wt.mirror.MirrorConfig`; its `seed` is set to the run's `seed`).
     `mirror_warmup_one_pass`: warm the mirror up for one pass over the training data
     (`num_train // batch_size` steps, the published code's) instead of `mirror.warmup_steps`.
+    `mirror_cost`: with `mirror.batch_size="auto"` and no `mirror.max_cost` of its own, hold
+    the mirror's products at most this fraction of a training step's (`resolved_mirror`); 0
+    for no budget.
 
     Evaluation (`eval_steps`, default a full pass; 0: none) and the alignment probe
     (`alignment`: `"none"`, `"weights"` or `"full"` with `alignment_probe_size` examples) run
@@ -201,6 +213,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = IMAGENET_OPTIMIZER
     mirror: MirrorConfig = RECIPE_MIRROR
     mirror_warmup_one_pass: bool = False
+    mirror_cost: float = RECIPE_MIRROR_COST
     loss: str = "softmax"
     label_smoothing: float = 0.0
     epochs: int = 90
@@ -237,6 +250,8 @@ class TrainConfig:
         _check(self, "seed", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED,
                f"an integer in [0, {MAX_SEED}]")
         _check(self, "label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "mirror_cost", lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf,
+               "a number >= 0 (0: no budget)")
         if self.mirror.seed != self.seed:  # the run's seed seeds the noise, as everything else
             self.mirror = dataclasses.replace(self.mirror, seed=self.seed)
 
@@ -267,10 +282,11 @@ class TrainConfig:
         return math.ceil(steps_per_epoch / steps_per_execution) * steps_per_execution
 
     def resolved_steps_per_execution(self, steps_per_epoch, strategy=None):
-        """`steps_per_execution`, else (`"auto"`) the largest divisor of `steps_per_epoch` up to
-        `MAX_STEPS_PER_EXECUTION` (a divisor, so that no call crosses an epoch's end: the batches,
-        their order and everything computed are those of one step per call), and 1 where more
-        would change or break training:
+        """`steps_per_execution`, else (`"auto"`) the first epoch's: the largest divisor of
+        `steps_per_epoch` up to `MAX_STEPS_PER_EXECUTION` (a divisor, so that no call crosses an
+        epoch's end: the batches, their order and everything computed are those of one step per
+        call; the later epochs' is `tuned_steps_per_execution`), and 1 where more would change or
+        break training:
 
         * the weight mirror run between calls (`mirror.in_train_step=False`, or `mirror.every >
           1` under several replicas; `MirrorCallback`): one step per call keeps a mirror step
@@ -305,12 +321,33 @@ class TrainConfig:
             return 1
         return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
 
+    def tuned_steps_per_execution(self, steps_per_epoch, seconds_per_step, steps_per_execution):
+        """The steps per call for the epochs after the first with `steps_per_execution="auto"`:
+        the largest divisor of `steps_per_epoch` whose call takes at most `SECONDS_PER_CALL` at
+        `seconds_per_step` (the first epoch's, measured: `keras_wt.app.callbacks.CallTimer`), and
+        never fewer than the first epoch's `steps_per_execution`. The same as the first epoch's
+        for an explicit `steps_per_execution`, one step per call (where the first epoch needed
+        it) or no measurement (`None`)."""
+        if (self.steps_per_execution != "auto" or steps_per_execution == 1
+                or seconds_per_step is None):
+            return steps_per_execution
+        fits = [d for d in range(1, steps_per_epoch + 1)
+                if steps_per_epoch % d == 0 and d * seconds_per_step <= SECONDS_PER_CALL]
+        return max(fits + [steps_per_execution])
+
     def resolved_mirror(self, num_train):
         """`mirror`, its warm-up one pass over `num_train` examples (`num_train // batch_size`
-        steps) with `mirror_warmup_one_pass`."""
-        if not self.mirror_warmup_one_pass:
-            return self.mirror
-        return dataclasses.replace(self.mirror, warmup_steps=num_train // self.data.batch_size)
+        steps) with `mirror_warmup_one_pass`, and for `batch_size="auto"` without a `max_cost`
+        of its own the `max_cost` of `mirror_cost`: a training step of the global batch `B`
+        costs about `3·B` samples' products of every layer and each mirror step `2·n` (`steps`
+        of them every `every` training steps), so `max_cost = 1.5·mirror_cost·B·every/steps`."""
+        mirror = self.mirror
+        if self.mirror_warmup_one_pass:
+            mirror = dataclasses.replace(mirror, warmup_steps=num_train // self.data.batch_size)
+        if mirror.batch_size == "auto" and mirror.max_cost is None and self.mirror_cost:
+            mirror = dataclasses.replace(mirror, max_cost=1.5 * self.mirror_cost
+                                         * self.data.batch_size * mirror.every / mirror.steps)
+        return mirror
 
     @property
     def resolved_eval_steps(self):

@@ -154,6 +154,10 @@ def build_parser(defaults=True):
         help="degrees, for --mirror_batch_size auto")
     add("--mirror_max_batch_size", type=int, default=None,
         help="cap of --mirror_batch_size auto")
+    add("--mirror_cost", type=float, default=None,
+        help="convnets with auto noise batches: the mirror's products at most this fraction of "
+        "a training step's; the layers that need more share a common cap (default 0.2; 0: no "
+        "budget)")
     add("--mirror_cap_policy", default=None, choices=("angle", "rate"),
         help="a layer whose auto noise batch is capped: keeps η and settles at a larger angle "
         "(angle), or mirrors at its own smaller η that reaches --mirror_target_angle with the "

@@ -224,7 +224,10 @@ def train_config(flags, run_dir=None):
             mirror = MirrorConfig.of(RECIPE_MIRROR, **values)
     values = dict(algo=flags["algo"], epochs=flags["n_epochs"],
                   eval_every=flags["test_frequency"], seed=flags["seed"], loss=optimization["loss"])
-    with _named_by_flags(flags, "TrainConfig", RUN_FLAGS, values):
+    if flags.get("mirror_cost") is not None:
+        values["mirror_cost"] = flags["mirror_cost"]
+    with _named_by_flags(flags, "TrainConfig", dict(RUN_FLAGS, mirror_cost="mirror_cost"),
+                         values):
         return TrainConfig(
             data=data,
             # The published figures show the first layer's weight angle: the reference MLP

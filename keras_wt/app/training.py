@@ -247,6 +247,45 @@ def train(config, strategy=None, callbacks=(), flags=None, derived=None):
             raise
 
 
+def _fit(model, config, make_train, first_epoch, callbacks, steps_per_epoch, **fit_args):
+    """`model.fit` of epochs `first_epoch` … `config.epochs − 1` on `make_train(first_epoch)`.
+
+    With `steps_per_execution="auto"` where several steps per call are allowed, in two `fit`s:
+    the first epoch at `resolved_steps_per_execution`'s steps per call, timed (`CallTimer`), then
+    the rest at `tuned_steps_per_execution`'s, on `make_train(first_epoch + 1)`: the stream a run
+    resumed after that epoch reads, so the batches, and everything computed, are those of one
+    `fit` (and of one step per call). Callbacks see `on_train_begin` and `on_train_end` once per
+    `fit`, as in a resumed run. Returns the `History`, of both `fit`s.
+    """
+    def fit(first, last, callbacks):
+        return model.fit(make_train(first), epochs=last, initial_epoch=first,
+                         callbacks=callbacks, steps_per_epoch=steps_per_epoch, **fit_args)
+
+    if not (config.steps_per_execution == "auto" and model.steps_per_execution > 1
+            and first_epoch + 1 < config.epochs):
+        return fit(first_epoch, config.epochs, callbacks)
+    timer = run_callbacks.CallTimer()
+    first = fit(first_epoch, first_epoch + 1, [timer] + list(callbacks))
+    if model.stop_training:  # a callback ended the run
+        return first
+    steps_per_execution = config.tuned_steps_per_execution(
+        steps_per_epoch, timer.seconds_per_step, model.steps_per_execution)
+    if steps_per_execution != model.steps_per_execution:
+        logger.info("%d steps per host call from epoch %d on (%.3g s per step in epoch %d).",
+                    steps_per_execution, first_epoch + 2, timer.seconds_per_step,
+                    first_epoch + 1)
+        # Keras builds its step functions for one `steps_per_execution`: built again.
+        model.steps_per_execution = steps_per_execution
+        model.make_train_function(force=True)
+        model.make_test_function(force=True)
+        model.predict_function = None
+    rest = fit(first_epoch + 1, config.epochs, callbacks)
+    for key, values in first.history.items():
+        rest.history[key] = values + rest.history.get(key, [])
+    rest.epoch = first.epoch + rest.epoch
+    return rest
+
+
 def _replicas(n):
     return f"{n} replica" if n == 1 else f"{n} replicas"
 
@@ -340,15 +379,12 @@ def _train(config, strategy, callbacks, flags, derived, writes):
     )
     eval_steps = config.resolved_eval_steps
     with multi_worker_fit(model):
-        history = model.fit(
-            make_train(first_epoch),
-            epochs=config.epochs,
-            initial_epoch=first_epoch,
+        history = _fit(
+            model, config, make_train, first_epoch, all_callbacks,
             steps_per_epoch=steps_per_epoch,
             validation_data=None if eval_steps == 0 else evaluation,
             validation_steps=eval_steps or None,
             validation_freq=evaluated_epochs(config.epochs, config.eval_every),
-            callbacks=all_callbacks,
             shuffle=False,  # the pipelines shuffle, per epoch
             verbose=config.verbose,
         )

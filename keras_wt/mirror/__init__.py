@@ -61,21 +61,22 @@ replicas, and every replica applies the same update: all replicas keep the same 
 
 The package's modules: `config` (`MirrorConfig`, the settings), `noise` (the distributions and
 `draw_noise`), `law` (`link_counts`, `mirror_fan_in`, `residual_angle`, `auto_batch_size`,
-`auto_learning_rate`, `mirror_gradient`: the math above) and `core` (`WeightMirror`,
+`auto_learning_rate`, `cost_cap`, `mirror_gradient`: the math above) and `core` (`WeightMirror`,
 `wm_layers`); every public name is importable from `keras_wt.mirror` itself. Which mirror trains
 a layer's `B` is recorded in `keras_wt.learners` (`WeightMirror` attaches itself to each layer
 it mirrors).
 """
 
 from keras_wt.mirror.noise import NOISE_DISTRIBUTIONS, NOISE_KURTOSIS, draw_noise, noise_kurtosis
-from keras_wt.mirror.law import (auto_batch_size, auto_learning_rate, link_counts,
+from keras_wt.mirror.law import (auto_batch_size, auto_learning_rate, cost_cap, link_counts,
                                  mirror_fan_in, mirror_gradient, residual_angle)
 from keras_wt.mirror.config import AUTO, MirrorConfig, MirrorSettings, check_batch_size
 from keras_wt.mirror.core import WeightMirror, wm_layers
 
 __all__ = (
     "AUTO", "NOISE_DISTRIBUTIONS", "NOISE_KURTOSIS", "MirrorConfig", "MirrorSettings",
-    "WeightMirror", "auto_batch_size", "auto_learning_rate", "check_batch_size", "draw_noise",
+    "WeightMirror", "auto_batch_size", "auto_learning_rate", "check_batch_size", "cost_cap",
+    "draw_noise",
     "link_counts", "mirror_fan_in", "mirror_gradient", "noise_kurtosis", "residual_angle",
     "wm_layers",
 )

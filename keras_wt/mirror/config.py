@@ -84,6 +84,15 @@ class MirrorConfig:
             angle at the cost of a longer lag `1/(η_l·λ)` behind a moving `W`).
         in_train_step: run the mirror steps inside the compiled training step
             (`MirrorCallback`).
+        max_cost: for `batch_size="auto"`: a cap on what a mirror step costs, as a noise batch
+            (> 0, or `None` for none): the layers' noise batches are capped at one common size,
+            the largest at which their mean weighted by each layer's multiply-adds per sample
+            is at most `max_cost` (`keras_wt.mirror.law.cost_cap`), on top of
+            `max_batch_size`; a layer capped this way gives up what `cap_policy` says. A
+            training step costs about `3·B` samples' products of every layer (`B` its batch)
+            and a mirror step `2·n`, so `max_cost = 1.5·f·B` holds the mirror's products at a
+            fraction `f` of the step's (what the trainer's recipe does,
+            `keras_wt.app.config.TrainConfig.mirror_cost`).
 
     Raises:
         ValueError: a setting out of range, named with the value given.
@@ -102,6 +111,7 @@ class MirrorConfig:
     max_batch_size: int = 4096
     cap_policy: str = "angle"
     in_train_step: bool = True
+    max_cost: float = None
 
     def __post_init__(self):
         def setting(name, value):  # frozen: normalised values are set once, here
@@ -132,6 +142,11 @@ class MirrorConfig:
                 also = " or 'auto'" if name == "warmup_steps" else ""
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}{also}")
             setting(name, int(value))
+        if self.max_cost is not None:
+            if not (isinstance(self.max_cost, numbers.Real) and not isinstance(self.max_cost, bool)
+                    and math.isfinite(self.max_cost) and self.max_cost > 0):
+                raise ValueError(f"max_cost={self.max_cost!r} must be a finite number > 0 or None")
+            setting("max_cost", float(self.max_cost))
         if not (isinstance(self.target_angle, numbers.Real) and 0 < self.target_angle < 90):
             raise ValueError(f"target_angle={self.target_angle!r} must be in (0, 90) degrees")
         setting("target_angle", float(self.target_angle))

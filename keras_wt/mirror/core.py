@@ -16,7 +16,7 @@ from keras_wt.algorithms import Learning
 from keras_wt.mirror.config import (AUTO, WARMUP_LAGS, WARMUP_SLOW_LAGS, MirrorConfig,
                                        MirrorSettings, _check_size)
 from keras_wt.mirror.law import (_compact, _link_tensors, auto_batch_size, auto_learning_rate,
-                                     mirror_fan_in, mirror_gradient, residual_angle)
+                                     cost_cap, mirror_fan_in, mirror_gradient, residual_angle)
 from keras_wt.mirror.noise import draw_noise
 
 logger = logging.getLogger("keras_wt")
@@ -54,8 +54,10 @@ class WeightMirror(MirrorSettings):
       `{key: n}` naming every `wm` layer (keys as `keras_wt.layers.feedback_keys`: the layer's
       name unless another feedback layer has it; for a list of layers, their names); a callable
       `layer -> n`; or `"auto"`: each layer's `auto_batch_size` for `target_angle` (needs
-      `decay > 0`), at most `max_batch_size` (before rounding up to the replicas). A layer that
-      needs more is capped, and with `cap_policy="angle"` keeps `η` and settles at a larger
+      `decay > 0`), at most `max_batch_size` and, with `max_cost`, at most the common cap at
+      which the batches' mean weighted by each layer's multiply-adds (`costs`) is `max_cost`
+      (`cost_cap`: the cheap layers keep what they need, the costly ones share the rest), all
+      before rounding up to the replicas. A layer that needs more is capped, and with `cap_policy="angle"` keeps `η` and settles at a larger
       angle (a warning gives it); with `cap_policy="rate"` it mirrors at its own smaller rate
       `η_l` (`auto_learning_rate`), which reaches `target_angle` with the capped batch and
       follows a moving `W` with a longer lag `1/(η_l·λ)`. Each layer's `n` is then rounded up
@@ -108,6 +110,8 @@ class WeightMirror(MirrorSettings):
         # Counts and fan-ins depend only on shapes: computed once, eagerly.
         statistics = [_link_tensors(layer) for layer in self.layers]
         self._counts = [_compact(np.maximum(ops.convert_to_numpy(c), 1.0)) for c, _ in statistics]
+        # Each layer's multiply-adds on one sample: the pairs its kernel entries link.
+        self.costs = tuple(float(np.sum(ops.convert_to_numpy(c))) for c, _ in statistics)
         self.batch_sizes, self.learning_rates = self._resolve_batch_sizes()
         replicas = self.strategy.num_replicas_in_sync
         self._local_batches = [n // replicas for n in self.batch_sizes]
@@ -121,30 +125,34 @@ class WeightMirror(MirrorSettings):
         names = self.keys
         rates = [self.learning_rate] * len(self.layers)
         if isinstance(spec, str):  # "auto"
-            sizes = []
-            for i, (layer, key) in enumerate(zip(self.layers, names)):
-                # The leading-order m (no κ − 2 term, for every distribution): the published
-                # recipes' noise batches stay as they were; the exact angle differs from the
-                # target by a factor 1 + (κ − 2)/(2·d_in) or less (`expected_angles`).
-                fan_in = mirror_fan_in(layer)
-                n = auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
-                                    self.max_batch_size)
+            # The leading-order m (no κ − 2 term, for every distribution): the published
+            # recipes' noise batches stay as they were; the exact angle differs from the
+            # target by a factor 1 + (κ − 2)/(2·d_in) or less (`expected_angles`).
+            fan_ins = [mirror_fan_in(layer) for layer in self.layers]
+            sizes = [auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
+                                     self.max_batch_size) for fan_in in fan_ins]
+            cap = f"max_batch_size={self.max_batch_size}"
+            if self.max_cost is not None:
+                common = cost_cap(sizes, self.costs, self.max_cost)
+                if common < max(sizes):
+                    cap = f"{common} (max_cost={self.max_cost:g})"
+                sizes = [min(n, common) for n in sizes]
+            for i, (fan_in, n, key) in enumerate(zip(fan_ins, sizes, names)):
                 angle = residual_angle(fan_in, n, self.learning_rate, self.decay)
                 capped = angle > self.target_angle * (1 + 1e-9)
                 if capped and self.cap_policy == "rate":
                     rates[i] = auto_learning_rate(fan_in, n, self.decay, self.target_angle)
                     logger.info(
-                        "Mirror noise batch of layer %r capped at max_batch_size=%d: it mirrors "
-                        "at learning_rate %.3g (lag about %d steps) for target_angle=%.1f.",
-                        key, n, rates[i], round(1 / (rates[i] * self.decay)), self.target_angle,
+                        "Mirror noise batch of layer %r capped at %s: it mirrors at "
+                        "learning_rate %.3g (lag about %d steps) for target_angle=%.1f.",
+                        key, cap, rates[i], round(1 / (rates[i] * self.decay)), self.target_angle,
                     )
                 elif capped:
                     logger.warning(
-                        "Mirror noise batch of layer %r capped at max_batch_size=%d: its "
-                        "residual angle will be about %.1f degrees, not target_angle=%.1f.",
-                        key, n, angle, self.target_angle,
+                        "Mirror noise batch of layer %r capped at %s: its residual angle will "
+                        "be about %.1f degrees, not target_angle=%.1f.",
+                        key, cap, angle, self.target_angle,
                     )
-                sizes.append(n)
         elif isinstance(spec, collections.abc.Mapping):
             missing = [name for name in names if name not in spec]
             unknown = [name for name in spec if name not in set(names) | self._unused_names]

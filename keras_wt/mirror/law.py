@@ -83,6 +83,28 @@ def auto_batch_size(fan_in, learning_rate, decay, target_angle, max_batch_size):
     return int(min(max(needed, 1), max_batch_size))
 
 
+def cost_cap(batch_sizes, costs, max_cost):
+    """The largest common cap `N` on the noise batches `batch_sizes` at which the mirror's
+    products stay within `max_cost`: `Σ_l min(n_l, N)·F_l ≤ max_cost·Σ_l F_l`, `F_l` (`costs`)
+    the multiply-adds of layer `l`'s linear op on one sample (so `max_cost` is a noise batch,
+    the mean of the layers' weighted by their cost). At least 1; `max(batch_sizes)` (nothing
+    capped) when they all fit."""
+    if not max_cost > 0:
+        raise ValueError(f"max_cost={max_cost!r} must be > 0")
+    budget = max_cost * sum(costs)
+
+    def cost(cap):
+        return sum(min(n, cap) * f for n, f in zip(batch_sizes, costs))
+
+    low, high = 1, max(batch_sizes)
+    if cost(high) <= budget:
+        return high
+    while low < high:  # the largest cap within budget (cost grows with the cap)
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= budget else (low, middle - 1)
+    return low
+
+
 def auto_learning_rate(fan_in, batch_size, decay, target_angle):
     """The largest mirror rate `η` at which a noise batch of `batch_size` reaches a
     `residual_angle` of `target_angle` degrees: `η·λ = 2·n·tan²θ / (m + n·tan²θ)` (the angle law
