@@ -621,6 +621,12 @@ def test_max_cost_caps_the_costly_layers_and_leaves_the_cheap_ones_what_they_nee
     loose = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
                          max_cost=1e6)
     assert loose.batch_sizes == (230, 192) and loose.learning_rates == (0.1, 0.1)
+    caplog.clear()  # max_batch_size binds first (150 · 160 is within 32,000): the log says so
+    with caplog.at_level("INFO", logger="keras_wt"):
+        small = WeightMirror(model, 0.1, 1.0, decay=1.0, batch_size="auto", target_angle=3.0,
+                             max_cost=200, max_batch_size=150, cap_policy="rate")
+    assert small.batch_sizes == (150, 150)
+    assert caplog.text.count("capped at max_batch_size=150") == 2 and "max_cost" not in caplog.text
     conv = wt.Conv2D(3, 3, padding="same", feedback="wm")
     conv.build((None, 6, 6, 2))
     taps = np.outer(*[_taps_by_hand(6, 3)] * 2)

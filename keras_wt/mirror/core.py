@@ -57,12 +57,13 @@ class WeightMirror(MirrorSettings):
       `decay > 0`), at most `max_batch_size` and, with `max_cost`, at most the common cap at
       which the batches' mean weighted by each layer's multiply-adds (`costs`) is `max_cost`
       (`cost_cap`: the cheap layers keep what they need, the costly ones share the rest), all
-      before rounding up to the replicas. A layer that needs more is capped, and with `cap_policy="angle"` keeps `η` and settles at a larger
-      angle (a warning gives it); with `cap_policy="rate"` it mirrors at its own smaller rate
-      `η_l` (`auto_learning_rate`), which reaches `target_angle` with the capped batch and
-      follows a moving `W` with a longer lag `1/(η_l·λ)`. Each layer's `n` is then rounded up
-      to a multiple of the strategy's replicas, which draw `n / replicas` samples each;
-      `batch_sizes` holds the results, `learning_rates` each layer's `η_l`;
+      before rounding up to the replicas. A layer that needs more is capped, and with
+      `cap_policy="angle"` keeps `η` and settles at a larger angle (a warning gives it); with
+      `cap_policy="rate"` it mirrors at its own smaller rate `η_l` (`auto_learning_rate`),
+      which reaches `target_angle` with the capped batch and follows a moving `W` with a longer
+      lag `1/(η_l·λ)`. Each layer's `n` is then rounded up to a multiple of the strategy's
+      replicas, which draw `n / replicas` samples each; `batch_sizes` holds the results,
+      `learning_rates` each layer's `η_l`;
     * `noise_distribution`: `"rademacher"` (the default: `±σ` with equal probability, drawn
       from one random bit per sample), `"normal"` (`N(0, σ²)`, the default before issue #21) or
       `"uniform"` (`U(−σ√3, σ√3)`, the same variance; the published code's noise in `[−a, a)`
@@ -131,13 +132,13 @@ class WeightMirror(MirrorSettings):
             fan_ins = [mirror_fan_in(layer) for layer in self.layers]
             sizes = [auto_batch_size(fan_in, self.learning_rate, self.decay, self.target_angle,
                                      self.max_batch_size) for fan_in in fan_ins]
-            cap = f"max_batch_size={self.max_batch_size}"
+            caps = [f"max_batch_size={self.max_batch_size}"] * len(sizes)
             if self.max_cost is not None:
                 common = cost_cap(sizes, self.costs, self.max_cost)
-                if common < max(sizes):
-                    cap = f"{common} (max_cost={self.max_cost:g})"
+                caps = [f"{common} (max_cost={self.max_cost:g})" if n > common else cap
+                        for n, cap in zip(sizes, caps)]
                 sizes = [min(n, common) for n in sizes]
-            for i, (fan_in, n, key) in enumerate(zip(fan_ins, sizes, names)):
+            for i, (fan_in, n, key, cap) in enumerate(zip(fan_ins, sizes, names, caps)):
                 angle = residual_angle(fan_in, n, self.learning_rate, self.decay)
                 capped = angle > self.target_angle * (1 + 1e-9)
                 if capped and self.cap_policy == "rate":
