@@ -33,6 +33,10 @@ as a fraction of `bp`'s step.
 
     .venv/bin/python benchmarks/recipe_step.py --write BENCHMARKS.md
     .venv/bin/python benchmarks/recipe_step.py --models cnn --rounds 3     # a quick look
+    .venv/bin/python benchmarks/recipe_step.py --models cnn --clock cpu    # the work, not the VM
+
+`--clock cpu` times the steps in the process's CPU time (all threads), which a VM's steal time
+and speed switches do not enter: the work each variant does (with the thread pools' spinning).
 
 `--write` replaces the table between the `recipe-step` markers of the file.
 """
@@ -127,7 +131,12 @@ def batches(network, steps, seed=0):
             rng.randint(0, classes, batch * steps))
 
 
-def measure(network, variants, steps, rounds, seed=0):
+# `--clock`: wall time, or the process's CPU time (every thread's), which a VM's steal time and
+# speed switches leave out: the work each variant does.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(network, variants, steps, rounds, seed=0, clock="wall"):
     x, y = batches(network, steps, seed)
     batch = NETWORKS[network][3]
     built = {v: build(network, v, steps) for v in variants}
@@ -139,10 +148,10 @@ def measure(network, variants, steps, rounds, seed=0):
     for _ in range(rounds):
         for variant in rng.permutation(list(variants)):
             model, callbacks, _ = built[variant]
-            start = time.perf_counter()
+            start = CLOCKS[clock]()
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks,
                       shuffle=False)
-            times[variant].append((time.perf_counter() - start) / steps)
+            times[variant].append((CLOCKS[clock]() - start) / steps)
     mirrors = {v: cbs[0].mirror for v, (_, cbs, _) in built.items() if cbs}
     return {v: np.asarray(t) for v, t in times.items()}, mirrors
 
@@ -174,14 +183,15 @@ def ratio_interval(ratios, rng, resamples=2000):
     return np.percentile(boot, [2.5, 97.5])
 
 
-def report(results):
+def report(results, clock="wall"):
     rng = np.random.RandomState(1)
+    measured = "wall time" if clock == "wall" else "the process's CPU time (all threads)"
     lines = [
         f"keras_wt {keras_wt.__version__}, Keras {keras.__version__} "
         f"({keras.backend.backend()}), {platform.processor() or 'CPU'} with {os.cpu_count()} "
         f"cores, {datetime.date.today()}: `rounds` interleaved rounds of `steps` steps per `fit` "
         f"call and per host call, without XLA (on this CPU XLA makes the convnets' steps several "
-        f"times slower).",
+        f"times slower); steps timed in {measured}.",
         "",
         "| network | batch | steps | rounds | variant | ms / step | × `bp` (95% interval) |",
         "|---|---|---|---|---|---|---|",
@@ -211,6 +221,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time the steps in wall time or in the process's CPU time")
     parser.add_argument("--write", metavar="FILE")
     args = parser.parse_args()
     variants = ["bp"] + [v for v in args.variants if v != "bp"]
@@ -218,13 +230,13 @@ def main():
     for network in args.models:
         steps = 1 if network == "resnet18-224" else args.steps
         rounds = min(args.rounds, 5) if network == "resnet18-224" else args.rounds
-        times, _ = measure(network, variants, steps, rounds)
+        times, _ = measure(network, variants, steps, rounds, clock=args.clock)
         bp_seconds = float(np.median(times["bp"]))
         shares = {v: layer_shares(network, v, bp_seconds, repeats=max(args.rounds, 5))
                   for v in variants if v in SHARES}
         results[network] = (times, steps, rounds, shares)
-        print(report({network: results[network]}), flush=True)
-    text = report(results)
+        print(report({network: results[network]}, args.clock), flush=True)
+    text = report(results, args.clock)
     print(text)
     if args.write:
         write_block(args.write, text, "recipe-step")

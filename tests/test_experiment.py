@@ -582,9 +582,17 @@ def test_auto_steps_per_call_follow_the_first_epochs_step_time_and_train_exactly
         assert sorted(json.load(f)) == sorted(runs.epoch_key(e) for e in (1, 2, 3))
     config = published.train_config(cli.parse_args(tiny_flags(data_dir, tmp_path, "kp", *four))[0])
     config.model_dir = None
-    model, history = training.train(config)
+
+    class Epochs(keras.callbacks.Callback):  # what a progress bar or a callback sees
+        seen = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.seen.append((epoch, self.params["epochs"]))
+
+    model, history = training.train(config, callbacks=[Epochs()])
     assert model.steps_per_execution == 12
     assert history.epoch == [0, 1, 2] and len(history.history["loss"]) == 3
+    assert Epochs.seen == [(0, 3), (1, 3), (2, 3)]  # both fits count the run's 3 epochs
 
 
 def test_tuned_steps_per_execution_is_the_largest_divisor_that_fits_a_call():

@@ -159,7 +159,22 @@ class CallTimer(keras.callbacks.Callback):
     """Times the training calls of each epoch: `seconds_per_step` is the median, over the
     epoch's calls after its first (which traces and compiles the step), of the time from one
     call's end to the next one's (the call and every callback of it) per training step it ran;
-    `None` before two calls have ended."""
+    `None` before two calls have ended.
+
+    With `stop_after_epoch`, ends the `fit` after its first epoch (`stop_training`, set last
+    when it is the last callback), so that `fit` keeps its `epochs` (the progress bar's count,
+    a callback's last epoch); `stopped` says whether another callback had ended it already.
+    """
+
+    def __init__(self, stop_after_epoch=False):
+        super().__init__()
+        self.stop_after_epoch = stop_after_epoch
+        self.stopped = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop_after_epoch:
+            self.stopped = bool(self.model.stop_training)
+            self.model.stop_training = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._seen, self._last, self._per_step = 0, None, []

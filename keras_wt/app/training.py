@@ -251,22 +251,23 @@ def _fit(model, config, make_train, first_epoch, callbacks, steps_per_epoch, **f
     """`model.fit` of epochs `first_epoch` … `config.epochs − 1` on `make_train(first_epoch)`.
 
     With `steps_per_execution="auto"` where several steps per call are allowed, in two `fit`s:
-    the first epoch at `resolved_steps_per_execution`'s steps per call, timed (`CallTimer`), then
-    the rest at `tuned_steps_per_execution`'s, on `make_train(first_epoch + 1)`: the stream a run
-    resumed after that epoch reads, so the batches, and everything computed, are those of one
-    `fit` (and of one step per call). Callbacks see `on_train_begin` and `on_train_end` once per
-    `fit`, as in a resumed run. Returns the `History`, of both `fit`s.
+    the first epoch at `resolved_steps_per_execution`'s steps per call, timed and then stopped
+    (`CallTimer`), then the rest at `tuned_steps_per_execution`'s, on `make_train(first_epoch +
+    1)`: the stream a run resumed after that epoch reads, so the batches, and everything
+    computed, are those of one `fit` (and of one step per call). Both `fit`s have the run's
+    `epochs`. Callbacks see `on_train_begin` and `on_train_end` once per `fit`, as in a resumed
+    run. Returns the `History`, of both `fit`s.
     """
-    def fit(first, last, callbacks):
-        return model.fit(make_train(first), epochs=last, initial_epoch=first,
+    def fit(first, callbacks):
+        return model.fit(make_train(first), epochs=config.epochs, initial_epoch=first,
                          callbacks=callbacks, steps_per_epoch=steps_per_epoch, **fit_args)
 
     if not (config.steps_per_execution == "auto" and model.steps_per_execution > 1
             and first_epoch + 1 < config.epochs):
-        return fit(first_epoch, config.epochs, callbacks)
-    timer = run_callbacks.CallTimer()
-    first = fit(first_epoch, first_epoch + 1, [timer] + list(callbacks))
-    if model.stop_training:  # a callback ended the run
+        return fit(first_epoch, callbacks)
+    timer = run_callbacks.CallTimer(stop_after_epoch=True)
+    first = fit(first_epoch, list(callbacks) + [timer])  # last: it ends the fit
+    if timer.stopped:  # another callback ended the run
         return first
     steps_per_execution = config.tuned_steps_per_execution(
         steps_per_epoch, timer.seconds_per_step, model.steps_per_execution)
@@ -279,7 +280,7 @@ def _fit(model, config, make_train, first_epoch, callbacks, steps_per_epoch, **f
         model.make_train_function(force=True)
         model.make_test_function(force=True)
         model.predict_function = None
-    rest = fit(first_epoch + 1, config.epochs, callbacks)
+    rest = fit(first_epoch + 1, callbacks)
     for key, values in first.history.items():
         rest.history[key] = values + rest.history.get(key, [])
     rest.epoch = first.epoch + rest.epoch
