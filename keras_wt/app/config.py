@@ -61,8 +61,8 @@ MAX_SEED = 2**32 - 1
 RECIPE_MIRROR = MirrorConfig(learning_rate=0.05, noise_std=1.0, decay=1.0, batch_size="auto",
                              target_angle=8.0, max_batch_size=2048, cap_policy="rate",
                              warmup_steps="auto", noise_distribution="normal")
-# The budget: the mirror's products at most this fraction of a training step's (issue #21; the
-# BN CNN's `wm` step 1.1x `bp`'s, BENCHMARKS.md).
+# The budget: the mirror's products at most this fraction of a training step's (issue #21: `wm`
+# does at most about 1.2x `bp`'s products; its measured steps are in BENCHMARKS.md).
 RECIPE_MIRROR_COST = 0.2
 # The recipe's earlier mirrors, for comparison: before issue #21 (`--mirror_cap_policy angle
 # --mirror_warmup_steps 200 --mirror_cost 0`: every layer at η, at most 2,048 samples), and its
@@ -250,8 +250,8 @@ class TrainConfig:
         _check(self, "seed", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED,
                f"an integer in [0, {MAX_SEED}]")
         _check(self, "label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
-        _check(self, "mirror_cost", lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf,
-               "a number >= 0 (0: no budget)")
+        _check(self, "mirror_cost", lambda v: isinstance(v, (int, float))
+               and not isinstance(v, bool) and 0 <= v < math.inf, "a number >= 0 (0: no budget)")
         if self.mirror.seed != self.seed:  # the run's seed seeds the noise, as everything else
             self.mirror = dataclasses.replace(self.mirror, seed=self.seed)
 
