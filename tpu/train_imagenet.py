@@ -29,6 +29,7 @@ from keras_wt import algorithms
 from keras_wt.algorithms import Learning
 from keras_wt import schedules
 from keras_wt.app import config as config_lib
+from keras_wt.app.flags import int_or_auto
 from keras_wt.app import strategies
 from keras_wt.app import training
 from keras_wt.app.config import (
@@ -54,7 +55,7 @@ MIRROR_FLAGS = {
     "every": (int, "mirror after every N training steps."),
     "steps": (int, "mirror steps each time."),
     "batch_size": (
-        lambda text: text if text == "auto" else int(text),
+        int_or_auto,
         "noise examples per layer and mirror step (all replicas together), or 'auto': per "
         "layer, the smallest batch whose residual angle is --mirror_target_angle (tan θ ≈ "
         "√(fan_in·η·λ/(2n)), capped at --mirror_max_batch_size)."),
@@ -64,7 +65,7 @@ MIRROR_FLAGS = {
                    "larger angle ('angle'), or mirrors at its own smaller η that reaches "
                    "--mirror_target_angle with the capped batch, with a longer lag ('rate')."),
     "warmup_steps": (
-        lambda text: text if text == "auto" else int(text),
+        int_or_auto,
         "mirror steps before the first training step, or 'auto': ten lags 1/(η·λ), or three "
         "of the slowest layer if longer."),
     "in_train_step": (bool, "run the mirror steps inside the compiled training step, after "
@@ -97,8 +98,7 @@ def flag_parser():
                    help="comma-separated devices for --strategy=mirrored (default: all GPUs).")
     g.add_argument("--dtype", choices=config_lib.DTYPES, default="auto",
                    help="auto: mixed_bfloat16 on TPUs, float32 elsewhere.")
-    g.add_argument("--steps_per_execution", type=lambda text: text if text == "auto" else int(text),
-                   default="auto",
+    g.add_argument("--steps_per_execution", type=int_or_auto, default="auto",
                    help="training steps per host call, or auto: in the first epoch the largest "
                    "divisor of the epoch up to 10, then the largest whose call takes about a "
                    "second at the first epoch's step time (1 under --strategy=mirrored or "

@@ -36,7 +36,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _int_or_auto(text):
+def int_or_auto(text):
+    """An `argparse` type: `"auto"`, or an int (`keras-wt-train` and `tpu/train_imagenet.py`)."""
     return text if text == "auto" else int(text)
 
 
@@ -146,7 +147,7 @@ def build_parser(defaults=True):
         help="mirror after every this many training batches")
     add("--mirror_steps", type=int, default=1,
         help="mirror steps (noise batches per layer) each time")
-    add("--mirror_batch_size", type=_int_or_auto, default=None,
+    add("--mirror_batch_size", type=int_or_auto, default=None,
         help="noise samples per layer and batch (mlp default: --batch_size); convnets: or "
         "'auto' (their default): per layer, the smallest batch whose residual angle is "
         "--mirror_target_angle, tan θ ≈ √(fan_in·η·λ/(2n)), at most --mirror_max_batch_size")
@@ -162,7 +163,7 @@ def build_parser(defaults=True):
         help="a layer whose auto noise batch is capped: keeps η and settles at a larger angle "
         "(angle), or mirrors at its own smaller η that reaches --mirror_target_angle with the "
         "capped batch, following W with a longer lag (rate; the convnets' default)")
-    add("--mirror_warmup_steps", type=_int_or_auto, default=None,
+    add("--mirror_warmup_steps", type=int_or_auto, default=None,
         help="mirror steps before training, or 'auto': ten lags 1/(η·λ), or three of the slowest "
         "layer if longer (mlp default: N_train // batch_size; convnets: auto)")
     add = adder(parser.add_argument_group("local alignment losses (--algo sa, ia)"))
