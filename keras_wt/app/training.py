@@ -262,7 +262,10 @@ def _fit(model, config, make_train, first_epoch, callbacks, steps_per_epoch, **f
         return model.fit(make_train(first), epochs=config.epochs, initial_epoch=first,
                          callbacks=callbacks, steps_per_epoch=steps_per_epoch, **fit_args)
 
-    if not (config.steps_per_execution == "auto" and model.steps_per_execution > 1
+    # Tuned only where it can change: "auto", several steps per call allowed but fewer than the
+    # epoch's, and an epoch after the first.
+    if not (config.steps_per_execution == "auto"
+            and 1 < model.steps_per_execution < steps_per_epoch
             and first_epoch + 1 < config.epochs):
         return fit(first_epoch, callbacks)
     timer = run_callbacks.CallTimer(stop_after_epoch=True)
