@@ -17,6 +17,10 @@ Versions:
   evaluation: the tight stock loop. Each version is divided by the stock loop at the steps per
   call of its counted epochs (the trainer's `"auto"` tunes them after the first epoch:
   `keras_wt.app.config.TrainConfig.tuned_steps_per_execution`);
+* `hand-written XLA loop`: the MLP's epoch with no Keras and no `tf.data` (`run_loop`): its
+  step written by hand, the whole epoch in one XLA call over the images held in memory;
+  divided by the stock loop at a whole epoch per call. A floor for what any Keras loop could
+  reach on this CPU, not a way to train;
 * `<algo>`: `keras_wt.app.training.train` with `keras_wt.app.published.train_config` of
   `keras-wt-train --algo <algo>` (alignment probe and evaluation every epoch; no run folder, so
   nothing written), except that the first layer's `B`, which no gradient uses, is dropped
@@ -64,6 +68,7 @@ from keras_wt.app import published  # noqa: E402
 from keras_wt.app import training  # noqa: E402
 from keras_wt.app.cli import parse_args as cli_args  # noqa: E402
 from keras_wt.app.data.datasets import load_numpy  # noqa: E402
+from keras_wt.app.data.pipelines import epoch_permutation  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import published_code  # noqa: E402
@@ -173,7 +178,55 @@ VERSIONS = {
     "keras spe=67": ("stock", None, {"steps_per_execution": 67}),
     "keras spe=469": ("stock", None, {"steps_per_execution": 469}),
     "keras no XLA": ("stock", None, {"jit_compile": False}),
+    "hand-written XLA loop": ("loop", None, {}),
 }
+
+
+def run_loop(epochs):
+    """The MLP's epoch without Keras or `tf.data`: its forward pass, gradients and SGD step written
+    by hand, the whole epoch in one XLA call (a `tf.while_loop` over its 469 batches of 128, each
+    gathered from the scaled training images held in memory in the trainer's shuffled order;
+    the last wraps around to the epoch's start, so every batch is full). What this CPU does with
+    the MLP's arithmetic when nothing else is in the way: not a loop anyone trains with."""
+    config = _config("bp", epochs)
+    (x, y), _ = load_numpy(config.data.dataset)
+    x = tf.constant(x.reshape(len(x), -1).astype("float32") / 255.0)
+    y = tf.one_hot(tf.constant(y.astype("int32")), 10)
+    n, batch = int(x.shape[0]), config.data.batch_size
+    steps = -(-n // batch)
+    rng = tf.random.Generator.from_seed(config.seed)
+    widths = (784, 500, 10)
+    kernels = [tf.Variable(rng.normal((a, b)) * 0.05) for a, b in zip(widths[:-1], widths[1:])]
+    biases = [tf.Variable(tf.zeros(b)) for b in widths[1:]]
+    variables = kernels + biases
+    learning_rate = config.optimizer.learning_rate
+
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            h = tf.sigmoid(images @ kernels[0] + biases[0])
+            logits = h @ kernels[1] + biases[1]
+            loss = tf.reduce_mean(tf.reduce_sum(
+                tf.nn.sigmoid_cross_entropy_with_logits(labels, logits), axis=-1))
+        for v, g in zip(variables, tape.gradient(loss, variables)):
+            v.assign_sub(learning_rate * g)
+        return loss
+
+    @tf.function(jit_compile=True)
+    def epoch(order):
+        def body(i, total):
+            index = tf.gather(order, (i * batch + tf.range(batch)) % n)
+            return i + 1, total + step(tf.gather(x, index), tf.gather(y, index))
+        return tf.while_loop(lambda i, _: i < steps, body, (0, 0.0))[1]
+
+    timer = EpochTimer()
+    for e in range(epochs):
+        order = epoch_permutation(n, config.seed, e)
+        start = time.perf_counter()
+        epoch(order).numpy()
+        timer.train.append(time.perf_counter() - start)
+    timer.whole = [math.nan] * epochs
+    timer.steps_per_execution = steps
+    return timer
 
 
 def run_published(published_dir, algo, epochs, data_path):
@@ -225,6 +278,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("keras_wt").setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)  # each run's figures (a child of the logger silenced above)
     table = versions(args.algos, args.extra, args.extra_algos, args.published_dir)
     data_dir = tempfile.TemporaryDirectory()
     data_path = os.path.join(data_dir.name, "fashion_mnist.npz")
@@ -244,6 +298,8 @@ def main(argv=None):
             kind, algo, overrides = table[name]
             if kind == "stock":
                 timer = run_stock(args.epochs, **overrides)
+            elif kind == "loop":
+                timer = run_loop(args.epochs)
             elif kind == "published":
                 timer = run_published(args.published_dir, algo, args.epochs, data_path)
             else:
@@ -259,6 +315,7 @@ def main(argv=None):
     # Each version against the stock loop at its own steps per call (that of its counted epochs).
     stock = {calls[name]: statistics.median(results[name][0])
              for name in results if table[name][0] == "stock" and name != "keras no XLA"}
+    # (The hand-written loop, one call per epoch, against the stock loop at 469 steps per call.)
     lines = [
         f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end; "
         f"{args.rounds} rounds x {args.epochs} epochs (the first {args.skip} not counted), "
