@@ -8,15 +8,20 @@ in-memory random batches, `--steps` steps per `fit` call and per host call. Vari
 * `bp`, `kp`;
 * `wm`: the recipe's weight mirror today (`keras_wt.app.config.RECIPE_MIRROR` with the budget
   `RECIPE_MIRROR_COST`: noise batches for 8°, at most 2,048, the mirror's products at most a
-  fifth of the training step's, the layers over that budget sharing a common cap and mirroring
-  at their own smaller rates);
+  tenth of the training step's, the layers over that budget sharing a common cap and mirroring
+  at their own smaller rates; Rademacher noise);
+* `wm (v3)`: the recipe's second cheaper mirror in issue #21 (`RECIPE_MIRROR_V3`: normal noise
+  and a budget of a fifth of the step, `RECIPE_MIRROR_V3_COST`); `wm (v3, ±σ)`: that budget
+  with today's Rademacher noise;
 * `wm (cap 128)`: the recipe's first cheaper mirror in issue #21 (`RECIPE_MIRROR_V2`, no
   budget: at most 128 per layer, a capped layer at its own rate);
 * `wm (v1)`: the recipe before issue #21 (`RECIPE_MIRROR_V1`, no budget: at most 2,048 per
   layer, every layer at η = 0.05);
-* `wm (±σ)`: today's with Rademacher noise (the library's default) instead of normal;
 * `wm (n = batch)`: a noise batch equal to the training batch at every layer (the rows of
-  `step_time.py`).
+  `step_time.py`);
+* `wm (every 2)`: today's, mirroring after every second training step (`--mirror_every 2`),
+  with the budget's noise batches doubled (the same samples per training step, half the
+  mirror steps).
 
 `resnet18-224` is one replica of the ImageNet recipe on a v3-8 (the global batch of 1024): 128
 images at 224² and, for `wm`, an eighth of each layer's noise batch (every noise batch is split
@@ -57,7 +62,8 @@ import keras_wt  # noqa: E402
 from keras_wt.app import callbacks as app_callbacks  # noqa: E402
 from keras_wt.app import cli, published, training  # noqa: E402
 from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1,  # noqa: E402
-                                 RECIPE_MIRROR_V2, DataConfig, ModelConfig)
+                                 RECIPE_MIRROR_V2, RECIPE_MIRROR_V3, RECIPE_MIRROR_V3_COST,
+                                 DataConfig, ModelConfig)
 
 from markers import write_block  # noqa: E402  (benchmarks/markers.py)
 
@@ -76,13 +82,15 @@ VARIANTS = {  # name: (algo, mirror, the budget TrainConfig.mirror_cost, or None
     "bp": ("bp", None, None),
     "kp": ("kp", None, None),
     "wm": ("wm", RECIPE_MIRROR, None),
+    "wm (v3)": ("wm", RECIPE_MIRROR_V3, RECIPE_MIRROR_V3_COST),
+    "wm (v3, ±σ)": ("wm", RECIPE_MIRROR, RECIPE_MIRROR_V3_COST),
     "wm (cap 128)": ("wm", RECIPE_MIRROR_V2, 0.0),
     "wm (v1)": ("wm", RECIPE_MIRROR_V1, 0.0),
-    "wm (±σ)": ("wm", dataclasses.replace(RECIPE_MIRROR, noise_distribution="rademacher"), None),
     "wm (n = batch)": ("wm", "batch", None),
+    "wm (every 2)": ("wm", dataclasses.replace(RECIPE_MIRROR, every=2), None),
 }
 # The variants whose mirror is timed layer by layer.
-SHARES = ("wm", "wm (cap 128)", "wm (v1)")
+SHARES = ("wm", "wm (v3)", "wm (cap 128)", "wm (v1)")
 
 
 def config_for(network, variant):

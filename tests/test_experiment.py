@@ -27,7 +27,8 @@ from keras_wt.app import flags
 from keras_wt.app import published
 from keras_wt.app import runs
 from keras_wt.app import training
-from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, RECIPE_MIRROR_V2, DataConfig,
+from keras_wt.app.config import (RECIPE_MIRROR, RECIPE_MIRROR_V1, RECIPE_MIRROR_V2,
+                                 RECIPE_MIRROR_V3, DataConfig,
                                  TrainConfig)
 from keras_wt.app.data import datasets
 from keras_wt.app.data import pipelines
@@ -298,9 +299,9 @@ def test_mirror_noise_distribution_flag():
         pytest.approx(0.05 / math.sqrt(3)), "rademacher")
     assert settings("--mirror_noise_std", "0.2", "--mirror_noise_distribution", "uniform") == (
         0.2, "uniform")
-    assert settings("--model", "cnn") == (1.0, "normal")
-    assert settings("--model", "cnn", "--mirror_noise_distribution", "rademacher") == (
-        1.0, "rademacher")
+    assert settings("--model", "cnn") == (1.0, "rademacher")
+    assert settings("--model", "cnn", "--mirror_noise_distribution", "normal") == (
+        1.0, "normal")
     assert settings("--model", "cnn", "--mirror_noise_amplitude", "0.3") == (
         pytest.approx(0.3 / math.sqrt(3)), "uniform")
     with pytest.raises(ValueError, match="--mirror_noise_distribution='cauchy' is not allowed"):
@@ -629,26 +630,35 @@ def test_published_units_translate_as_computed_by_hand():
     assert config.mirror == dataclasses.replace(RECIPE_MIRROR, learning_rate=0.02, batch_size=64,
                                                 seed=1111)
     assert not config.mirror_warmup_one_pass
-    # The recipe's earlier mirrors, from the flags that restore them.
-    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_cap_policy", "angle",
-                               "--mirror_warmup_steps", "200", "--mirror_cost", "0"])
+    # The recipe's earlier mirrors (normal noise), from the flags that restore them.
+    normal = ["--algo", "wm", "--model", "cnn", "--mirror_noise_distribution", "normal"]
+    flags, _ = cli.parse_args(normal + ["--mirror_cap_policy", "angle",
+                                        "--mirror_warmup_steps", "200", "--mirror_cost", "0"])
     config = published.train_config(flags)
     assert config.mirror == dataclasses.replace(RECIPE_MIRROR_V1, seed=1111)
     assert config.mirror_cost == 0 and config.resolved_mirror(60000) == config.mirror
-    flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_max_batch_size", "128",
-                               "--mirror_cost", "0"])
+    flags, _ = cli.parse_args(normal + ["--mirror_max_batch_size", "128", "--mirror_cost", "0"])
     config = published.train_config(flags)
     assert config.mirror == dataclasses.replace(RECIPE_MIRROR_V2, seed=1111)
+    flags, _ = cli.parse_args(normal + ["--mirror_cost", "0.2"])
+    config = published.train_config(flags)
+    assert config.mirror == dataclasses.replace(RECIPE_MIRROR_V3, seed=1111)
+    assert config.mirror_cost == config_lib.RECIPE_MIRROR_V3_COST == 0.2
+    # A budget of 0.2 of the step: max_cost = 1.5 · 0.2 · 128 (the batch) = 38.4.
+    assert config.resolved_mirror(60000).max_cost == pytest.approx(38.4, rel=1e-12)
     assert RECIPE_MIRROR.warmup_steps == "auto" and RECIPE_MIRROR.cap_policy == "rate"
-    # Today's: a budget of 0.2 of the step: max_cost = 1.5 · 0.2 · 128 (the batch) = 38.4, and
-    # twice that when the mirror runs every second step.
+    for old in (RECIPE_MIRROR_V1, RECIPE_MIRROR_V2, RECIPE_MIRROR_V3):
+        assert old.noise_distribution == "normal"
+    # Today's: Rademacher noise and a budget of 0.1 of the step: max_cost = 1.5 · 0.1 · 128 =
+    # 19.2, and twice that when the mirror runs every second step.
     flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn"])
     config = published.train_config(flags)
-    assert config.mirror_cost == config_lib.RECIPE_MIRROR_COST == 0.2
+    assert config.mirror.noise_distribution == "rademacher"
+    assert config.mirror_cost == config_lib.RECIPE_MIRROR_COST == 0.1
     assert config.mirror.max_cost is None
-    assert config.resolved_mirror(60000).max_cost == pytest.approx(38.4, rel=1e-12)
+    assert config.resolved_mirror(60000).max_cost == pytest.approx(19.2, rel=1e-12)
     flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_every", "2"])
-    assert published.train_config(flags).resolved_mirror(60000).max_cost == pytest.approx(76.8)
+    assert published.train_config(flags).resolved_mirror(60000).max_cost == pytest.approx(38.4)
     flags, _ = cli.parse_args(["--algo", "wm", "--model", "cnn", "--mirror_batch_size", "64"])
     assert published.train_config(flags).resolved_mirror(60000).max_cost is None  # not auto
     with pytest.raises(ValueError, match="--mirror_cost=-1.0 is not allowed"):

@@ -138,7 +138,7 @@ def build_parser(defaults=True):
     add = adder(mirror)
     add("--mirror_noise_distribution", default=None,
         help="normal, uniform or rademacher (±σ), with the σ of --mirror_noise_std or "
-        "--mirror_noise_amplitude/√3 (default: uniform for mlp, as published; normal for the "
+        "--mirror_noise_amplitude/√3 (default: uniform for mlp, as published; rademacher for the "
         "convnets, or uniform with --mirror_noise_amplitude)")
     add("--mirror_decay", type=float, default=None,
         help="mirror decay λ of B: ΔB −= η_m·λ·B with keras_wt's η_m, B → (σ²/λ)·W (mlp: "
@@ -157,7 +157,7 @@ def build_parser(defaults=True):
         help="cap of --mirror_batch_size auto")
     add("--mirror_cost", type=float, default=None,
         help="convnets with auto noise batches: the mirror's products at most this fraction of "
-        "a training step's; the layers that need more share a common cap (default 0.2; 0: no "
+        "a training step's; the layers that need more share a common cap (default 0.1; 0: no "
         "budget)")
     add("--mirror_cap_policy", default=None, choices=("angle", "rate"),
         help="a layer whose auto noise batch is capped: keeps η and settles at a larger angle "

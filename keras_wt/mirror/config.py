@@ -73,7 +73,8 @@ class MirrorConfig:
             no float transform) and, having the smallest fourth moment, leaves the smallest
             residual angle for a given noise batch (`mirror_fan_in`); BENCHMARKS.md and
             RESULTS.md measure both. Configs saved before this setting existed read as
-            `"normal"`, the only noise then; the trainer's convnet recipe keeps `"normal"`.
+            `"normal"`, the only noise then. The trainer's convnet recipe draws Rademacher
+            noise too (its earlier runs drew normal noise, RESULTS.md).
         seed: integer seed of the noise.
         target_angle: for `batch_size="auto"`: the residual angle in degrees, in (0, 90).
         max_batch_size: for `batch_size="auto"`: the cap on a layer's noise batch (>= 1).
